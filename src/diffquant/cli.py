@@ -1,0 +1,212 @@
+"""The `diffquant` command line."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from diffquant.errors import DiffquantError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize diffusion models and evaluate them.")
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., help="Reference architecture to train: fmnist-unet or fmnist-dit."),
+    steps: int = typer.Option(8000, help="Total optimisation steps (resumes up to this count)."),
+    run_dir: Path = typer.Option(None, help="Where checkpoints and the final model go (default runs/MODEL)."),
+    batch_size: int = typer.Option(128),
+    learning_rate: float = typer.Option(5e-4),
+    checkpoint_every: int = typer.Option(500),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(None, help="torch threads (1 is fastest when the machine is shared)."),
+    data_dir: Path = typer.Option(None, help="Fashion-MNIST IDX folder (default: the Debian package's)."),
+) -> None:
+    """Train a reference model with EMA weights, progress bar, periodic checkpoints and resume."""
+    try:
+        _set_threads(threads)
+        from diffquant.data import load_fashion_mnist
+        from diffquant.sampling import SamplerConfig, sample, save_image_grid
+        from diffquant.training import TrainConfig, train_model
+        from diffquant.zoo import build_reference_model
+
+        run_dir = run_dir or Path("runs") / model
+        bundle = build_reference_model(model)
+        data = load_fashion_mnist("train", data_dir)
+        config = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+        )
+
+        def preview(current, step: int) -> None:
+            images = sample(current, 64, SamplerConfig("ddim", 25), seed=0, progress=False).images
+            save_image_grid(images, run_dir / "previews" / f"step-{step:06d}.png", columns=8)
+
+        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        result = train_model(bundle, data, config, run_dir, command=command, on_checkpoint=preview)
+        typer.echo(
+            f"trained {model}: {result.steps} steps, {result.wall_time_s / 60:.1f} min, "
+            f"{result.parameters / 1e6:.2f} M parameters, final loss {result.final_loss:.4f}; "
+            f"model in {run_dir / 'model'}"
+        )
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("train-features")
+def train_features(
+    epochs: int = typer.Option(6, help="Training epochs over the 60,000 training images."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(None, help="torch threads."),
+    data_dir: Path = typer.Option(None, help="Fashion-MNIST IDX folder (default: the Debian package's)."),
+) -> None:
+    """Train the shipped Fashion-MNIST feature network used by every metric."""
+    try:
+        _set_threads(threads)
+        from diffquant.data import load_fashion_mnist
+        from diffquant.evaluation.feature_net import train_feature_network
+
+        card = train_feature_network(
+            load_fashion_mnist("train", data_dir), load_fashion_mnist("test", data_dir), epochs=epochs, seed=seed
+        )
+        typer.echo(f"feature network: test accuracy {card['test_accuracy']:.4f} ({card['train_wall_time_s']:.0f} s)")
+    except DiffquantError as error:
+        _fail(error)
+
+
+def _sampler_config(scheduler: str, steps: int, guidance: float | None):
+    from diffquant.sampling import SamplerConfig
+
+    config = SamplerConfig(scheduler, steps, guidance)
+    config.validate()
+    return config
+
+
+@app.command("sample")
+def sample_command(
+    model: str = typer.Option(..., help="Reference model name or a model directory."),
+    out: Path = typer.Option(Path("samples"), help="Output folder for samples.png and samples.npz."),
+    num_samples: int = typer.Option(64, "--num-samples", "-n"),
+    scheduler: str = typer.Option("ddim", help="ddpm, ddim, dpm++, deis or euler."),
+    steps: int = typer.Option(50),
+    guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
+    label: list[int] = typer.Option(None, help="Class label(s) for a conditional model, repeated to fill N."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(64),
+    threads: int = typer.Option(None),
+) -> None:
+    """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
+    try:
+        _set_threads(threads)
+        from diffquant.sampling import sample, save_image_grid, save_samples
+        from diffquant.zoo import load_model
+
+        bundle = load_model(model)
+        labels = None
+        if label:
+            labels = [label[i % len(label)] for i in range(num_samples)]
+        result = sample(
+            bundle,
+            num_samples,
+            _sampler_config(scheduler, steps, guidance),
+            seed=seed,
+            batch_size=batch_size,
+            labels=labels,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        save_image_grid(result.images, out / "samples.png")
+        save_samples(result, out / "samples.npz")
+        typer.echo(f"wrote {num_samples} samples to {out / 'samples.png'} and {out / 'samples.npz'}")
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("eval")
+def eval_command(
+    model: list[str] = typer.Option(..., help="Model name(s) or directories; repeat to score several."),
+    protocol: str = typer.Option("quick", help="smoke (N=200), quick (N=1000) or standard (N=5000)."),
+    num_samples: int = typer.Option(None, "--num-samples", "-n", help="Override the protocol's N."),
+    scheduler: str = typer.Option(None, help="Override the protocol's scheduler."),
+    steps: int = typer.Option(None, help="Override the protocol's step count."),
+    against: str = typer.Option(None, help="Reference model for PSNR/SSIM agreement on the same seeds."),
+    floors: bool = typer.Option(False, help="Also score N real training images (the data floor)."),
+    out: Path = typer.Option(None, help="Write the results as JSON here."),
+    inception_weights: Path = typer.Option(None, help="Local Inception-v3 weights for torch-fidelity FID."),
+    threads: int = typer.Option(None),
+) -> None:
+    """Evaluate models under one protocol and print (and optionally write) the table."""
+    try:
+        _set_threads(threads)
+        from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
+        from diffquant.evaluation.inception import inception_fid
+        from diffquant.evaluation.reference import load_reference_images
+        from diffquant.reporting import print_eval_table
+        from diffquant.sampling import SamplerConfig
+        from diffquant.zoo import load_model
+
+        chosen = get_protocol(protocol, num_samples=num_samples)
+        if scheduler or steps:
+            chosen = type(chosen)(
+                **{
+                    **chosen.__dict__,
+                    "sampler": SamplerConfig(
+                        scheduler or chosen.sampler.scheduler,
+                        steps or chosen.sampler.steps,
+                        chosen.sampler.guidance_scale,
+                    ),
+                }
+            )
+            chosen.validate()
+        scorer = Scorer.load(chosen.reference)
+        reference_images = cached_samples(load_model(against), chosen) if against else None
+        rows = []
+        if floors:
+            rows.append({"model": "real train images (floor)", "metrics": data_floors(chosen, scorer)})
+        for name in model:
+            report = evaluate(load_model(name), chosen, scorer, reference_images)
+            if inception_weights is not None:
+                real = load_reference_images(chosen.reference).images
+                report.metrics["inception_fid"] = inception_fid(report.images, real, inception_weights)
+            rows.append(report.to_json())
+        print_eval_table(rows, chosen.describe())
+        if out is not None:
+            from diffquant.fileio import write_json
+
+            write_json(out, {"protocol": chosen.to_json(), "rows": rows})
+            typer.echo(f"wrote {out}")
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the shipped reference models with their parameter counts and evaluation numbers."""
+    from diffquant.reporting import print_model_table
+
+    print_model_table()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Terminal tables for evaluation results and the model zoo."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from diffquant.zoo.registry import REFERENCE_MODELS, WEIGHTS_DIR
+
+METRIC_COLUMNS = [
+    ("fid", "FID", "{:.2f}"),
+    ("sfid", "sFID", "{:.2f}"),
+    ("is", "IS", "{:.2f}"),
+    ("precision", "Prec", "{:.3f}"),
+    ("recall", "Rec", "{:.3f}"),
+    ("class_accuracy", "Acc", "{:.3f}"),
+    ("psnr_vs_ref", "PSNR", "{:.2f}"),
+    ("ssim_vs_ref", "SSIM", "{:.3f}"),
+    ("inception_fid", "Incep-FID", "{:.2f}"),
+    ("ms_per_image", "ms/img", "{:.1f}"),
+]
+
+
+def _format(metrics: dict[str, Any], key: str, pattern: str) -> str:
+    value = metrics.get(key)
+    return "-" if value is None else pattern.format(value)
+
+
+def print_eval_table(rows: list[dict[str, Any]], title: str, console: Console | None = None) -> None:
+    console = console or Console()
+    present = [c for c in METRIC_COLUMNS if any(c[0] in r["metrics"] for r in rows)]
+    table = Table(title=title)
+    table.add_column("model")
+    for _, header, _ in present:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(row["model"], *(_format(row["metrics"], k, p) for k, _, p in present))
+    console.print(table)
+
+
+def print_model_table(console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="diffquant reference models")
+    for header in ("name", "architecture", "params", "trained", "FID (N, protocol)", "class acc."):
+        table.add_column(header)
+    for name, reference in REFERENCE_MODELS.items():
+        card_file = WEIGHTS_DIR / name / "metrics.json"
+        card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        metrics = card.get("metrics", {})
+        fid = (
+            f"{metrics['fid']:.2f} (N={card['protocol']['num_samples']}, {card['protocol']['name']})"
+            if metrics
+            else "-"
+        )
+        accuracy = f"{metrics['class_accuracy']:.3f}" if "class_accuracy" in metrics else "-"
+        table.add_row(
+            name,
+            reference.info.architecture,
+            f"{card.get('parameters', 0) / 1e6:.2f} M" if card else "-",
+            "yes" if (WEIGHTS_DIR / name / "config.json").is_file() else "no",
+            fid,
+            accuracy,
+        )
+    console.print(table)

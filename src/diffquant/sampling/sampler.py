@@ -1,0 +1,195 @@
+"""Seeded sampling from any diffquant model over diffusers schedulers.
+
+The loop calls every hook once per denoiser evaluation with a `StepInfo` (step index, timestep,
+the input x_t and the conditioning); calibration recorders and per-step quantizers use it instead of
+a hand-edited sampling loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
+from tqdm.auto import tqdm
+
+from diffquant.data.images import to_uint8
+from diffquant.errors import ConfigError
+from diffquant.fileio import atomic_file
+from diffquant.zoo.registry import DiffusionModel
+
+# name -> (scheduler class, overrides of the training noise schedule for sampling)
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddpm": (DDPMScheduler, {"clip_sample": True}),
+    "ddim": (DDIMScheduler, {"clip_sample": True, "set_alpha_to_one": False, "steps_offset": 1}),
+    # x0 thresholding keeps the multistep solvers stable on small models (see cpu_feasibility.md).
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "thresholding": True}),
+    "deis": (DEISMultistepScheduler, {"thresholding": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample: scheduler name, number of steps, guidance scale and DDIM eta."""
+
+    scheduler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; None uses the model's default (1.0 = no guidance)."""
+    eta: float = 0.0
+    """DDIM stochasticity (0 = deterministic)."""
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"Unknown scheduler '{self.scheduler}'. Choose one of: {', '.join(SCHEDULERS)}.")
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}.")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
+
+
+@dataclass
+class StepInfo:
+    """What a hook sees before one denoiser evaluation."""
+
+    index: int
+    num_steps: int
+    timestep: torch.Tensor
+    sample: torch.Tensor
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    unconditional: dict[str, torch.Tensor] | None = None
+    guidance_scale: float = 1.0
+    batch_start: int = 0
+
+
+StepHook = Callable[[StepInfo], None]
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    config: SamplerConfig
+    seed: int
+
+
+def make_scheduler(model: DiffusionModel, config: SamplerConfig):
+    """A diffusers scheduler built from the model's training noise schedule."""
+    config.validate()
+    scheduler_class, overrides = SCHEDULERS[config.scheduler]
+    scheduler = scheduler_class.from_config({**model.scheduler_config, **overrides})
+    scheduler.set_timesteps(config.steps)
+    return scheduler
+
+
+def default_labels(model: DiffusionModel, count: int) -> torch.Tensor | None:
+    """Balanced class labels 0, 1, ..., K-1, 0, ... for a conditional model; None otherwise."""
+    if not model.info.conditional:
+        return None
+    return torch.arange(count) % model.info.num_classes
+
+
+def _predict_noise(
+    model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float
+) -> torch.Tensor:
+    timesteps = t.expand(x.shape[0])
+    if labels is None:
+        return model.denoiser(x, timesteps).sample
+    if guidance == 1.0:
+        return model.denoiser(x, timesteps, class_labels=labels).sample
+    null = torch.full_like(labels, model.info.num_classes)  # the label-dropout class
+    both = model.denoiser(torch.cat([x, x]), torch.cat([timesteps, timesteps]), class_labels=torch.cat([labels, null]))
+    conditional, unconditional = both.sample.chunk(2)
+    return unconditional + guidance * (conditional - unconditional)
+
+
+@torch.no_grad()
+def sample(
+    model: DiffusionModel,
+    num_samples: int,
+    config: SamplerConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    hooks: Sequence[StepHook] = (),
+    progress: bool = True,
+) -> SampleResult:
+    """Generate `num_samples` images in [-1, 1]; the same seed gives identical images.
+
+    The initial noise of sample i does not depend on `batch_size`: it is drawn from one generator
+    for the whole set, so two models sampled with one seed start from the same x_T.
+    """
+    config = config or SamplerConfig()
+    config.validate()
+    if num_samples <= 0 or batch_size <= 0:
+        raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
+    guidance = model.info.guidance_scale if config.guidance_scale is None else config.guidance_scale
+    if labels is None:
+        labels = default_labels(model, num_samples)
+    elif not model.info.conditional:
+        raise ConfigError(f"Model '{model.info.name}' is unconditional: it takes no class labels.")
+    else:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.shape != (num_samples,) or labels.min() < 0 or labels.max() >= model.info.num_classes:
+            raise ConfigError(
+                f"labels must be {num_samples} class indices in [0, {model.info.num_classes}), "
+                f"got shape {tuple(labels.shape)}."
+            )
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, *model.info.image_shape), generator=generator)
+    model.denoiser.eval()
+    outputs = []
+    batches = range(0, num_samples, batch_size)
+    scheduler = make_scheduler(model, config)
+    bar = tqdm(total=len(batches) * config.steps, desc=f"sample {model.info.name}", disable=not progress)
+    for start in batches:
+        x = noise[start : start + batch_size].clone()
+        batch_labels = None if labels is None else labels[start : start + batch_size]
+        scheduler = make_scheduler(model, config)  # fresh multistep state per batch
+        x = x * scheduler.init_noise_sigma
+        step_generator = torch.Generator().manual_seed(seed * 1_000_003 + start + 1)
+        for index, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(x, t)
+            if hooks:
+                conditioning = {} if batch_labels is None else {"class_labels": batch_labels}
+                unconditional = None
+                if batch_labels is not None and guidance != 1.0:
+                    unconditional = {"class_labels": torch.full_like(batch_labels, model.info.num_classes)}
+                info = StepInfo(index, config.steps, t, model_input, conditioning, unconditional, guidance, start)
+                for hook in hooks:
+                    hook(info)
+            noise_prediction = _predict_noise(model, model_input, t, batch_labels, guidance)
+            kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
+            if config.scheduler in ("ddpm", "ddim", "euler"):
+                kwargs["generator"] = step_generator
+            x = scheduler.step(noise_prediction, t, x, **kwargs).prev_sample
+            bar.update(1)
+        outputs.append(x.clamp(-1, 1))
+    bar.close()
+    return SampleResult(torch.cat(outputs), labels, config, seed)
+
+
+def save_samples(result: SampleResult, npz_path: str | Path) -> Path:
+    """Write samples as uint8 images (N, C, H, W) plus labels and the sampler settings to .npz."""
+    payload = {
+        "images": to_uint8(result.images).numpy(),
+        "scheduler": np.array(result.config.scheduler),
+        "steps": np.array(result.config.steps),
+        "seed": np.array(result.seed),
+    }
+    if result.labels is not None:
+        payload["labels"] = result.labels.numpy()
+    with atomic_file(npz_path) as scratch, open(scratch, "wb") as handle:
+        np.savez_compressed(handle, **payload)
+    return Path(npz_path)
