@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -192,6 +193,25 @@ def eval_command(
 
             write_json(out, {"protocol": chosen.to_json(), "rows": rows})
             typer.echo(f"wrote {out}")
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("ship")
+def ship_command(
+    model: str = typer.Option(..., help="Reference model name (fmnist-unet or fmnist-dit)."),
+    run_dir: Path = typer.Option(None, help="The training run to ship (default runs/MODEL)."),
+    protocol: str = typer.Option("standard", help="Protocol for the model card's numbers (N=5000)."),
+    threads: int = typer.Option(None),
+) -> None:
+    """Copy a trained run into the package with its sample grid, metrics and model card."""
+    try:
+        _set_threads(threads)
+        from diffquant.evaluation import get_protocol
+        from diffquant.zoo.shipping import ship_model
+
+        payload = ship_model(model, run_dir or Path("runs") / model, get_protocol(protocol))
+        typer.echo(json.dumps(payload["metrics"], indent=2))
     except DiffquantError as error:
         _fail(error)
 

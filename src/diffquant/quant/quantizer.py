@@ -1,0 +1,261 @@
+"""`Quantizer`: the module every quantized layer uses for its weights, inputs and matmul operands.
+
+A quantizer holds a `QuantSpec` (plain data: format, granularity, observer, dynamic/static,
+per-step bank, learnable step size) and its calibrated parameters. It has three modes:
+
+* observing - values pass through unchanged while the observer(s) record ranges;
+* quantizing - values are fake-quantized with the calibrated scale and zero-point;
+* disabled - values pass through unchanged.
+
+With `per_step=True` it keeps one parameter set per calibrated sampling step (a bank keyed by the
+timestep value) and picks the set of the current step from `diffquant.quant.context`; a sampler
+with a different step count uses the nearest calibrated timestep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffquant.errors import ConfigError, DiffquantError
+from diffquant.quant.context import current_step
+from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+from diffquant.quant.functional import fake_quantize, params_from_range
+from diffquant.quant.granularity import Granularity, group_view, ungroup
+from diffquant.quant.observers import OBSERVERS, Observer, make_observer
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. Plain data: serialisable to JSON and back."""
+
+    format: str = "int8"
+    """intN / uintN (N = 1..16), an ExMy float (e4m3, e5m2, e3m2, e2m3, e2m1, e3m0) or binary."""
+    symmetric: bool = True
+    """Integer grids: zero-point 0 (True) or an affine zero-point (False)."""
+    granularity: str = "per_tensor"
+    """per_tensor, per_channel, per_token or group."""
+    axis: int = 0
+    """Channel axis for per_channel."""
+    group_size: int | None = None
+    """Elements per scale for group granularity."""
+    observer: str = "minmax"
+    """minmax, ema, percentile or lp (Q-Diffusion's MSE shrink-grid search)."""
+    dynamic: bool = False
+    """Compute the range from every input at run time (e.g. per-token activations); no calibration."""
+    per_step: bool = False
+    """One parameter set per sampling step, chosen from the step context (TFMQ-DM's FSC)."""
+    learnable: bool = False
+    """Make the step size a trainable parameter (LSQ) after calibration."""
+    percentile: float = 99.99
+    lp_norm: float = 2.4
+    grid: int = 80
+    ema_momentum: float = 0.95
+
+    def __post_init__(self) -> None:
+        fmt = self.number_format  # validates the name
+        Granularity(self.granularity, self.axis, self.group_size)
+        if self.observer not in OBSERVERS:
+            raise ConfigError(f"Unknown observer '{self.observer}'. Choose one of: {', '.join(OBSERVERS)}.")
+        if isinstance(fmt, IntFormat) and fmt.bits == 1 and self.symmetric and fmt.signed:
+            raise ConfigError(
+                "A 1-bit signed symmetric grid has no positive level: use symmetric=False (codes {0, 1}) "
+                "or format='binary' (+-scale)."
+            )
+        if self.dynamic and self.per_step:
+            raise ConfigError("A dynamic quantizer computes its range per call; it cannot also be per_step.")
+
+    @property
+    def number_format(self) -> NumberFormat:
+        return parse_format(self.format)
+
+    @property
+    def bits(self) -> int:
+        return self.number_format.storage_bits
+
+    @property
+    def grouping(self) -> Granularity:
+        return Granularity(self.granularity, self.axis, self.group_size)
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> QuantSpec:
+        return cls(**{k: v for k, v in payload.items() if k in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        parts = [self.format]
+        if isinstance(self.number_format, IntFormat):
+            parts.append("sym" if self.symmetric else "asym")
+        parts.append(self.grouping.describe())
+        if self.dynamic:
+            parts.append("dynamic")
+        if self.per_step:
+            parts.append("per-step")
+        return " ".join(parts)
+
+
+class Quantizer(nn.Module):
+    """Fake quantization of one tensor role (weight, input, matmul operand)."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.fmt = spec.number_format
+        self.grouping = spec.grouping
+        self.enabled = True
+        self.observing = False
+        self._observers: dict[int, Observer] = {}
+        self._observed_timesteps: dict[int, float] = {}
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+        self.register_buffer("bank_timesteps", None)
+
+    # --- calibration ---------------------------------------------------------------------------
+    def start_observing(self) -> None:
+        self.observing = True
+        self._observers.clear()
+        self._observed_timesteps.clear()
+
+    def _observer_for_step(self) -> Observer:
+        key = 0
+        if self.spec.per_step:
+            step = current_step()
+            if step is None:
+                raise DiffquantError(
+                    "A per-step quantizer is being calibrated outside a sampling step: feed calibration "
+                    "batches inside diffquant.quant.step_context(index, timestep, num_steps)."
+                )
+            key = step.index
+            self._observed_timesteps[key] = step.timestep
+        if key not in self._observers:
+            options: dict[str, float] = {}
+            if self.spec.observer == "percentile":
+                options["percentile"] = self.spec.percentile
+            elif self.spec.observer == "lp":
+                options = {"p": self.spec.lp_norm, "grid": self.spec.grid}
+            elif self.spec.observer == "ema":
+                options["momentum"] = self.spec.ema_momentum
+            self._observers[key] = make_observer(self.spec.observer, self.fmt, self.spec.symmetric, **options)
+        return self._observers[key]
+
+    def finish_observing(self) -> None:
+        """Turn the observed ranges into scale/zero-point (one set, or one per observed step)."""
+        self.observing = False
+        if self.spec.dynamic:
+            return
+        if not self._observers:
+            raise DiffquantError(
+                "A quantizer saw no data during calibration: the layer is never called on the calibration "
+                "inputs. Exclude it in the layer policy or check the calibration data."
+            )
+        keys = sorted(self._observers)
+        params = [params_from_range(*self._observers[k].range(), self.fmt, self.spec.symmetric) for k in keys]
+        scales = torch.stack([p[0] for p in params])
+        zero_points = torch.stack([p[1] for p in params])
+        if self.spec.per_step:
+            self.bank_timesteps = torch.tensor([self._observed_timesteps[k] for k in keys], dtype=torch.float32)
+            self._set_params(scales, zero_points)
+        else:
+            self._set_params(scales[0], zero_points[0])
+        self._observers.clear()
+
+    def _set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self._assign_scale(scale.clone())
+        self.zero_point = zero_point.clone()
+
+    def _assign_scale(self, scale: torch.Tensor) -> None:
+        """Store the step size as a Parameter when learnable (LSQ), else as a buffer."""
+        self._parameters.pop("scale", None)
+        self._buffers.pop("scale", None)
+        if self.spec.learnable:
+            self.register_parameter("scale", nn.Parameter(scale.detach()))
+        else:
+            self.register_buffer("scale", scale.detach())
+
+    def set_learnable(self, learnable: bool) -> None:
+        """Switch LSQ step-size learning on or off, keeping the current values."""
+        self.spec = self.spec.replace(learnable=learnable)
+        if self.scale is not None:
+            self._assign_scale(self.scale.detach().clone())
+
+    def calibrate_static(self, tensor: torch.Tensor) -> None:
+        """Calibrate from one tensor (weights): observe it once and fix the parameters."""
+        if isinstance(self.fmt, BinaryFormat):
+            mean_magnitude = group_view(tensor.detach(), self.grouping).abs().mean(1)  # XNOR-Net scaling
+            self._set_params(mean_magnitude.clamp_min(1e-8), torch.zeros_like(mean_magnitude))
+            return
+        if self.spec.per_step:
+            raise ConfigError("Weights are the same at every step: a per_step weight quantizer makes no sense.")
+        self.start_observing()
+        self._observer_for_step().update(group_view(tensor.detach(), self.grouping))
+        self.finish_observing()
+
+    @property
+    def calibrated(self) -> bool:
+        return self.spec.dynamic or self.scale is not None
+
+    # --- parameters for the current call -------------------------------------------------------
+    def step_index(self) -> int:
+        """Row of the per-step bank for the current sampling step (nearest calibrated timestep)."""
+        step = current_step()
+        if step is None:
+            raise DiffquantError(
+                "This model has per-step quantizers and needs the sampling step: sample with "
+                "diffquant.sampling.sample, or wrap each denoiser call in diffquant.quant.step_context()."
+            )
+        return int(torch.argmin((self.bank_timesteps - step.timestep).abs()))
+
+    def current_params(self, view: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) shaped (G, 1) for the grouped view."""
+        if self.spec.dynamic:
+            assert view is not None
+            detached = view.detach()
+            scale, zero_point = params_from_range(detached.amin(1), detached.amax(1), self.fmt, self.spec.symmetric)
+        else:
+            if self.scale is None:
+                raise DiffquantError("Quantizer used before calibration: run diffquant.quantize() first.")
+            scale, zero_point = self.scale, self.zero_point
+            if self.spec.per_step:
+                row = self.step_index()
+                scale, zero_point = scale[row], zero_point[row]
+        return scale.reshape(-1, 1), zero_point.reshape(-1, 1)
+
+    # --- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.observing:
+            if not self.spec.dynamic:
+                self._observer_for_step().update(group_view(x, self.grouping))
+            return x
+        view = group_view(x, self.grouping)
+        scale, zero_point = self.current_params(view)
+        if self.grouping.kind == "per_tensor":  # skip the reshape round trip on the hot path
+            return fake_quantize(x, scale.reshape(()), zero_point.reshape(()), self.fmt)
+        return ungroup(fake_quantize(view, scale, zero_point, self.fmt), x.shape, self.grouping)
+
+    # --- persistence: parameters are created lazily, so loading must size them ------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        for name in ("zero_point", "bank_timesteps"):
+            if prefix + name in state_dict:
+                setattr(self, name, state_dict[prefix + name].clone())
+        if prefix + "scale" in state_dict:
+            self._assign_scale(state_dict[prefix + "scale"].clone())
+        elif strict and not self.spec.dynamic and self.scale is None:
+            missing_keys.append(prefix + "scale")
+
+    def extra_repr(self) -> str:
+        state = "disabled" if not self.enabled else ("observing" if self.observing else "quantizing")
+        return f"{self.spec.describe()}, {state}"
+
+
+def is_float_format(spec: QuantSpec) -> bool:
+    return isinstance(spec.number_format, FloatFormat)
