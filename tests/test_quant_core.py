@@ -6,8 +6,8 @@ from diffquant.quant import (
     FloatFormat,
     Granularity,
     IntFormat,
-    QuantSpec,
     Quantizer,
+    QuantSpec,
     fake_quantize_int,
     float_round,
     from_codes,
@@ -18,8 +18,8 @@ from diffquant.quant import (
     parse_format,
     step_context,
     to_codes,
-    unpack_codes,
     ungroup,
+    unpack_codes,
 )
 from diffquant.quant.observers import LpSearchObserver, Observer, PercentileObserver
 

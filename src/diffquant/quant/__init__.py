@@ -28,7 +28,7 @@ from diffquant.quant.observers import (
     shrink_search,
 )
 from diffquant.quant.packing import pack_codes, packed_size, unpack_codes
-from diffquant.quant.quantizer import QuantSpec, Quantizer
+from diffquant.quant.quantizer import Quantizer, QuantSpec
 
 __all__ = [
     "NAMED_FLOAT_FORMATS",

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from diffquant.data.images import to_uint8
 from diffquant.errors import ConfigError
 from diffquant.fileio import atomic_file
+from diffquant.quant.context import step_context
 from diffquant.zoo.registry import DiffusionModel
 
 # name -> (scheduler class, overrides of the training noise schedule for sampling)
@@ -169,7 +170,8 @@ def sample(
                 info = StepInfo(index, config.steps, t, model_input, conditioning, unconditional, guidance, start)
                 for hook in hooks:
                     hook(info)
-            noise_prediction = _predict_noise(model, model_input, t, batch_labels, guidance)
+            with step_context(index, float(t), config.steps):  # per-step quantizers read it
+                noise_prediction = _predict_noise(model, model_input, t, batch_labels, guidance)
             kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
             if config.scheduler in ("ddpm", "ddim", "euler"):
                 kwargs["generator"] = step_generator

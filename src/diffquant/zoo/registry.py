@@ -71,6 +71,8 @@ class DiffusionModel:
     info: ModelInfo
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(TRAIN_SCHEDULER_CONFIG))
     path: Path | None = None
+    quantization: dict[str, Any] | None = None
+    """For a quantized model: method, config, per-layer structure and calibration facts (plain data)."""
 
     def train_scheduler(self) -> DDPMScheduler:
         return DDPMScheduler.from_config(self.scheduler_config)
@@ -147,6 +149,10 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 def load_model(name_or_path: str | Path) -> DiffusionModel:
     """Load a reference model by name, or any diffquant/diffusers model directory, in eval mode."""
     path = resolve_model_path(name_or_path)
+    if (path / "quantization.json").is_file():  # a quantized directory: the runtime layer rebuilds it
+        from diffquant.runtime.storage import load_quantized
+
+        return load_quantized(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise DiffquantError(f"{path} is not a model directory: it has no config.json.")

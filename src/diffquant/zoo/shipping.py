@@ -64,32 +64,37 @@ def ship_model(name: str, run_dir: Path, protocol: EvalProtocol, progress: bool 
 def model_card(payload: dict[str, Any], protocol: EvalProtocol, grid_labels: bool) -> str:
     training, metrics, floors = payload["training"], payload["metrics"], payload["floors"]
     config = training["config"]
-    rows = [("FID", "fid", ".2f"), ("sFID", "sfid", ".2f"), ("IS (classifier)", "is", ".2f"),
-            ("precision", "precision", ".3f"), ("recall", "recall", ".3f")]
+    rows = [
+        ("FID", "fid", ".2f"),
+        ("sFID", "sfid", ".2f"),
+        ("IS (classifier)", "is", ".2f"),
+        ("precision", "precision", ".3f"),
+        ("recall", "recall", ".3f"),
+    ]
     if "class_accuracy" in metrics:
         rows.append(("class accuracy of samples", "class_accuracy", ".3f"))
     table = "\n".join(
         f"| {label} | {metrics[key]:{fmt}} | {floors[key]:{fmt}} |" for label, key, fmt in rows if key in floors
     )
     grid_note = " Row r, column c shows class (8r + c) mod 10." if grid_labels else ""
-    return f"""# {payload['model']}
+    return f"""# {payload["model"]}
 
-{payload['description']} A diffquant reference model, trained by us on Fashion-MNIST
+{payload["description"]} A diffquant reference model, trained by us on Fashion-MNIST
 (Debian package `dataset-fashion-mnist`, 60,000 training images).
 
 | | |
 |---|---|
-| parameters | {payload['parameters']:,} |
-| size on disk | {payload['disk_mb']} MB (fp32 safetensors + configs) |
-| training steps | {training['steps']:,} (batch {config['batch_size']}, AdamW lr {config['learning_rate']}, \
-warm-up {config['warmup_steps']}, EMA {config['ema_decay']}) |
-| training wall time | {training['wall_time_s'] / 3600:.2f} h on 2 CPU cores (1 torch thread, shared machine) |
-| final training loss | {training['final_loss']:.4f} (epsilon MSE) |
+| parameters | {payload["parameters"]:,} |
+| size on disk | {payload["disk_mb"]} MB (fp32 safetensors + configs) |
+| training steps | {training["steps"]:,} (batch {config["batch_size"]}, AdamW lr {config["learning_rate"]}, \
+warm-up {config["warmup_steps"]}, EMA {config["ema_decay"]}) |
+| training wall time | {training["wall_time_s"] / 3600:.2f} h on 2 CPU cores (1 torch thread, shared machine) |
+| final training loss | {training["final_loss"]:.4f} (epsilon MSE) |
 
 Exact training command (resumable; rerun it to continue from the last checkpoint):
 
 ```bash
-{training['command']}
+{training["command"]}
 ```
 
 ## Evaluation
@@ -102,7 +107,7 @@ images against the same reference: the best any model can reach at this N.
 |---|---|---|
 {table}
 
-Reproduce: `diffquant eval --model {payload['model']} --protocol {protocol.name} --floors`
+Reproduce: `diffquant eval --model {payload["model"]} --protocol {protocol.name} --floors`
 
 ## Samples
 

@@ -1,0 +1,93 @@
+"""The Python API: `quantize`, `save`, `load`, `record_calibration`."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from diffquant.calibration import CalibrationSet, record_trajectories
+from diffquant.errors import ConfigError, DiffquantError
+from diffquant.methods import MethodConfig, get_method, make_config
+from diffquant.modules import quant_layers
+from diffquant.profiling import measure_resources
+from diffquant.runtime import load_quantized, save_quantized
+from diffquant.zoo import DiffusionModel, load_model
+
+
+def record_calibration(model: DiffusionModel, config: MethodConfig, progress: bool = True) -> CalibrationSet:
+    """Record the calibration data a method's config asks for, from the full-precision model."""
+    settings = config.calibration
+    settings.validate()
+    return record_trajectories(
+        model, settings.trajectories, settings.sampler(), settings.timestep_policy(), settings.seed, progress=progress
+    )
+
+
+def quantize(
+    model: DiffusionModel,
+    config: MethodConfig | str,
+    calibration: CalibrationSet | None = None,
+    progress: bool = True,
+    inplace: bool = False,
+    **options: Any,
+) -> DiffusionModel:
+    """Quantize `model` with a method's config (or a method name plus options) and return the result.
+
+    Without `calibration`, the data is recorded from `model` as the config's calibration settings say.
+    The returned model's layers hold frozen integer codes; `save` writes it, `load` reads it back.
+    """
+    if isinstance(config, str):
+        config = make_config(config, **options)
+    elif options:
+        raise ConfigError("Pass options either in the config object or as keyword arguments with a method name.")
+    if not isinstance(config, MethodConfig):
+        raise ConfigError(f"config must be a method config or a method name, got {type(config).__name__}.")
+    config.validate()
+    if model.quantization is not None:
+        raise DiffquantError("This model is already quantized; quantize its full-precision original instead.")
+    entry = get_method(config.name)
+
+    recording_time = 0.0
+    if calibration is None:
+        started = time.perf_counter()
+        calibration = record_calibration(model, config, progress)
+        recording_time = time.perf_counter() - started
+    elif not isinstance(calibration, CalibrationSet):
+        raise ConfigError(f"calibration must be a CalibrationSet, got {type(calibration).__name__}.")
+    calibration.validate()
+
+    quantized = model if inplace else copy.deepcopy(model)
+    with measure_resources() as usage:
+        details = entry.apply(quantized.denoiser, calibration, config, progress) or {}
+        for _, layer in quant_layers(quantized.denoiser):
+            layer.freeze()
+    quantized.denoiser.eval()
+    quantized.quantization = {
+        "method": config.name,
+        "setting": config.setting,
+        "config": config.to_json(),
+        "source_model": model.info.name,
+        "calibration": {**calibration.meta, "samples": len(calibration), "recording_s": round(recording_time, 2)},
+        "calibration_wall_time_s": round(usage.wall_time_s, 2),
+        "calibration_peak_rss_mb": round(usage.peak_rss_mb, 1),
+        "calibration_peak_increase_mb": round(usage.peak_increase_mb, 1),
+        "details": details,
+    }
+    return quantized
+
+
+def save(model: DiffusionModel, directory: str | Path) -> Path:
+    """Save a quantized model directory (packed weights; atomic)."""
+    if model.quantization is None:
+        raise DiffquantError("save() writes quantized models; use diffquant.zoo.save_model for float ones.")
+    return save_quantized(model, directory)
+
+
+def load(name_or_path: str | Path) -> DiffusionModel:
+    """Load a reference model by name, a float model directory or a quantized directory."""
+    return load_model(name_or_path)
+
+
+__all__ = ["load", "load_quantized", "quantize", "record_calibration", "save"]

@@ -1,0 +1,144 @@
+"""Calibration data: denoiser inputs recorded along full-precision sampling trajectories.
+
+A `CalibrationSet` holds N denoiser calls: the input x_t, the timestep, the sampling-step index and
+any conditioning keyword arguments (class labels, encoder hidden states, ...), with the classifier-
+free-guidance branch recorded as its own entry. It is saved as safetensors + JSON and reused across
+methods.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffquant.errors import DiffquantError
+from diffquant.fileio import atomic_directory
+
+TENSORS_FILE = "calibration.safetensors"
+META_FILE = "calibration.json"
+
+
+@dataclass
+class CalibrationBatch:
+    """Inputs of one denoiser call from one sampling step."""
+
+    step_index: int
+    timestep: float
+    num_steps: int
+    sample: torch.Tensor
+    timesteps: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+
+    def model_inputs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+        return (self.sample, self.timesteps), self.conditioning
+
+    @property
+    def size(self) -> int:
+        return self.sample.shape[0]
+
+
+@dataclass
+class CalibrationSet:
+    """N recorded denoiser inputs, grouped by sampling step when iterated."""
+
+    sample: torch.Tensor
+    timestep: torch.Tensor
+    step_index: torch.Tensor
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_steps: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def __len__(self) -> int:
+        return self.sample.shape[0]
+
+    def validate(self) -> None:
+        count = self.sample.shape[0]
+        if count == 0:
+            raise DiffquantError("The calibration set is empty: record at least one sample.")
+        tensors = {"sample": self.sample, "timestep": self.timestep, "step_index": self.step_index}
+        tensors.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+        for name, tensor in tensors.items():
+            if tensor.shape[0] != count:
+                raise DiffquantError(
+                    f"Calibration field '{name}' has {tensor.shape[0]} entries but 'sample' has {count}."
+                )
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).reshape(count, -1).any(1).sum())
+                raise DiffquantError(
+                    f"Calibration data has NaN or Inf in '{name}' ({bad} of {count} entries). Re-record it "
+                    "from a model that samples finite images, or drop those entries."
+                )
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(set(self.step_index.tolist()))
+
+    def batches(self, batch_size: int = 64, steps: list[int] | None = None) -> Iterator[CalibrationBatch]:
+        """Batches of one sampling step each (per-step quantizers need a single step per call)."""
+        for step in steps if steps is not None else self.steps:
+            index = torch.nonzero(self.step_index == step).flatten()
+            for start in range(0, len(index), batch_size):
+                chosen = index[start : start + batch_size]
+                yield CalibrationBatch(
+                    step_index=step,
+                    timestep=float(self.timestep[chosen[0]]),
+                    num_steps=self.num_steps,
+                    sample=self.sample[chosen],
+                    timesteps=self.timestep[chosen],
+                    conditioning={k: v[chosen] for k, v in self.conditioning.items()},
+                )
+
+    def subset(self, index: torch.Tensor) -> CalibrationSet:
+        return CalibrationSet(
+            self.sample[index],
+            self.timestep[index],
+            self.step_index[index],
+            {k: v[index] for k, v in self.conditioning.items()},
+            self.num_steps,
+            dict(self.meta),
+        )
+
+    def shuffled_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[CalibrationBatch]:
+        """Random mini-batches mixing steps (for reconstruction losses that do not need the step context)."""
+        order = torch.randperm(len(self), generator=generator)
+        for start in range(0, len(order), batch_size):
+            part = self.subset(order[start : start + batch_size])
+            yield CalibrationBatch(-1, float("nan"), self.num_steps, part.sample, part.timestep, part.conditioning)
+
+    # persistence ----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        with atomic_directory(directory) as scratch:
+            tensors = {"sample": self.sample, "timestep": self.timestep, "step_index": self.step_index}
+            tensors.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / TENSORS_FILE))
+            meta = {"num_steps": self.num_steps, "count": len(self), **self.meta}
+            (scratch / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CalibrationSet:
+        directory = Path(directory)
+        if not (directory / TENSORS_FILE).is_file():
+            raise DiffquantError(
+                f"{directory} holds no calibration data ({TENSORS_FILE} is missing). "
+                "Record it with `diffquant calibrate`."
+            )
+        try:
+            tensors = load_file(str(directory / TENSORS_FILE))
+            meta = json.loads((directory / META_FILE).read_text())
+        except Exception as error:
+            raise DiffquantError(f"Cannot read calibration data in {directory}: {error}. Record it again.") from error
+        conditioning = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("conditioning.")}
+        num_steps = meta.pop("num_steps", 1)
+        meta.pop("count", None)
+        return cls(tensors["sample"], tensors["timestep"], tensors["step_index"], conditioning, num_steps, meta)

@@ -1,0 +1,162 @@
+"""What every method config shares: bit widths, formats, layer patterns and calibration settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+from diffquant.calibration import AllSteps, SkewNormalSteps, TimestepPolicy, UniformSteps
+from diffquant.errors import ConfigError
+from diffquant.modules import LayerOverride, LayerPolicy
+from diffquant.quant import QuantSpec
+from diffquant.quant.formats import MAX_INT_BITS, parse_format
+from diffquant.sampling import SamplerConfig
+
+FLOAT_ACTIVATION_BITS = (16, 32)
+CALIBRATION_POLICIES = ("uniform", "all", "ndtc")
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration data is recorded when `quantize` is not given a calibration set."""
+
+    trajectories: int = 256
+    """Number of full-precision sampling runs to record from."""
+    policy: str = "uniform"
+    """uniform (Q-Diffusion), all (every step) or ndtc (PTQ4DM's skew-normal)."""
+    uniform_steps: int = 25
+    ndtc_mean: float = 0.4
+    ndtc_std: float = 0.4
+    scheduler: str = "ddim"
+    steps: int = 50
+    seed: int = 1234
+
+    def validate(self) -> None:
+        if self.policy not in CALIBRATION_POLICIES:
+            raise ConfigError(
+                f"Unknown calibration policy '{self.policy}'. Choose one of: {', '.join(CALIBRATION_POLICIES)}."
+            )
+        if self.trajectories <= 0:
+            raise ConfigError(f"calibration.trajectories must be positive, got {self.trajectories}.")
+        self.sampler().validate()
+
+    def timestep_policy(self) -> TimestepPolicy:
+        if self.policy == "uniform":
+            return UniformSteps(min(self.uniform_steps, self.steps))
+        if self.policy == "all":
+            return AllSteps()
+        return SkewNormalSteps(self.ndtc_mean, self.ndtc_std)
+
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(self.scheduler, self.steps)
+
+
+@dataclass
+class MethodConfig:
+    """Fields common to all methods. Subclasses set the paper's defaults."""
+
+    name: ClassVar[str] = "base"
+
+    wbits: int = 8
+    """Weight bit width (1-16)."""
+    abits: int | None = 8
+    """Activation bit width (1-16); None, 16 or 32 leave activations in floating point (weight-only)."""
+    weight_format: str | None = None
+    """Override the weight number format (e.g. 'e2m1', 'e4m3'); default int{wbits}."""
+    activation_format: str | None = None
+    """Override the activation number format (e.g. 'e4m3'); default int/uint{abits}."""
+    attention_bits: int | None = None
+    """Quantize Q, K, V at the attention matmuls with this many bits (None: float matmuls)."""
+    softmax_bits: int | None = None
+    """Bits of the post-softmax probabilities when attention is quantized (None: float)."""
+    include: tuple[str, ...] = ("*",)
+    keep_fp: tuple[str, ...] = ()
+    overrides: tuple[LayerOverride, ...] = ()
+    batch_size: int = 64
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    # validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        _check_bits("wbits", self.wbits)
+        if self.abits is not None and self.abits not in FLOAT_ACTIVATION_BITS:
+            _check_bits("abits", self.abits)
+        for name in ("attention_bits", "softmax_bits"):
+            if getattr(self, name) is not None:
+                _check_bits(name, getattr(self, name))
+        for name in ("weight_format", "activation_format"):
+            if getattr(self, name) is not None:
+                parse_format(getattr(self, name))
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
+        self.calibration.validate()
+        self.weight_spec()
+        self.activation_spec()
+
+    @property
+    def weight_only(self) -> bool:
+        return self.abits is None or self.abits in FLOAT_ACTIVATION_BITS
+
+    @property
+    def setting(self) -> str:
+        """'W4A8', 'W4A16' (weight-only) ..."""
+        return f"W{self.wbits}A{16 if self.weight_only else self.abits}"
+
+    # specs (subclasses change observers, symmetry, granularity) --------------------------------
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(self.weight_format or f"int{self.wbits}", symmetric=True, granularity="per_channel")
+
+    def activation_spec(self) -> QuantSpec | None:
+        if self.weight_only:
+            return None
+        return QuantSpec(self.activation_format or f"uint{self.abits}", symmetric=False)
+
+    def attention_spec(self) -> QuantSpec | None:
+        if self.attention_bits is None or self.weight_only:
+            return None
+        return QuantSpec(f"int{self.attention_bits}", symmetric=False)
+
+    def softmax_spec(self) -> QuantSpec | None:
+        if self.softmax_bits is None or self.weight_only:
+            return None
+        return QuantSpec(f"uint{self.softmax_bits}", symmetric=True)  # probabilities are in [0, 1]
+
+    def layer_policy(self, extra_overrides: tuple[LayerOverride, ...] = ()) -> LayerPolicy:
+        return LayerPolicy(
+            weight=self.weight_spec(),
+            activation=self.activation_spec(),
+            attention=self.attention_spec(),
+            softmax=self.softmax_spec(),
+            include=tuple(self.include),
+            keep_fp=tuple(self.keep_fp),
+            overrides=tuple(self.overrides) + tuple(extra_overrides),
+        )
+
+    # plain data -------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.name, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> MethodConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in payload.items() if k in known}
+        if "calibration" in values:
+            values["calibration"] = CalibrationConfig(**values["calibration"])
+        if "overrides" in values:
+            values["overrides"] = tuple(LayerOverride(**o) for o in values["overrides"])
+        for key in ("include", "keep_fp"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> MethodConfig:
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_json())
+
+
+def _check_bits(name: str, bits: Any) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_INT_BITS:
+        hint = " (use 16 or 32, or None, for float activations)" if name == "abits" else ""
+        raise ConfigError(f"{name} must be an integer between 1 and {MAX_INT_BITS}, got {bits!r}{hint}.")

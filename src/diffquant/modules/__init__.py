@@ -1,0 +1,36 @@
+"""Quantized modules and model surgery by name pattern."""
+
+from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear, wrap_layer
+from diffquant.modules.policy import AttentionPlan, LayerOverride, LayerPlan, LayerPolicy, resolve_policy
+from diffquant.modules.surgery import (
+    activation_quantizers,
+    apply_plans,
+    attention_processors,
+    finish_observing,
+    is_quantized,
+    quant_layers,
+    set_activation_quantization,
+    start_observing,
+)
+
+__all__ = [
+    "AttentionPlan",
+    "LayerOverride",
+    "LayerPlan",
+    "LayerPolicy",
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantLayer",
+    "QuantLinear",
+    "activation_quantizers",
+    "apply_plans",
+    "attention_processors",
+    "finish_observing",
+    "is_quantized",
+    "quant_layers",
+    "resolve_policy",
+    "set_activation_quantization",
+    "start_observing",
+    "wrap_layer",
+]

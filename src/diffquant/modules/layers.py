@@ -1,0 +1,131 @@
+"""Quantized `nn.Linear` and `nn.Conv2d`: an input quantizer, a weight quantizer and frozen codes.
+
+Until `freeze()` the weight is fake-quantized on every call (so rounding and step sizes can be
+trained through it); after `freeze()` the layer holds the integer codes of its weight and computes
+the weight from them, so a saved and reloaded layer is bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.quant import Quantizer, QuantSpec, from_codes, group_view, to_codes, ungroup
+
+
+class QuantLayer(nn.Module):
+    """Shared machinery of the quantized weight layers."""
+
+    kind = "layer"
+
+    def __init__(self, original: nn.Module, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> None:
+        super().__init__()
+        self.weight = original.weight
+        self.bias = original.bias
+        self.weight_quantizer = Quantizer(weight_spec) if weight_spec is not None else None
+        self.input_quantizer = Quantizer(input_spec) if input_spec is not None else None
+        self.register_buffer("weight_codes", None)
+        self._frozen_weight: torch.Tensor | None = None
+
+    # weight ----------------------------------------------------------------------------------
+    def calibrate_weight(self) -> None:
+        """Fix the weight quantizer's scale/zero-point from the weight itself."""
+        if self.weight_quantizer is not None and self.weight_codes is None:
+            self.weight_quantizer.calibrate_static(self.weight)
+
+    @property
+    def frozen(self) -> bool:
+        return self.weight_codes is not None
+
+    def freeze(self) -> None:
+        """Replace the float weight by its integer codes (the deployable form)."""
+        if self.weight_quantizer is None or self.frozen:
+            return
+        quantizer = self.weight_quantizer
+        view = group_view(self.weight.detach(), quantizer.grouping)
+        scale, zero_point = quantizer.current_params(view)
+        codes = to_codes(view, scale, zero_point, quantizer.fmt)
+        self._frozen_shape = self.weight.shape
+        del self.weight
+        self.weight_codes = codes.to(torch.int16 if quantizer.spec.bits <= 15 else torch.int32)
+        self._frozen_weight = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: float, fake-quantized, or decoded from codes."""
+        if self.weight_quantizer is None:
+            return self.weight
+        if not self.frozen:
+            return self.weight_quantizer(self.weight)
+        if self._frozen_weight is None:
+            quantizer = self.weight_quantizer
+            scale, zero_point = quantizer.current_params()
+            view = from_codes(self.weight_codes, scale, zero_point, quantizer.fmt)
+            self._frozen_weight = ungroup(view, self._frozen_shape, quantizer.grouping)
+        return self._frozen_weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        codes = state_dict.get(prefix + "weight_codes")
+        if codes is not None:  # a frozen layer: adopt the codes, drop the float weight
+            if "weight" in self._parameters:
+                self._frozen_shape = self.weight.shape
+                del self.weight
+            self.weight_codes = codes.clone()
+            self._frozen_weight = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        self._frozen_weight = None
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight_codes" in self._buffers and self._buffers["weight_codes"] is not None:
+            return self.dequantized_weight()  # diffusers code may read .weight (e.g. for its dtype)
+        return super().__getattr__(name)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quantizer(x) if self.input_quantizer is not None else x
+
+
+class QuantLinear(QuantLayer):
+    kind = "linear"
+
+    def __init__(self, original: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> None:
+        super().__init__(original, weight_spec, input_spec)
+        self.in_features, self.out_features = original.in_features, original.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
+
+
+class QuantConv2d(QuantLayer):
+    kind = "conv2d"
+
+    def __init__(self, original: nn.Conv2d, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> None:
+        if original.padding_mode != "zeros":
+            raise ValueError(f"padding_mode '{original.padding_mode}' is not supported for quantization")
+        super().__init__(original, weight_spec, input_spec)
+        self.in_channels, self.out_channels = original.in_channels, original.out_channels
+        self.kernel_size, self.stride, self.padding = original.kernel_size, original.stride, original.padding
+        self.dilation, self.groups = original.dilation, original.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight()
+        return F.conv2d(
+            self.quantize_input(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"frozen={self.frozen}"
+        )
+
+
+def wrap_layer(module: nn.Module, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> QuantLayer:
+    """The quantized counterpart of an nn.Linear or nn.Conv2d."""
+    if isinstance(module, nn.Linear):
+        return QuantLinear(module, weight_spec, input_spec)
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d(module, weight_spec, input_spec)
+    raise TypeError(f"cannot quantize {type(module).__name__}")

@@ -1,0 +1,159 @@
+"""Layer policy: which modules are quantized, with which specs, chosen by module-name patterns.
+
+Patterns are shell-style globs on dotted module names (`conv_in`, `*.time_emb_proj`,
+`down_blocks.1.*`) or regular expressions prefixed with `re:`. A pattern that matches no module is an
+error naming the pattern and the closest module names; a silent no-op would leave a model in full
+precision while the user believes it is quantized.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from diffquant.errors import ConfigError
+from diffquant.quant import QuantSpec
+
+WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-pattern changes to the default specs."""
+
+    pattern: str
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    quantize_weight: bool | None = None
+    quantize_input: bool | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one weight layer gets."""
+
+    weight: QuantSpec | None
+    input: QuantSpec | None
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What one attention module's matmuls get."""
+
+    operands: QuantSpec | None
+    probs: QuantSpec | None
+
+
+@dataclass
+class LayerPolicy:
+    """Default specs plus name patterns. Plain data (see `to_json`)."""
+
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", granularity="per_channel"))
+    activation: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8"))
+    attention: QuantSpec | None = None
+    """Spec of Q, K and V where they enter the QK^T and PV matmuls (None: matmuls stay in float)."""
+    softmax: QuantSpec | None = None
+    """Spec of the post-softmax probabilities (None: float)."""
+    include: tuple[str, ...] = ("*",)
+    keep_fp: tuple[str, ...] = ()
+    overrides: tuple[LayerOverride, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> LayerPolicy:
+        spec = lambda value: QuantSpec.from_json(value) if value else None  # noqa: E731
+        return cls(
+            weight=spec(payload.get("weight")),
+            activation=spec(payload.get("activation")),
+            attention=spec(payload.get("attention")),
+            softmax=spec(payload.get("softmax")),
+            include=tuple(payload.get("include", ("*",))),
+            keep_fp=tuple(payload.get("keep_fp", ())),
+            overrides=tuple(LayerOverride(**o) for o in payload.get("overrides", ())),
+        )
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_pattern(pattern: str, names: list[str], where: str) -> None:
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as error:
+            raise ConfigError(
+                f"Layer pattern '{pattern}' ({where}) is not a valid regular expression: {error}."
+            ) from None
+    if any(pattern_matches(pattern, name) for name in names):
+        return
+    close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=5, cutoff=0.3) or names[:5]
+    raise ConfigError(
+        f"Layer pattern '{pattern}' ({where}) matches no quantizable module. Close module names: "
+        f"{', '.join(close)}. Patterns are globs on dotted names (e.g. 'down_blocks.*.resnets.*.conv1') "
+        "or 're:<regex>'."
+    )
+
+
+def _with_bits(spec: QuantSpec | None, bits: int | None) -> QuantSpec | None:
+    if spec is None or bits is None:
+        return spec
+    fmt = spec.number_format
+    signed = getattr(fmt, "signed", True)
+    return replace(spec, format=f"{'int' if signed else 'uint'}{bits}")
+
+
+def resolve_policy(model: nn.Module, policy: LayerPolicy) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
+    """Apply the patterns to `model`'s module names; every pattern must match something."""
+    weight_layers = [n for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
+    attention_modules = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    names = weight_layers + attention_modules
+    if not weight_layers:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layers to quantize.")
+    for pattern in policy.include:
+        _check_pattern(pattern, names, "include")
+    for pattern in policy.keep_fp:
+        _check_pattern(pattern, names, "keep_fp")
+    for override in policy.overrides:
+        _check_pattern(override.pattern, names, "overrides")
+
+    def selected(name: str) -> bool:
+        # keep_fp on an attention module also keeps its projections: match prefixes as well
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        included = any(pattern_matches(p, name) for p in policy.include)
+        kept = any(pattern_matches(p, prefix) for p in policy.keep_fp for prefix in prefixes)
+        return included and not kept
+
+    layer_plans: dict[str, LayerPlan] = {}
+    for name in weight_layers:
+        if not selected(name):
+            continue
+        weight, activation = policy.weight, policy.activation
+        for override in policy.overrides:
+            if pattern_matches(override.pattern, name):
+                weight = _with_bits(weight, override.weight_bits)
+                activation = _with_bits(activation, override.activation_bits)
+                if override.quantize_weight is False:
+                    weight = None
+                if override.quantize_input is False:
+                    activation = None
+        if weight is not None or activation is not None:
+            layer_plans[name] = LayerPlan(weight, activation)
+
+    attention_plans: dict[str, AttentionPlan] = {}
+    if policy.attention is not None or policy.softmax is not None:
+        for name in attention_modules:
+            if selected(name):
+                attention_plans[name] = AttentionPlan(policy.attention, policy.softmax)
+    return layer_plans, attention_plans

@@ -1,0 +1,95 @@
+"""Model surgery: swap layers for their quantized counterparts and drive all quantizers at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.modules.layers import QuantLayer, wrap_layer
+from diffquant.modules.policy import AttentionPlan, LayerPlan
+from diffquant.quant import Quantizer, QuantSpec
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, child = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), child
+
+
+def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[str, AttentionPlan]) -> None:
+    """Replace every planned layer in place and give planned attention modules a quantized processor."""
+    for name, plan in layers.items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, wrap_layer(getattr(parent, child), plan.weight, plan.input))
+    for name, plan in attention.items():
+        model.get_submodule(name).set_processor(QuantAttnProcessor(plan.operands, plan.probs))
+
+
+def export_plans(model: nn.Module) -> dict:
+    """The quantized structure of `model` as plain data, enough to rebuild it on a fresh copy."""
+    layers = {
+        name: {
+            "weight": layer.weight_quantizer.spec.to_json() if layer.weight_quantizer else None,
+            "input": layer.input_quantizer.spec.to_json() if layer.input_quantizer else None,
+        }
+        for name, layer in quant_layers(model)
+    }
+    attention = {
+        name.removesuffix(".processor"): {
+            "operands": processor.query_quantizer.spec.to_json() if processor.query_quantizer else None,
+            "probs": processor.probs_quantizer.spec.to_json() if processor.probs_quantizer else None,
+        }
+        for name, processor in attention_processors(model)
+    }
+    return {"layers": layers, "attention": attention}
+
+
+def import_plans(model: nn.Module, structure: dict) -> None:
+    """Rebuild the structure written by `export_plans` on a full-precision copy of the model."""
+    spec = lambda value: QuantSpec.from_json(value) if value else None  # noqa: E731
+    layers = {name: LayerPlan(spec(p["weight"]), spec(p["input"])) for name, p in structure["layers"].items()}
+    attention = {
+        name: AttentionPlan(spec(p["operands"]), spec(p["probs"])) for name, p in structure["attention"].items()
+    }
+    apply_plans(model, layers, attention)
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer):
+            yield name, module
+
+
+def attention_processors(model: nn.Module) -> Iterator[tuple[str, QuantAttnProcessor]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantAttnProcessor):
+            yield name, module
+
+
+def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """Every quantizer that sees activations: layer inputs and attention matmul operands."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer) and not name.endswith("weight_quantizer"):
+            yield name, module
+
+
+def set_activation_quantization(model: nn.Module, enabled: bool) -> None:
+    for _, quantizer in activation_quantizers(model):
+        quantizer.enabled = enabled
+
+
+def start_observing(model: nn.Module) -> None:
+    for _, quantizer in activation_quantizers(model):
+        if not quantizer.spec.dynamic:
+            quantizer.start_observing()
+
+
+def finish_observing(model: nn.Module) -> None:
+    for _, quantizer in activation_quantizers(model):
+        if quantizer.observing:
+            quantizer.finish_observing()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(True for _ in quant_layers(model)) or any(True for _ in attention_processors(model))
