@@ -11,7 +11,7 @@ from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffquant.data.fashion_mnist import default_fashion_mnist_dir
 from diffquant.zoo.registry import DiffusionModel, ModelInfo
 
-torch.set_num_threads(int(os.environ.get("DIFFQUANT_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("DIFFQUANT_TEST_THREADS", "1")))
 
 HAVE_FMNIST = (default_fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from diffquant.cache import cache_dir, json_digest, model_digest
 from diffquant.calibration import CalibrationSet, record_trajectories
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
@@ -16,13 +18,26 @@ from diffquant.runtime import load_quantized, save_quantized
 from diffquant.zoo import DiffusionModel, load_model
 
 
-def record_calibration(model: DiffusionModel, config: MethodConfig, progress: bool = True) -> CalibrationSet:
-    """Record the calibration data a method's config asks for, from the full-precision model."""
+def record_calibration(
+    model: DiffusionModel, config: MethodConfig, progress: bool = True, use_cache: bool = True
+) -> CalibrationSet:
+    """Record the calibration data a method's config asks for, from the full-precision model.
+
+    Sets are cached on disk by model weights and calibration settings, so methods that ask for the
+    same data share one recording.
+    """
     settings = config.calibration
     settings.validate()
-    return record_trajectories(
+    key = f"{model.info.name}-{model_digest(model.denoiser)}-{json_digest(asdict(settings))}"
+    path = cache_dir() / "calibration" / key
+    if use_cache and path.is_dir():
+        return CalibrationSet.load(path)
+    calibration = record_trajectories(
         model, settings.trajectories, settings.sampler(), settings.timestep_policy(), settings.seed, progress=progress
     )
+    if use_cache:
+        calibration.save(path)
+    return calibration
 
 
 def quantize(

@@ -177,12 +177,16 @@ def eval_command(
             )
             chosen.validate()
         scorer = Scorer.load(chosen.reference)
-        reference_images = cached_samples(load_model(against), chosen) if against else None
         rows = []
         if floors:
             rows.append({"model": "real train images (floor)", "metrics": data_floors(chosen, scorer)})
         for name in model:
-            report = evaluate(load_model(name), chosen, scorer, reference_images)
+            candidate = load_model(name)
+            # a quantized model is compared with its full-precision source on the same seeds by default
+            reference = against or (candidate.quantization or {}).get("source_model")
+            reference_images = cached_samples(load_model(reference), chosen) if reference else None
+            report = evaluate(candidate, chosen, scorer, reference_images)
+            report.model = name
             if inception_weights is not None:
                 real = load_reference_images(chosen.reference).images
                 report.metrics["inception_fid"] = inception_fid(report.images, real, inception_weights)
@@ -214,6 +218,115 @@ def ship_command(
         typer.echo(json.dumps(payload["metrics"], indent=2))
     except DiffquantError as error:
         _fail(error)
+
+
+def _parse_abits(value: str) -> int | None:
+    if value.lower() in ("none", "fp", "float"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DiffquantError(f"--abits must be a bit width (1-16), 16/32 or 'none' for float; got '{value}'.") from None
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise DiffquantError(f"--option takes KEY=VALUE, got '{pair}'.")
+        try:
+            options[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = raw
+    return options
+
+
+@app.command("quantize")
+def quantize_command(
+    model: str = typer.Option(..., help="Reference model name or a model directory."),
+    method: str = typer.Option("naive", help="Quantization method (see `diffquant methods`)."),
+    wbits: int = typer.Option(8, help="Weight bits (1-16)."),
+    abits: str = typer.Option("8", help="Activation bits (1-16), or 16/32/none for float activations."),
+    out: Path = typer.Option(..., help="Output directory for the quantized model."),
+    calibration: Path = typer.Option(None, help="A calibration directory from `diffquant calibrate`."),
+    trajectories: int = typer.Option(None, help="Override the method's number of calibration trajectories."),
+    keep_fp: list[str] = typer.Option(None, help="Module-name pattern to keep in full precision (repeatable)."),
+    option: list[str] = typer.Option(None, help="Any method option as KEY=VALUE (JSON values), repeatable."),
+    threads: int = typer.Option(None),
+) -> None:
+    """Quantize a model with a method and save it as a packed directory."""
+    try:
+        _set_threads(threads)
+        import diffquant
+        from diffquant.calibration import CalibrationSet
+        from diffquant.methods import make_config
+        from diffquant.reporting import print_quantization_summary
+
+        options = _parse_options(option)
+        options.update(wbits=wbits, abits=_parse_abits(abits))
+        if keep_fp:
+            options["keep_fp"] = tuple(keep_fp)
+        config = make_config(method, **options)
+        if trajectories is not None:
+            config.calibration.trajectories = trajectories
+            config.validate()
+        source = diffquant.load(model)
+        calibration_set = CalibrationSet.load(calibration) if calibration else None
+        quantized = diffquant.quantize(source, config, calibration_set)
+        diffquant.save(quantized, out)
+        print_quantization_summary(quantized, out)
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: str = typer.Option(..., help="Reference model name or a model directory."),
+    out: Path = typer.Option(..., help="Output directory for the calibration set."),
+    method: str = typer.Option("naive", help="Use this method's default calibration settings."),
+    trajectories: int = typer.Option(None, help="Number of full-precision trajectories."),
+    policy: str = typer.Option(None, help="uniform, all or ndtc."),
+    scheduler: str = typer.Option(None),
+    steps: int = typer.Option(None),
+    seed: int = typer.Option(None),
+    threads: int = typer.Option(None),
+) -> None:
+    """Record calibration data along full-precision sampling trajectories and save it."""
+    try:
+        _set_threads(threads)
+        import diffquant
+        from diffquant.methods import make_config
+
+        config = make_config(method)
+        for key, value in (
+            ("trajectories", trajectories),
+            ("policy", policy),
+            ("scheduler", scheduler),
+            ("steps", steps),
+            ("seed", seed),
+        ):
+            if value is not None:
+                setattr(config.calibration, key, value)
+        config.calibration.validate()
+        calibration = diffquant.record_calibration(diffquant.load(model), config, use_cache=False)
+        calibration.save(out)
+        typer.echo(f"recorded {len(calibration)} calibration inputs ({calibration.meta['policy']}) to {out}")
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the quantization methods and their paper defaults."""
+    from diffquant.methods import METHODS
+
+    for name, entry in METHODS.items():
+        defaults = entry.config_class()
+        typer.echo(
+            f"{name:10s} {entry.summary}  [default {defaults.setting}, "
+            f"calibration {defaults.calibration.policy} x {defaults.calibration.trajectories}]"
+        )
 
 
 @app.command("models")

@@ -65,3 +65,31 @@ def print_model_table(console: Console | None = None) -> None:
             accuracy,
         )
     console.print(table)
+
+
+def directory_megabytes(path) -> float:
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+def print_quantization_summary(model, directory, console: Console | None = None) -> None:
+    from diffquant.modules import attention_processors, quant_layers
+
+    console = console or Console()
+    record = model.quantization
+    layers = dict(quant_layers(model.denoiser))
+    kinds: dict[str, int] = {}
+    for layer in layers.values():
+        kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+    attention = sum(1 for _ in attention_processors(model.denoiser))
+    coverage = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+    if attention:
+        coverage += f", {attention} attention matmul pairs"
+    console.print(
+        f"[bold]{record['method']} {record['setting']}[/bold] on {record['source_model']}: quantized {coverage}; "
+        f"calibration {record['calibration']['samples']} inputs ({record['calibration'].get('policy', '?')}), "
+        f"{record['calibration_wall_time_s']:.1f} s + {record['calibration']['recording_s']:.1f} s recording, "
+        f"peak RSS {record['calibration_peak_rss_mb']:.0f} MB; "
+        f"saved {directory_megabytes(directory):.2f} MB to {directory}"
+    )

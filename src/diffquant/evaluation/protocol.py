@@ -8,8 +8,6 @@ against a reference model's samples from the same seeds, PSNR and SSIM.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffquant.cache import cache_dir, json_digest, model_digest
 from diffquant.errors import ConfigError
 from diffquant.evaluation.agreement import psnr, ssim
 from diffquant.evaluation.feature_net import FeatureNetwork, extract_features, load_feature_network
@@ -30,7 +29,6 @@ from diffquant.evaluation.metrics import (
 )
 from diffquant.evaluation.reference import (
     ReferenceStats,
-    cache_dir,
     load_reference_images,
     reference_stats,
     subsample,
@@ -72,7 +70,7 @@ class EvalProtocol:
         return asdict(self)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+        return json_digest(self.to_json())
 
 
 PROTOCOLS: dict[str, EvalProtocol] = {
@@ -183,7 +181,7 @@ def data_floors(protocol: EvalProtocol, scorer: Scorer | None = None) -> dict[st
 
 def cached_samples(model: DiffusionModel, protocol: EvalProtocol, progress: bool = True) -> torch.Tensor:
     """A model's samples under `protocol`, cached on disk by weights digest (full-precision references)."""
-    digest = _model_digest(model)
+    digest = model_digest(model.denoiser)
     path = cache_dir() / "samples" / f"{model.info.name}-{digest}-{protocol.key()}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
@@ -199,14 +197,6 @@ def cached_samples(model: DiffusionModel, protocol: EvalProtocol, progress: bool
     np.save(path.with_suffix(".tmp.npy"), images.numpy())
     path.with_suffix(".tmp.npy").replace(path)
     return images
-
-
-def _model_digest(model: DiffusionModel) -> str:
-    digest = hashlib.sha256()
-    for name, value in sorted(model.denoiser.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def write_report(payload: dict[str, Any], path: str | Path) -> Path:

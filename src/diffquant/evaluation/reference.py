@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffquant.cache import cache_dir
 from diffquant.data import load_fashion_mnist
 from diffquant.data.images import ImageSet
 from diffquant.errors import DiffquantError
@@ -18,11 +18,6 @@ from diffquant.evaluation.metrics import GaussianStats
 from diffquant.fileio import atomic_file
 
 REFERENCE_SETS = ("fashion-mnist-test", "fashion-mnist-train")
-
-
-def cache_dir() -> Path:
-    """$DIFFQUANT_CACHE, else ~/.cache/diffquant."""
-    return Path(os.environ.get("DIFFQUANT_CACHE", Path.home() / ".cache" / "diffquant"))
 
 
 @dataclass

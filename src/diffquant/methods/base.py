@@ -70,6 +70,8 @@ class MethodConfig:
     """Quantize Q, K, V at the attention matmuls with this many bits (None: float matmuls)."""
     softmax_bits: int | None = None
     """Bits of the post-softmax probabilities when attention is quantized (None: float)."""
+    activation_per_step: bool = False
+    """One activation parameter set per calibrated sampling step (TFMQ-DM's finite-set calibration)."""
     include: tuple[str, ...] = ("*",)
     keep_fp: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = ()
@@ -109,17 +111,20 @@ class MethodConfig:
     def activation_spec(self) -> QuantSpec | None:
         if self.weight_only:
             return None
-        return QuantSpec(self.activation_format or f"uint{self.abits}", symmetric=False)
+        return QuantSpec(
+            self.activation_format or f"uint{self.abits}", symmetric=False, per_step=self.activation_per_step
+        )
 
     def attention_spec(self) -> QuantSpec | None:
         if self.attention_bits is None or self.weight_only:
             return None
-        return QuantSpec(f"int{self.attention_bits}", symmetric=False)
+        return QuantSpec(f"int{self.attention_bits}", symmetric=False, per_step=self.activation_per_step)
 
     def softmax_spec(self) -> QuantSpec | None:
         if self.softmax_bits is None or self.weight_only:
             return None
-        return QuantSpec(f"uint{self.softmax_bits}", symmetric=True)  # probabilities are in [0, 1]
+        # probabilities lie in [0, 1]: unsigned with zero-point 0
+        return QuantSpec(f"uint{self.softmax_bits}", symmetric=True, per_step=self.activation_per_step)
 
     def layer_policy(self, extra_overrides: tuple[LayerOverride, ...] = ()) -> LayerPolicy:
         return LayerPolicy(

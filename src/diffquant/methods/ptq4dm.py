@@ -42,7 +42,7 @@ class PTQ4DMConfig(MethodConfig):
         if self.weight_only:
             return None
         fmt = self.activation_format or f"int{self.abits}"
-        return QuantSpec(fmt, symmetric=True, observer="lp", lp_norm=self.mse_norm)
+        return QuantSpec(fmt, symmetric=True, observer="lp", lp_norm=self.mse_norm, per_step=self.activation_per_step)
 
 
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: PTQ4DMConfig, progress: bool = True) -> dict:

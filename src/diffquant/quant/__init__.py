@@ -53,6 +53,7 @@ __all__ = [
     "int_format_for_bits",
     "make_observer",
     "pack_codes",
+    "parse_format",
     "packed_size",
     "params_from_range",
     "round_ste",
