@@ -329,6 +329,27 @@ def methods_command() -> None:
         )
 
 
+@app.command("demo")
+def demo_command(
+    model: list[str] = typer.Option(["fmnist-unet", "fmnist-dit"], help="Models to quantize (repeatable)."),
+    method: str = typer.Option("ptq4dm", help="Quantization method."),
+    wbits: int = typer.Option(8),
+    abits: str = typer.Option("8"),
+    protocol: str = typer.Option("quick", help="Evaluation protocol: smoke, quick or standard."),
+    trajectories: int = typer.Option(256, help="Calibration trajectories (fewer than the paper's for speed)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where quantized models and report.json go."),
+    threads: int = typer.Option(None),
+) -> None:
+    """The main job: evaluate the shipped models, quantize them, evaluate again and print the report."""
+    try:
+        _set_threads(threads)
+        from diffquant.reporting import run_demo
+
+        run_demo(model, method, wbits, _parse_abits(abits), protocol, trajectories, out)
+    except DiffquantError as error:
+        _fail(error)
+
+
 @app.command("models")
 def models_command() -> None:
     """List the shipped reference models with their parameter counts and evaluation numbers."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -29,15 +30,25 @@ def _format(metrics: dict[str, Any], key: str, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-def print_eval_table(rows: list[dict[str, Any]], title: str, console: Console | None = None) -> None:
+def print_eval_table(
+    rows: list[dict[str, Any]], title: str, console: Console | None = None, extra: bool = False
+) -> None:
+    """One row per model; `extra` adds disk size and calibration time columns."""
     console = console or Console()
     present = [c for c in METRIC_COLUMNS if any(c[0] in r["metrics"] for r in rows)]
     table = Table(title=title)
     table.add_column("model")
     for _, header, _ in present:
         table.add_column(header, justify="right")
+    if extra:
+        table.add_column("disk MB", justify="right")
+        table.add_column("calib s", justify="right")
     for row in rows:
-        table.add_row(row["model"], *(_format(row["metrics"], k, p) for k, _, p in present))
+        cells = [_format(row["metrics"], k, p) for k, _, p in present]
+        if extra:
+            cells.append(f"{row['disk_mb']:.2f}" if "disk_mb" in row else "-")
+            cells.append(f"{row['calibration_s']:.0f}" if "calibration_s" in row else "-")
+        table.add_row(row["model"], *cells)
     console.print(table)
 
 
@@ -68,8 +79,6 @@ def print_model_table(console: Console | None = None) -> None:
 
 
 def directory_megabytes(path) -> float:
-    from pathlib import Path
-
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
 
@@ -93,3 +102,42 @@ def print_quantization_summary(model, directory, console: Console | None = None)
         f"peak RSS {record['calibration_peak_rss_mb']:.0f} MB; "
         f"saved {directory_megabytes(directory):.2f} MB to {directory}"
     )
+
+
+def run_demo(models, method, wbits, abits, protocol_name, trajectories, out, console: Console | None = None) -> dict:
+    """Evaluate each model in full precision, quantize it, evaluate the result against it, print a table."""
+    import diffquant
+    from diffquant.evaluation import Scorer, cached_samples, evaluate, get_protocol
+    from diffquant.fileio import write_json
+    from diffquant.methods import make_config
+
+    console = console or Console()
+    protocol = get_protocol(protocol_name)
+    scorer = Scorer.load(protocol.reference)
+    rows = []
+    for name in models:
+        source = diffquant.load(name)
+        reference = cached_samples(source, protocol)
+        fp = evaluate(source, protocol, scorer, reference)
+        fp_row = {"model": f"{name} fp32", "metrics": fp.metrics, "disk_mb": directory_megabytes(source.path)}
+        config = make_config(method, wbits=wbits, abits=abits)
+        config.calibration.trajectories = trajectories
+        quantized = diffquant.quantize(source, config)
+        directory = diffquant.save(quantized, Path(out) / f"{name}-{method}-{config.setting.lower()}")
+        report = evaluate(quantized, protocol, scorer, reference)
+        record = quantized.quantization
+        rows += [
+            fp_row,
+            {
+                "model": f"{name} {method} {config.setting}",
+                "metrics": report.metrics,
+                "disk_mb": directory_megabytes(directory),
+                "calibration_s": record["calibration_wall_time_s"] + record["calibration"]["recording_s"],
+                "path": str(directory),
+            },
+        ]
+    print_eval_table(rows, f"diffquant demo - {protocol.describe()}", console, extra=True)
+    payload = {"protocol": protocol.to_json(), "rows": rows}
+    write_json(Path(out) / "report.json", payload)
+    console.print(f"report written to {Path(out) / 'report.json'}")
+    return payload
