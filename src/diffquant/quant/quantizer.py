@@ -117,6 +117,7 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("bank_timesteps", None)
+        self.register_buffer("clock", None, persistent=False)
 
     # --- calibration ---------------------------------------------------------------------------
     def start_observing(self) -> None:
@@ -203,8 +204,14 @@ class Quantizer(nn.Module):
         return self.spec.dynamic or self.scale is not None
 
     # --- parameters for the current call -------------------------------------------------------
-    def step_index(self) -> int:
-        """Row of the per-step bank for the current sampling step (nearest calibrated timestep)."""
+    def step_row(self) -> int | torch.Tensor:
+        """Row of the per-step bank for the current sampling step (nearest calibrated timestep).
+
+        A deployed model attaches a shared `clock` tensor; the row is then computed with tensor ops so
+        a compiled graph does not recompile at every step.
+        """
+        if self.clock is not None:
+            return torch.argmin((self.bank_timesteps - self.clock).abs())
         step = current_step()
         if step is None:
             raise DiffquantError(
@@ -212,6 +219,11 @@ class Quantizer(nn.Module):
                 "diffquant.sampling.sample, or wrap each denoiser call in diffquant.quant.step_context()."
             )
         return int(torch.argmin((self.bank_timesteps - step.timestep).abs()))
+
+    def attach_clock(self, clock: torch.Tensor | None) -> None:
+        """Read the current timestep from `clock` (a shared 0-d tensor) instead of the step context."""
+        if self.spec.per_step:
+            self.clock = clock
 
     def current_params(self, view: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) shaped (G, 1) for the grouped view."""
@@ -224,7 +236,7 @@ class Quantizer(nn.Module):
                 raise DiffquantError("Quantizer used before calibration: run diffquant.quantize() first.")
             scale, zero_point = self.scale, self.zero_point
             if self.spec.per_step:
-                row = self.step_index()
+                row = self.step_row()
                 scale, zero_point = scale[row], zero_point[row]
         return scale.reshape(-1, 1), zero_point.reshape(-1, 1)
 

@@ -1,0 +1,129 @@
+"""Export a diffquant-quantized model to real kernels.
+
+Backends:
+* `fake` - the simulation itself (every method, every format);
+* `onednn` - CPU: int8 convolutions and linears on oneDNN (`qconv2d_pointwise`, `qlinear_pointwise`)
+  for layers with <= 8-bit symmetric per-channel weights and static per-tensor <= 8-bit inputs; other
+  layers run in float with their weights decoded once at load;
+* `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
+  decoded to float.
+Attention matmuls stay in floating point on every backend (their operands are still fake-quantized
+when the method quantizes them).
+
+`compile=True` wraps the result in `torch.compile`; per-step activation parameters read a shared clock
+tensor that the wrapper sets from the step context, so the graph is compiled once, not per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from collections import Counter
+
+import torch
+from torch import nn
+
+from diffquant.errors import DiffquantError
+from diffquant.modules.layers import QuantConv2d, QuantLinear
+from diffquant.modules.surgery import quant_layers
+from diffquant.quant import FloatFormat, current_step
+from diffquant.runtime.kernels import (
+    DequantizedLayer,
+    IntMMLinear,
+    OneDNNInt8Conv2d,
+    OneDNNInt8Linear,
+    ScaledMMFloat8Linear,
+    StepClock,
+    input_supported,
+    weight_supported,
+)
+from diffquant.zoo.registry import DiffusionModel
+
+BACKENDS = ("fake", "onednn", "cuda")
+
+
+class DeployedDenoiser(nn.Module):
+    """The converted model, optionally compiled, behind the diffusers call signature."""
+
+    def __init__(self, inner: nn.Module, clock: StepClock, compile: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.clock = clock
+        self._call = torch.compile(inner, dynamic=False) if compile else inner
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
+        step = current_step()
+        if step is not None:
+            self.clock.set(step.timestep)
+        return self._call(sample, timestep, *args, **kwargs)
+
+
+def check_backend(backend: str) -> None:
+    """Raise one clear error when `backend` cannot run on this machine."""
+    if backend not in BACKENDS:
+        raise DiffquantError(f"Unknown backend '{backend}'. Choose one of: {', '.join(BACKENDS)}.")
+    if backend == "onednn":
+        machine = platform.machine().lower()
+        if not torch.backends.mkldnn.is_available() or machine not in ("x86_64", "amd64"):
+            raise DiffquantError(
+                f"The onednn backend needs an x86-64 CPU with PyTorch's oneDNN (this is {machine}); use --backend fake."
+            )
+        if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+            raise DiffquantError("This PyTorch build lacks oneDNN's quantized ops; use --backend fake.")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise DiffquantError(
+            "The cuda backend needs a CUDA GPU and a CUDA build of PyTorch, and this machine has none; "
+            "use --backend onednn (CPU int8) or fake."
+        )
+
+
+def _convert_layer(layer, backend: str) -> nn.Module:
+    int8_ready = weight_supported(layer) and input_supported(layer.input_quantizer)
+    if backend == "onednn" and int8_ready:
+        return OneDNNInt8Conv2d(layer) if isinstance(layer, QuantConv2d) else OneDNNInt8Linear(layer)
+    if backend == "cuda" and isinstance(layer, QuantLinear):
+        if int8_ready:
+            return IntMMLinear(layer)
+        weight_fmt = layer.weight_quantizer.fmt if layer.weight_quantizer else None
+        input_fmt = layer.input_quantizer.fmt if layer.input_quantizer else None
+        if (
+            isinstance(weight_fmt, FloatFormat)
+            and weight_fmt.name == "e4m3"
+            and isinstance(input_fmt, FloatFormat)
+            and input_fmt.name == "e4m3"
+            and layer.input_quantizer.grouping.kind == "per_tensor"
+            and not layer.input_quantizer.spec.per_step
+        ):
+            return ScaledMMFloat8Linear(layer)
+    return DequantizedLayer(layer)
+
+
+def export_model(model: DiffusionModel, backend: str = "onednn", compile: bool = False) -> DiffusionModel:
+    """A copy of a quantized `model` running on `backend`'s kernels; `quantization['kernels']` says
+    how many layers run on which kernel."""
+    check_backend(backend)
+    if model.quantization is None:
+        raise DiffquantError("export_model takes a quantized model: run diffquant.quantize() first.")
+    inner = copy.deepcopy(model.denoiser.inner if isinstance(model.denoiser, DeployedDenoiser) else model.denoiser)
+    kernels: Counter[str] = Counter()
+    if backend != "fake":
+        for name, layer in list(quant_layers(inner)):
+            converted = _convert_layer(layer, backend)
+            parent_name, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent_name) if parent_name else inner, child, converted)
+            kernels[f"{layer.kind}: {converted.kernel}"] += 1
+    else:
+        kernels.update(f"{layer.kind}: fake-quant simulation" for _, layer in quant_layers(inner))
+    clock = StepClock()
+    if backend == "cuda":
+        inner, clock = inner.cuda(), clock.cuda()
+    for module in inner.modules():  # after any device move: buffers must share one tensor
+        if hasattr(module, "attach_clock"):
+            module.attach_clock(clock.timestep)
+    denoiser = DeployedDenoiser(inner.eval(), clock, compile)
+    record = {**model.quantization, "backend": backend, "compiled": compile, "kernels": dict(kernels)}
+    return DiffusionModel(denoiser, model.info, model.scheduler_config, model.path, record)

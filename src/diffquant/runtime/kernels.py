@@ -1,0 +1,323 @@
+"""Integer execution of quantized layers: oneDNN int8 on CPU, torch._int_mm / _scaled_mm on CUDA.
+
+Each deployed layer takes the scales our methods calibrated (never a peer library's observers),
+quantizes its input with them, runs an integer kernel and returns float32. Per-step activation
+parameters (TFMQ-style banks) are kept as tensors and the row is chosen from a shared clock tensor
+inside the graph, so `torch.compile` does not recompile at every sampling step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
+from diffquant.quant import IntFormat, Quantizer
+
+
+# oneDNN's int8 ops wrapped as opaque custom ops: inductor then fuses the surrounding quantize
+# arithmetic but does not try its own lowering, which would need the weight frozen as a constant
+# (and freezing would also bake in the per-step clock).
+@torch.library.custom_op("diffquant::onednn_int8_linear", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def onednn_int8_linear(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        codes, scale, zero, packed, weight_scale, weight_zero, bias, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+@onednn_int8_linear.register_fake
+def _(codes, scale, zero, packed, weight_scale, weight_zero, bias):
+    return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffquant::onednn_int8_conv2d", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def onednn_int8_conv2d(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    kernel_size: list[int],
+) -> torch.Tensor:
+    out = torch.ops.onednn.qconv2d_pointwise.tensor(
+        codes,
+        scale,
+        zero,
+        packed,
+        weight_scale,
+        weight_zero,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
+    # oneDNN writes channels-last; returning it as a contiguous NHWC tensor gives compiled graphs a fixed
+    # layout without a copy (the module permutes it back to an NCHW-shaped view)
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
+@onednn_int8_conv2d.register_fake
+def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, stride, padding, dilation, groups, kernel_size):
+    batch, _, height, width = codes.shape
+    sizes = [
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, pad, dil, k, st in zip((height, width), padding, dilation, kernel_size, stride, strict=True)
+    ]
+    return codes.new_empty((batch, *sizes, weight_scale.shape[0]), dtype=torch.float32)
+
+
+class StepClock(nn.Module):
+    """The current sampling timestep as a tensor, shared by every per-step layer of a deployed model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("timestep", torch.zeros(()), persistent=False)
+
+    def set(self, timestep: float) -> None:
+        self.timestep.fill_(timestep)
+
+
+def int8_weight(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight in the layer's shape, per-output-channel float scales) of a frozen symmetric layer."""
+    quantizer = layer.weight_quantizer
+    fmt = quantizer.fmt
+    scale, _ = quantizer.current_params()
+    values = (layer.weight_codes.to(torch.int32) + fmt.qmin).to(torch.int8)
+    shape = layer._frozen_shape
+    if quantizer.grouping.kind == "per_tensor":
+        scale = scale.reshape(1).expand(shape[0])
+    return values.reshape(shape), scale.reshape(-1).float().contiguous()
+
+
+def weight_supported(layer: QuantLayer, max_bits: int = 8) -> bool:
+    """Integer weights of <= max_bits, symmetric (zero-point 0), per-output-channel or per-tensor."""
+    quantizer = layer.weight_quantizer
+    if quantizer is None or not layer.frozen or not isinstance(quantizer.fmt, IntFormat):
+        return False
+    grouping = quantizer.grouping
+    per_out_channel = grouping.kind == "per_channel" and grouping.axis == 0
+    return (
+        quantizer.fmt.signed
+        and quantizer.fmt.bits <= max_bits
+        and bool((quantizer.zero_point == 0).all())
+        and (per_out_channel or grouping.kind == "per_tensor")
+    )
+
+
+def input_supported(quantizer: Quantizer | None, max_bits: int = 8) -> bool:
+    """Static per-tensor integer inputs of <= max_bits (optionally one set per step)."""
+    return (
+        quantizer is not None
+        and quantizer.enabled
+        and isinstance(quantizer.fmt, IntFormat)
+        and quantizer.fmt.bits <= max_bits
+        and quantizer.grouping.kind == "per_tensor"
+        and not quantizer.spec.dynamic
+        and quantizer.scale is not None
+    )
+
+
+class _InputQuantizer(nn.Module):
+    """Quantizes float inputs to uint8 codes with the calibrated scale/zero-point (or the step's row)."""
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        super().__init__()
+        fmt = quantizer.fmt
+        # signed grids shift by 128 into uint8; the zero-point shifts with them
+        self.offset = 128 if fmt.signed else 0
+        self.qmin, self.qmax = fmt.qmin + self.offset, fmt.qmax + self.offset
+        scale = quantizer.scale.detach().reshape(-1).float()
+        zero = quantizer.zero_point.detach().reshape(-1).float() + self.offset
+        self.per_step = quantizer.spec.per_step
+        self.register_buffer("scales", scale.clone())
+        self.register_buffer("zeros", zero.clone())
+        self.register_buffer("clock", None, persistent=False)
+        if self.per_step:
+            self.register_buffer("bank_timesteps", quantizer.bank_timesteps.detach().float().clone())
+
+    def attach_clock(self, clock: torch.Tensor) -> None:
+        """Share the deployed model's clock tensor (set in place before every call)."""
+        if self.per_step:
+            self.clock = clock
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.per_step:
+            return self.scales[0], self.zeros[0]
+        row = torch.argmin((self.bank_timesteps - self.clock).abs())
+        return self.scales[row], self.zeros[row]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale, zero = self.params()
+        codes = torch.clamp(torch.round(x / scale) + zero, self.qmin, self.qmax).to(torch.uint8)
+        return codes, scale, zero.to(torch.int32)
+
+
+class OneDNNInt8Linear(nn.Module):
+    """Linear on oneDNN's u8s8 int8 GEMM (`onednn::qlinear_pointwise`), float32 out."""
+
+    kernel = "onednn::qlinear_pointwise"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        weight, scale = int8_weight(layer)
+        self.out_features = weight.shape[0]
+        self.input = _InputQuantizer(layer.input_quantizer)
+        self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight, None))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        codes, scale, zero = self.input(x.reshape(-1, shape[-1]))
+        out = onednn_int8_linear(codes, scale, zero, self.packed_weight, self.weight_scale, self.weight_zero, self.bias)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class OneDNNInt8Conv2d(nn.Module):
+    """Conv2d on oneDNN's u8s8 int8 convolution (`onednn::qconv2d_pointwise`), float32 out."""
+
+    kernel = "onednn::qconv2d_pointwise"
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__()
+        weight, scale = int8_weight(layer)
+        self.stride, self.padding = list(layer.stride), list(layer.padding)
+        self.dilation, self.groups = list(layer.dilation), layer.groups
+        self.kernel_size = list(layer.kernel_size)
+        self.input = _InputQuantizer(layer.input_quantizer)
+        x_scale, x_zero = (
+            self.input.params() if not self.input.per_step else (self.input.scales[0], self.input.zeros[0])
+        )
+        packed = torch.ops.onednn.qconv_prepack(
+            weight, scale, float(x_scale), int(x_zero), self.stride, self.padding, self.dilation, self.groups, None
+        )
+        self.register_buffer("packed_weight", packed)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale, zero = self.input(x)
+        nhwc = onednn_int8_conv2d(
+            codes,
+            scale,
+            zero,
+            self.packed_weight,
+            self.weight_scale,
+            self.weight_zero,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.kernel_size,
+        )
+        return nhwc.permute(0, 3, 1, 2)
+
+
+class DequantizedLayer(nn.Module):
+    """Weight-only (or unsupported) layers: the weight decoded once at load into float, the input
+    fake-quantized as in simulation. Fastest for weight-only formats on CPU (see BENCHMARKS.md)."""
+
+    kernel = "float (dequantized at load)"
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.dequantized_weight().detach().clone())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.input_quantizer = layer.input_quantizer
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.is_conv:
+            return F.conv2d(x, self.weight, self.bias, *self.conv_args)
+        return F.linear(x, self.weight, self.bias)
+
+
+class IntMMLinear(nn.Module):
+    """Linear on `torch._int_mm` (int8 x int8 -> int32): the CUDA int8 path (also runs on CPU).
+
+    Affine uint8 activations are shifted to int8; the zero-point term is removed with the weight's
+    row sums, so the result equals the fake-quantized layer.
+    """
+
+    kernel = "aten::_int_mm"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        weight, scale = int8_weight(layer)
+        self.out_features = weight.shape[0]
+        self.input = _InputQuantizer(layer.input_quantizer)
+        self.register_buffer("weight_t", weight.t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_row_sum", weight.to(torch.int32).sum(1))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        codes, scale, zero = self.input(x.reshape(-1, shape[-1]))
+        shifted = (codes.to(torch.int16) - 128).to(torch.int8)
+        accumulator = torch._int_mm(shifted, self.weight_t) - (zero - 128) * self.weight_row_sum
+        out = accumulator.float() * (scale * self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class ScaledMMFloat8Linear(nn.Module):
+    """Linear on `torch._scaled_mm` with E4M3 weights and activations (CUDA fp8; also runs on CPU)."""
+
+    kernel = "aten::_scaled_mm (e4m3)"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        quantizer = layer.weight_quantizer
+        scale, _ = quantizer.current_params()
+        from diffquant.quant import from_codes
+
+        values = from_codes(layer.weight_codes, torch.ones_like(scale), None, quantizer.fmt)
+        self.out_features = layer._frozen_shape[0]
+        self.register_buffer("weight_t", values.reshape(layer._frozen_shape).to(torch.float8_e4m3fn).t())
+        self.register_buffer("weight_scale", scale.reshape(1, -1).float())
+        self.input_quantizer = layer.input_quantizer
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scale, _ = self.input_quantizer.current_params(flat.reshape(1, -1))
+        scale = scale.reshape(())
+        codes = (flat / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ones = torch.ones((), device=x.device)
+        out = torch._scaled_mm(codes, self.weight_t, ones, ones, out_dtype=torch.float32)
+        out = out * (scale * self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
