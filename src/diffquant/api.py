@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from diffquant.cache import cache_dir, json_digest, model_digest
-from diffquant.calibration import CalibrationSet, record_trajectories
+from diffquant.calibration import AllocatedSteps, CalibrationSet, record_trajectories
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
@@ -32,9 +32,10 @@ def record_calibration(
     path = cache_dir() / "calibration" / key
     if use_cache and path.is_dir():
         return CalibrationSet.load(path)
-    calibration = record_trajectories(
-        model, settings.trajectories, settings.sampler(), settings.timestep_policy(), settings.seed, progress=progress
-    )
+    policy = settings.timestep_policy(model)
+    # TDAC allocates `trajectories` samples over the steps; each step's samples need their own runs
+    runs = max(policy.counts) if isinstance(policy, AllocatedSteps) else settings.trajectories
+    calibration = record_trajectories(model, runs, settings.sampler(), policy, settings.seed, progress=progress)
     if use_cache:
         calibration.save(path)
     return calibration

@@ -20,15 +20,18 @@ Selection = list[tuple[int, int]]  # (trajectory, step index)
 
 @dataclass(frozen=True)
 class UniformSteps:
-    """Q-Diffusion: steps range(0, num_steps, num_steps // count)."""
+    """Q-Diffusion: `count` steps at a uniform interval over the run (range(0, T, T // count) when
+    count divides T; evenly spaced otherwise)."""
 
     count: int = 25
 
-    def select(self, num_steps: int, timesteps: torch.Tensor, trajectories: int, generator: torch.Generator):
+    def steps(self, num_steps: int) -> list[int]:
         if not 1 <= self.count <= num_steps:
             raise ConfigError(f"UniformSteps.count must be between 1 and the {num_steps} sampling steps.")
-        steps = list(range(0, num_steps, num_steps // self.count))[: self.count]
-        return [(i, s) for s in steps for i in range(trajectories)]
+        return sorted({(i * num_steps) // self.count for i in range(self.count)})
+
+    def select(self, num_steps: int, timesteps: torch.Tensor, trajectories: int, generator: torch.Generator):
+        return [(i, s) for s in self.steps(num_steps) for i in range(trajectories)]
 
     def describe(self) -> str:
         return f"uniform({self.count} steps)"

@@ -6,12 +6,15 @@ method starts from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
-from diffquant.calibration import CalibrationSet, feed_calibration
+from diffquant.calibration import CalibrationSet, call_denoiser, feed_calibration
 from diffquant.modules import (
     LayerPolicy,
     activation_quantizers,
+    activations_disabled,
     apply_plans,
     finish_observing,
     quant_layers,
@@ -22,13 +25,27 @@ from diffquant.modules import (
 from diffquant.modules.policy import AttentionPlan, LayerPlan
 
 
-def prepare_model(denoiser: nn.Module, policy: LayerPolicy) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
+def prepare_model(
+    denoiser: nn.Module, policy: LayerPolicy, splits: dict[str, int] | None = None
+) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
     """Swap in quantized modules per the policy and fix every weight quantizer's grid."""
-    layers, attention = resolve_policy(denoiser, policy)
+    layers, attention = resolve_policy(denoiser, policy, splits)
     apply_plans(denoiser, layers, attention)
     for _, layer in quant_layers(denoiser):
         layer.calibrate_weight()
     return layers, attention
+
+
+def probe(denoiser: nn.Module, calibration: CalibrationSet, size: int = 4) -> Callable[[], object]:
+    """A callable that runs the denoiser once on a few calibration inputs, activation quantization off
+    (for structure discovery before activation ranges exist)."""
+    batch = next(calibration.batches(size))
+
+    def run() -> object:
+        with activations_disabled(denoiser):
+            return call_denoiser(denoiser, batch)
+
+    return run
 
 
 def calibrate_ranges(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffquant.errors import ConfigError
-from diffquant.methods import naive, ptq4dm
+from diffquant.methods import edadm, naive, ptq4dm, qdiffusion, tfmq
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 
 
@@ -20,6 +20,15 @@ class MethodEntry:
 METHODS: dict[str, MethodEntry] = {
     "naive": MethodEntry(naive.NaiveConfig, naive.apply, "round-to-nearest PTQ with min-max/MSE observers"),
     "ptq4dm": MethodEntry(ptq4dm.PTQ4DMConfig, ptq4dm.apply, "PTQ4DM: NDTC calibration + MSE ranges (CVPR 2023)"),
+    "qdiffusion": MethodEntry(
+        qdiffusion.QDiffusionConfig, qdiffusion.apply, "Q-Diffusion: split shortcut + BRECQ reconstruction (ICCV 2023)"
+    ),
+    "tfmq": MethodEntry(
+        tfmq.TFMQConfig, tfmq.apply, "TFMQ-DM: temporal block reconstruction + per-step ranges (CVPR 2024)"
+    ),
+    "edadm": MethodEntry(
+        edadm.EDADMConfig, edadm.apply, "EDA-DM: TDAC calibration + fine-grained block reconstruction"
+    ),
 }
 
 
@@ -29,13 +38,12 @@ def get_method(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-def make_config(name: str, **values) -> MethodConfig:
-    """A method's config with the paper's defaults, changed by `values`."""
-    config_class = get_method(name).config_class
-    unknown = set(values) - set(config_class.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"Method '{name}' has no option(s) {', '.join(sorted(unknown))}.")
-    config = config_class(**values)
+def make_config(name: str, preset: str | None = None, **values) -> MethodConfig:
+    """A method's config: the preset's defaults ('fast' where a method has one), changed by `values`.
+
+    Nested settings (`calibration`, `reconstruction`) may be given as dicts of the fields to change.
+    """
+    config = get_method(name).config_class.from_preset(preset, **values)
     config.validate()
     return config
 

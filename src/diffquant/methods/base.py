@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from diffquant.calibration import AllSteps, SkewNormalSteps, TimestepPolicy, UniformSteps
+from diffquant.calibration.tdac import tdac_policy
 from diffquant.errors import ConfigError
 from diffquant.modules import LayerOverride, LayerPolicy
 from diffquant.quant import QuantSpec
@@ -14,7 +15,7 @@ from diffquant.quant.formats import MAX_INT_BITS, parse_format
 from diffquant.sampling import SamplerConfig
 
 FLOAT_ACTIVATION_BITS = (16, 32)
-CALIBRATION_POLICIES = ("uniform", "all", "ndtc")
+CALIBRATION_POLICIES = ("uniform", "all", "ndtc", "tdac")
 
 
 @dataclass
@@ -24,10 +25,16 @@ class CalibrationConfig:
     trajectories: int = 256
     """Number of full-precision sampling runs to record from."""
     policy: str = "uniform"
-    """uniform (Q-Diffusion), all (every step) or ndtc (PTQ4DM's skew-normal)."""
+    """uniform (Q-Diffusion), all (every step), ndtc (PTQ4DM's skew-normal) or tdac (EDA-DM)."""
     uniform_steps: int = 25
     ndtc_mean: float = 0.4
     ndtc_std: float = 0.4
+    tdac_lambda: float = 1.2
+    """EDA-DM: weight of variety against density."""
+    tdac_radius: float | None = None
+    """EDA-DM: MSE radius of the density count; None = the median pairwise MSE of the features."""
+    tdac_feature_module: str | None = None
+    """EDA-DM: module whose output is the per-step feature; None = mid-block attention / middle block."""
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 1234
@@ -41,12 +48,19 @@ class CalibrationConfig:
             raise ConfigError(f"calibration.trajectories must be positive, got {self.trajectories}.")
         self.sampler().validate()
 
-    def timestep_policy(self) -> TimestepPolicy:
+    def timestep_policy(self, model=None) -> TimestepPolicy:
+        """The selection policy; TDAC needs the full-precision `model` to measure its features."""
         if self.policy == "uniform":
             return UniformSteps(min(self.uniform_steps, self.steps))
         if self.policy == "all":
             return AllSteps()
-        return SkewNormalSteps(self.ndtc_mean, self.ndtc_std)
+        if self.policy == "ndtc":
+            return SkewNormalSteps(self.ndtc_mean, self.ndtc_std)
+        if model is None:
+            raise ConfigError("The tdac calibration policy needs the full-precision model.")
+        return tdac_policy(
+            model, self.sampler(), self.trajectories, self.tdac_lambda, self.tdac_radius, self.tdac_feature_module
+        )
 
     def sampler(self) -> SamplerConfig:
         return SamplerConfig(self.scheduler, self.steps)
@@ -57,6 +71,8 @@ class MethodConfig:
     """Fields common to all methods. Subclasses set the paper's defaults."""
 
     name: ClassVar[str] = "base"
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Named bundles of defaults (e.g. 'paper' and 'fast'); values given explicitly win."""
 
     wbits: int = 8
     """Weight bit width (1-16)."""
@@ -77,6 +93,23 @@ class MethodConfig:
     overrides: tuple[LayerOverride, ...] = ()
     batch_size: int = 64
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    preset: str = "default"
+    """Which preset the defaults came from (see PRESETS)."""
+
+    @classmethod
+    def from_preset(cls, preset: str | None = None, **values: Any) -> MethodConfig:
+        """The config of a preset ('paper', 'fast', ...) with `values` on top."""
+        preset = preset or ("fast" if "fast" in cls.PRESETS else "default")
+        if preset != "default" and preset not in cls.PRESETS:
+            known = ", ".join(["default", *cls.PRESETS]) if cls.PRESETS else "default"
+            raise ConfigError(f"Method '{cls.name}' has no preset '{preset}'. Presets: {known}.")
+        merged = dict(cls.PRESETS.get(preset, {}))
+        for key, value in values.items():
+            if key in merged and isinstance(merged[key], dict) and isinstance(value, dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return cls.from_json({**merged, "preset": preset})
 
     # validation -------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -143,14 +176,22 @@ class MethodConfig:
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> MethodConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(payload) - set(known) - {"method"}
+        if unknown:
+            raise ConfigError(f"Method '{cls.name}' has no option(s) {', '.join(sorted(unknown))}.")
         values = {k: v for k, v in payload.items() if k in known}
-        if "calibration" in values:
-            values["calibration"] = CalibrationConfig(**values["calibration"])
-        if "overrides" in values:
+        for key, value in list(values.items()):  # nested dataclass configs given as dicts
+            default = known[key].default_factory() if callable(known[key].default_factory) else None
+            if isinstance(value, dict) and default is not None and hasattr(default, "__dataclass_fields__"):
+                extra = set(value) - set(default.__dataclass_fields__)
+                if extra:
+                    raise ConfigError(f"{key} has no option(s) {', '.join(sorted(extra))}.")
+                values[key] = replace(default, **value)
+        if "overrides" in values and values["overrides"] and isinstance(values["overrides"][0], dict):
             values["overrides"] = tuple(LayerOverride(**o) for o in values["overrides"])
-        for key in ("include", "keep_fp"):
-            if key in values:
+        for key in ("include", "keep_fp", "blocks"):
+            if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
 

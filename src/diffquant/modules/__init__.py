@@ -5,6 +5,7 @@ from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear, wrap_
 from diffquant.modules.policy import AttentionPlan, LayerOverride, LayerPlan, LayerPolicy, resolve_policy
 from diffquant.modules.surgery import (
     activation_quantizers,
+    activations_disabled,
     apply_plans,
     attention_processors,
     finish_observing,
@@ -24,6 +25,7 @@ __all__ = [
     "QuantLayer",
     "QuantLinear",
     "activation_quantizers",
+    "activations_disabled",
     "apply_plans",
     "attention_processors",
     "finish_observing",

@@ -36,6 +36,10 @@ class QuantAttnProcessor(nn.Module):
     def _apply(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
         return quantizer(x) if quantizer is not None else x
 
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        # an explicit signature: diffusers inspects it to decide which keyword arguments to pass
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffquant.quant import Quantizer, QuantSpec, from_codes, group_view, to_codes, ungroup
+from diffquant.errors import DiffquantError
+from diffquant.quant import IntFormat, Quantizer, QuantSpec, from_codes, group_view, to_codes, ungroup
+from diffquant.quant.adaround import AdaRoundState, adaround_quantize
 
 
 class QuantLayer(nn.Module):
@@ -27,6 +29,7 @@ class QuantLayer(nn.Module):
         self.input_quantizer = Quantizer(input_spec) if input_spec is not None else None
         self.register_buffer("weight_codes", None)
         self._frozen_weight: torch.Tensor | None = None
+        self.rounding: AdaRoundState | None = None
 
     # weight ----------------------------------------------------------------------------------
     def calibrate_weight(self) -> None:
@@ -38,6 +41,23 @@ class QuantLayer(nn.Module):
     def frozen(self) -> bool:
         return self.weight_codes is not None
 
+    def start_adaround(self) -> AdaRoundState:
+        """Attach learnable rounding (AdaRound) to this layer's integer weight grid."""
+        quantizer = self.weight_quantizer
+        if quantizer is None or not isinstance(quantizer.fmt, IntFormat):
+            raise DiffquantError("AdaRound needs an integer weight quantizer.")
+        view = group_view(self.weight.detach(), quantizer.grouping)
+        scale, _ = quantizer.current_params(view)
+        self.rounding = AdaRoundState(view, scale)
+        return self.rounding
+
+    def _rounded_weight(self) -> torch.Tensor:
+        quantizer = self.weight_quantizer
+        view = group_view(self.weight, quantizer.grouping)
+        scale, zero_point = quantizer.current_params(view)
+        rounded = adaround_quantize(view, scale, zero_point, quantizer.fmt, self.rounding.alpha, self.rounding.soft)
+        return ungroup(rounded, self.weight.shape, quantizer.grouping)
+
     def freeze(self) -> None:
         """Replace the float weight by its integer codes (the deployable form)."""
         if self.weight_quantizer is None or self.frozen:
@@ -45,7 +65,12 @@ class QuantLayer(nn.Module):
         quantizer = self.weight_quantizer
         view = group_view(self.weight.detach(), quantizer.grouping)
         scale, zero_point = quantizer.current_params(view)
-        codes = to_codes(view, scale, zero_point, quantizer.fmt)
+        if self.rounding is not None:  # learned rounding decides up or down per weight
+            hard = adaround_quantize(view, scale, zero_point, quantizer.fmt, self.rounding.alpha.detach(), soft=False)
+            codes = to_codes(hard, scale, zero_point, quantizer.fmt)
+            self.rounding = None
+        else:
+            codes = to_codes(view, scale, zero_point, quantizer.fmt)
         self._frozen_shape = self.weight.shape
         del self.weight
         self.weight_codes = codes.to(torch.int16 if quantizer.spec.bits <= 15 else torch.int32)
@@ -56,6 +81,8 @@ class QuantLayer(nn.Module):
         if self.weight_quantizer is None:
             return self.weight
         if not self.frozen:
+            if self.rounding is not None:
+                return self._rounded_weight()
             return self.weight_quantizer(self.weight)
         if self._frozen_weight is None:
             quantizer = self.weight_quantizer
@@ -120,6 +147,46 @@ class QuantConv2d(QuantLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"frozen={self.frozen}"
         )
+
+
+class SplitQuantConv2d(nn.Module):
+    """Q-Diffusion's split-shortcut quantization of a conv fed by a concatenation [deep, skip].
+
+    The two input halves are bimodal, so each gets its own activation quantizer and its own weight
+    quantizer on the matching input-channel slice; conv(x, W) = conv(x_low, W_low) + conv(x_high, W_high).
+    Each half is an ordinary `QuantConv2d` (`low`, `high`), so freezing, saving and export need nothing new.
+    """
+
+    kind = "conv2d-split"
+
+    def __init__(
+        self, original: nn.Conv2d, split: int, weight_spec: QuantSpec | None, input_spec: QuantSpec | None
+    ) -> None:
+        super().__init__()
+        if original.groups != 1 or not 0 < split < original.in_channels:
+            raise ValueError(f"cannot split a conv with {original.in_channels} inputs at {split}")
+        self.split = split
+
+        def half(weight: torch.Tensor, bias: torch.Tensor | None) -> QuantConv2d:
+            conv = nn.Conv2d(
+                weight.shape[1],
+                original.out_channels,
+                original.kernel_size,
+                original.stride,
+                original.padding,
+                original.dilation,
+                bias=bias is not None,
+            )
+            conv.weight = nn.Parameter(weight.detach().clone())
+            if bias is not None:
+                conv.bias = original.bias
+            return QuantConv2d(conv, weight_spec, input_spec)
+
+        self.low = half(original.weight[:, :split], original.bias)
+        self.high = half(original.weight[:, split:], None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.low(x[:, : self.split]) + self.high(x[:, self.split :])
 
 
 def wrap_layer(module: nn.Module, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> QuantLayer:

@@ -36,10 +36,11 @@ class LayerOverride:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one weight layer gets."""
+    """What one weight layer gets; `split` > 0 splits a concatenated input there (Q-Diffusion)."""
 
     weight: QuantSpec | None
     input: QuantSpec | None
+    split: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,13 @@ def _with_bits(spec: QuantSpec | None, bits: int | None) -> QuantSpec | None:
     return replace(spec, format=f"{'int' if signed else 'uint'}{bits}")
 
 
-def resolve_policy(model: nn.Module, policy: LayerPolicy) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
-    """Apply the patterns to `model`'s module names; every pattern must match something."""
+def resolve_policy(
+    model: nn.Module, policy: LayerPolicy, splits: dict[str, int] | None = None
+) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
+    """Apply the patterns to `model`'s module names; every pattern must match something.
+
+    `splits` maps conv names to the channel where their concatenated input splits (split shortcut).
+    """
     weight_layers = [n for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
     attention_modules = [n for n, m in model.named_modules() if isinstance(m, Attention)]
     names = weight_layers + attention_modules
@@ -149,7 +155,7 @@ def resolve_policy(model: nn.Module, policy: LayerPolicy) -> tuple[dict[str, Lay
                 if override.quantize_input is False:
                     activation = None
         if weight is not None or activation is not None:
-            layer_plans[name] = LayerPlan(weight, activation)
+            layer_plans[name] = LayerPlan(weight, activation, (splits or {}).get(name, 0))
 
     attention_plans: dict[str, AttentionPlan] = {}
     if policy.attention is not None or policy.softmax is not None:

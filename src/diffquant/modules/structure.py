@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -53,3 +54,79 @@ def input_and_output_layers(model: nn.Module, run: Callable[[], object]) -> tupl
     order, fed_by_input = execution_order(model, run)
     first = next((name for name in order if name in fed_by_input), order[0])
     return first, order[-1]
+
+
+def skip_concat_splits(model: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+    """For decoder blocks that concatenate [deep features, encoder skip] before a ResNet block: the
+    shortcut conv of that ResNet block and the channel where its input splits.
+
+    diffusers' up blocks receive the skips as `res_hidden_states_tuple` and pop one per ResNet
+    block, so resnet j consumes skip -(j+1); its input has `in_channels - skip_channels` deep
+    channels first. Found by running the model once; any UNet with that convention works.
+    """
+    splits: dict[str, int] = {}
+    handles = []
+
+    def make_hook(block_name: str, block: nn.Module):
+        def hook(_module, args, kwargs):
+            skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+            if not isinstance(skips, (tuple, list)):
+                return
+            for j, resnet in enumerate(block.resnets):
+                shortcut = getattr(resnet, "conv_shortcut", None)
+                if shortcut is None or j >= len(skips):
+                    continue
+                deep = resnet.in_channels - skips[-(j + 1)].shape[1]
+                if 0 < deep < resnet.in_channels:
+                    splits[f"{block_name}.resnets.{j}.conv_shortcut"] = deep
+
+        return hook
+
+    for name, module in model.named_modules():
+        if hasattr(module, "resnets") and "res_hidden_states_tuple" in inspect.signature(module.forward).parameters:
+            handles.append(module.register_forward_pre_hook(make_hook(name, module), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return splits
+
+
+def temporal_layers(
+    model: nn.Module, run_with_sample: Callable[[torch.Tensor], object], sample: torch.Tensor
+) -> list[str]:
+    """Weight layers whose input depends only on the timestep and conditioning, not on the sample.
+
+    These form TFMQ-DM's temporal information block (the time-embedding MLP and every block's time
+    projection; adaLN modulation in a DiT). Found by running the model on two different samples with
+    the same timesteps and comparing each layer's input.
+    """
+    seen: list[dict[str, torch.Tensor]] = [{}, {}]
+    handles = []
+    order: list[str] = []
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            seen[current[0]][name] = args[0].detach().clone()
+            if name not in order:
+                order.append(name)
+
+        return hook
+
+    current = [0]
+    for name, module in model.named_modules():
+        if isinstance(module, (*WEIGHT_LAYER_TYPES, QuantLayer)) and name:
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+    generator = torch.Generator().manual_seed(0)
+    other = torch.randn(sample.shape, generator=generator) * sample.std().clamp_min(1.0)
+    try:
+        with torch.no_grad():
+            run_with_sample(sample)
+            current[0] = 1
+            run_with_sample(other)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [n for n in order if n in seen[1] and torch.equal(seen[0][n], seen[1][n])]

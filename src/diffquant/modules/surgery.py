@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from diffquant.modules.attention import QuantAttnProcessor
-from diffquant.modules.layers import QuantLayer, wrap_layer
+from diffquant.modules.layers import QuantLayer, SplitQuantConv2d, wrap_layer
 from diffquant.modules.policy import AttentionPlan, LayerPlan
 from diffquant.quant import Quantizer, QuantSpec
 
@@ -21,20 +22,30 @@ def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[
     """Replace every planned layer in place and give planned attention modules a quantized processor."""
     for name, plan in layers.items():
         parent, child = _parent(model, name)
-        setattr(parent, child, wrap_layer(getattr(parent, child), plan.weight, plan.input))
+        original = getattr(parent, child)
+        if plan.split:
+            setattr(parent, child, SplitQuantConv2d(original, plan.split, plan.weight, plan.input))
+        else:
+            setattr(parent, child, wrap_layer(original, plan.weight, plan.input))
     for name, plan in attention.items():
         model.get_submodule(name).set_processor(QuantAttnProcessor(plan.operands, plan.probs))
 
 
 def export_plans(model: nn.Module) -> dict:
     """The quantized structure of `model` as plain data, enough to rebuild it on a fresh copy."""
-    layers = {
-        name: {
+
+    def plan(layer: QuantLayer, split: int = 0) -> dict:
+        return {
             "weight": layer.weight_quantizer.spec.to_json() if layer.weight_quantizer else None,
             "input": layer.input_quantizer.spec.to_json() if layer.input_quantizer else None,
+            "split": split,
         }
-        for name, layer in quant_layers(model)
-    }
+
+    split_modules = {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantConv2d)}
+    layers = {name: plan(module.low, module.split) for name, module in split_modules.items()}
+    for name, layer in quant_layers(model):
+        if name.rpartition(".")[0] not in split_modules:
+            layers[name] = plan(layer)
     attention = {
         name.removesuffix(".processor"): {
             "operands": processor.query_quantizer.spec.to_json() if processor.query_quantizer else None,
@@ -48,7 +59,10 @@ def export_plans(model: nn.Module) -> dict:
 def import_plans(model: nn.Module, structure: dict) -> None:
     """Rebuild the structure written by `export_plans` on a full-precision copy of the model."""
     spec = lambda value: QuantSpec.from_json(value) if value else None  # noqa: E731
-    layers = {name: LayerPlan(spec(p["weight"]), spec(p["input"])) for name, p in structure["layers"].items()}
+    layers = {
+        name: LayerPlan(spec(p["weight"]), spec(p["input"]), p.get("split", 0))
+        for name, p in structure["layers"].items()
+    }
     attention = {
         name: AttentionPlan(spec(p["operands"]), spec(p["probs"])) for name, p in structure["attention"].items()
     }
@@ -72,6 +86,18 @@ def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     for name, module in model.named_modules():
         if isinstance(module, Quantizer) and not name.endswith("weight_quantizer"):
             yield name, module
+
+
+@contextmanager
+def activations_disabled(model: nn.Module) -> Iterator[None]:
+    """Temporarily run with activation quantization off (e.g. before ranges are calibrated)."""
+    previous = {name: quantizer.enabled for name, quantizer in activation_quantizers(model)}
+    set_activation_quantization(model, False)
+    try:
+        yield
+    finally:
+        for name, quantizer in activation_quantizers(model):
+            quantizer.enabled = previous.get(name, True)
 
 
 def set_activation_quantization(model: nn.Module, enabled: bool) -> None:

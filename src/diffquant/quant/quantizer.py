@@ -112,6 +112,7 @@ class Quantizer(nn.Module):
         self.grouping = spec.grouping
         self.enabled = True
         self.observing = False
+        self.drop_prob = 0.0  # QDrop: share of elements kept in full precision while reconstructing
         self._observers: dict[int, Observer] = {}
         self._observed_timesteps: dict[int, float] = {}
         self.register_buffer("scale", None)
@@ -251,8 +252,12 @@ class Quantizer(nn.Module):
         view = group_view(x, self.grouping)
         scale, zero_point = self.current_params(view)
         if self.grouping.kind == "per_tensor":  # skip the reshape round trip on the hot path
-            return fake_quantize(x, scale.reshape(()), zero_point.reshape(()), self.fmt)
-        return ungroup(fake_quantize(view, scale, zero_point, self.fmt), x.shape, self.grouping)
+            quantized = fake_quantize(x, scale.reshape(()), zero_point.reshape(()), self.fmt)
+        else:
+            quantized = ungroup(fake_quantize(view, scale, zero_point, self.fmt), x.shape, self.grouping)
+        if self.drop_prob > 0:  # QDrop (Wei et al. 2022): randomly keep full-precision values
+            quantized = torch.where(torch.rand_like(x) < self.drop_prob, x, quantized)
+        return quantized
 
     # --- persistence: parameters are created lazily, so loading must size them ------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):

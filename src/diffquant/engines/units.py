@@ -1,0 +1,102 @@
+"""Reconstruction units discovered from the diffusers module tree (BRECQ-style scopes).
+
+Blocks: ResNet blocks, attention modules, transformer blocks (DiT and cross-attention). Every
+quantized layer outside a block is reconstructed alone. Units are listed in execution order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from diffquant.errors import ConfigError
+from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
+from diffquant.modules.policy import pattern_matches
+
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock, Attention)
+
+
+@dataclass
+class ReconstructionUnit:
+    """A module whose output is matched to full precision, and the quantized layers inside it."""
+
+    name: str
+    kind: str  # "block" or "layer"
+    layers: list[str] = field(default_factory=list)
+
+
+def _quant_leaves(module: nn.Module, prefix: str) -> list[str]:
+    names = []
+    for name, child in module.named_modules():
+        if isinstance(child, QuantLayer):
+            names.append(f"{prefix}.{name}" if name else prefix)
+    return names
+
+
+def discover_units(
+    model: nn.Module,
+    run: Callable[[], object],
+    exclude_layers: set[str] = frozenset(),
+    block_patterns: tuple[str, ...] | None = None,
+) -> list[ReconstructionUnit]:
+    """Blocks and lone layers holding quantized layers, in the order a forward pass reaches them.
+
+    `block_patterns` restricts which blocks are used (others dissolve into lone layers); a pattern
+    matching no block is an error. Layers in `exclude_layers` (e.g. TFMQ's temporal layers) are left out.
+    """
+    blocks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BLOCK_TYPES) and name:
+            if any(name.startswith(other + ".") for other in blocks):
+                continue  # an attention inside a transformer block belongs to that block
+            blocks[name] = module
+    if block_patterns is not None:
+        for pattern in block_patterns:
+            if not any(pattern_matches(pattern, name) for name in blocks):
+                raise ConfigError(
+                    f"Block pattern '{pattern}' matches no reconstruction block. "
+                    f"Blocks: {', '.join(list(blocks)[:6])}..."
+                )
+        blocks = {n: m for n, m in blocks.items() if any(pattern_matches(p, n) for p in block_patterns)}
+
+    units: dict[str, ReconstructionUnit] = {}
+    covered: set[str] = set()
+    for name, module in blocks.items():
+        layers = [n for n in _quant_leaves(module, name) if n not in exclude_layers]
+        if layers:
+            units[name] = ReconstructionUnit(name, "block", layers)
+            covered.update(_quant_leaves(module, name))
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer) and name not in covered and name not in exclude_layers:
+            parent = name.rpartition(".")[0]
+            if isinstance(model.get_submodule(parent) if parent else model, SplitQuantConv2d):
+                if parent not in units:  # the two halves of a split conv form one unit
+                    units[parent] = ReconstructionUnit(
+                        parent, "layer", _quant_leaves(model.get_submodule(parent), parent)
+                    )
+                continue
+            units[name] = ReconstructionUnit(name, "layer", [name])
+
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, _a, name=name: order.append(name) if name not in order else None
+        )
+        for name in units
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in units if name not in order]
+    if missing:
+        raise ConfigError(f"Quantized modules {missing[:3]} are never called on the calibration inputs.")
+    return [units[name] for name in order]
