@@ -61,3 +61,48 @@ def tiny_unet() -> DiffusionModel:
 @pytest.fixture
 def tiny_dit() -> DiffusionModel:
     return tiny_dit_model()
+
+
+@pytest.fixture(scope="session")
+def trained_unet(tmp_path_factory) -> DiffusionModel:
+    """A tiny UNet really trained on the 8x8 digits for a few seconds."""
+    from diffquant.data import load_digits
+    from diffquant.training import TrainConfig, train_model
+
+    model = tiny_unet_model()
+    config = TrainConfig(
+        steps=80, batch_size=64, learning_rate=2e-3, warmup_steps=5, ema_decay=0.9, checkpoint_every=80
+    )
+    train_model(model, load_digits(), config, tmp_path_factory.mktemp("train"), progress=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def calibration(trained_unet):
+    from diffquant.calibration import UniformSteps, record_trajectories
+    from diffquant.sampling import SamplerConfig
+
+    return record_trajectories(trained_unet, 32, SamplerConfig("ddim", 10), UniformSteps(5), seed=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def held_out(trained_unet):
+    from diffquant.calibration import UniformSteps, record_trajectories
+    from diffquant.sampling import SamplerConfig
+
+    return record_trajectories(trained_unet, 16, SamplerConfig("ddim", 10), UniformSteps(5), seed=99, progress=False)
+
+
+def relative_error(reference: DiffusionModel, candidate: DiffusionModel, data) -> float:
+    """Output MSE of `candidate` relative to `reference` over calibration-style inputs."""
+    from diffquant.quant import step_context
+
+    errors, norms = 0.0, 0.0
+    with torch.no_grad():
+        for batch in data.batches(64):
+            with step_context(batch.step_index, batch.timestep, batch.num_steps):
+                a = reference.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+                b = candidate.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+            errors += (a - b).pow(2).sum().item()
+            norms += a.pow(2).sum().item()
+    return errors / norms

@@ -246,6 +246,7 @@ def _parse_options(pairs: list[str]) -> dict:
 def quantize_command(
     model: str = typer.Option(..., help="Reference model name or a model directory."),
     method: str = typer.Option("naive", help="Quantization method (see `diffquant methods`)."),
+    preset: str = typer.Option(None, help="Method preset: 'fast' (default where available) or 'paper'."),
     wbits: int = typer.Option(8, help="Weight bits (1-16)."),
     abits: str = typer.Option("8", help="Activation bits (1-16), or 16/32/none for float activations."),
     out: Path = typer.Option(..., help="Output directory for the quantized model."),
@@ -267,7 +268,7 @@ def quantize_command(
         options.update(wbits=wbits, abits=_parse_abits(abits))
         if keep_fp:
             options["keep_fp"] = tuple(keep_fp)
-        config = make_config(method, **options)
+        config = make_config(method, preset, **options)
         if trajectories is not None:
             config.calibration.trajectories = trajectories
             config.validate()
@@ -322,7 +323,7 @@ def methods_command() -> None:
     from diffquant.methods import METHODS
 
     for name, entry in METHODS.items():
-        defaults = entry.config_class()
+        defaults = entry.config_class.from_preset()
         typer.echo(
             f"{name:10s} {entry.summary}  [default {defaults.setting}, "
             f"calibration {defaults.calibration.policy} x {defaults.calibration.trajectories}]"

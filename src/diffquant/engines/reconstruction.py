@@ -138,7 +138,12 @@ class ReconstructionCheckpoint:
             layer.rounding.soft = False
         for name in progress.get("learnable", []):
             model.get_submodule(name).set_learnable(True)
-        model.load_state_dict(load_file(str(self.directory / "state.safetensors")), strict=True)
+        # activation ranges not calibrated yet at checkpoint time are legitimately absent
+        missing, unexpected = model.load_state_dict(load_file(str(self.directory / "state.safetensors")), strict=False)
+        if unexpected or any(not key.endswith(".scale") for key in missing):
+            raise DiffquantError(
+                f"The checkpoint in {self.directory} does not fit this model ({(unexpected + missing)[:3]}). Delete it."
+            )
         for name in progress.get("learnable", []):
             model.get_submodule(name).set_learnable(False)
         return progress

@@ -39,7 +39,13 @@ class QDiffusionConfig(ReconstructionMethodConfig):
         },
         "fast": {
             "calibration": {"trajectories": 32, "policy": "uniform", "uniform_steps": 10},
-            "reconstruction": {"weight_iters": 200, "act_iters": 60, "batch_size": 32, "act_lr": 4e-4},
+            "reconstruction": {
+                "weight_iters": 200,
+                "weight_lr": 1e-2,
+                "act_iters": 60,
+                "batch_size": 32,
+                "act_lr": 4e-4,
+            },
         },
     }
     softmax_bits: int | None = 8
