@@ -324,8 +324,9 @@ def methods_command() -> None:
 
     for name, entry in METHODS.items():
         defaults = entry.config_class.from_preset()
+        presets = ", ".join(entry.config_class.PRESETS) or "default"
         typer.echo(
-            f"{name:10s} {entry.summary}  [default {defaults.setting}, "
+            f"{name:11s} {entry.summary}  [default {defaults.setting}; presets: {presets}; "
             f"calibration {defaults.calibration.policy} x {defaults.calibration.trajectories}]"
         )
 
