@@ -93,6 +93,20 @@ def train_features(
         _fail(error)
 
 
+def _load(name: str, backend: str | None = None, compile: bool = False):
+    """A model by name or directory, moved onto a real-kernel backend when one is asked for."""
+    from diffquant.zoo import load_model
+
+    model = load_model(name)
+    if backend and backend != (model.quantization or {}).get("backend", "fake"):
+        if model.quantization is None:
+            raise DiffquantError(f"--backend {backend} needs a quantized model; '{name}' is full precision.")
+        from diffquant.runtime.export import export_model
+
+        model = export_model(model, backend, compile=compile)
+    return model
+
+
 def _sampler_config(scheduler: str, steps: int, guidance: float | None):
     from diffquant.sampling import SamplerConfig
 
@@ -112,15 +126,16 @@ def sample_command(
     label: list[int] = typer.Option(None, help="Class label(s) for a conditional model, repeated to fill N."),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64),
+    backend: str = typer.Option(None, help="Run a quantized model on real kernels: onednn (CPU int8) or cuda."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (with --backend)."),
     threads: int = typer.Option(None),
 ) -> None:
     """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
     try:
         _set_threads(threads)
         from diffquant.sampling import sample, save_image_grid, save_samples
-        from diffquant.zoo import load_model
 
-        bundle = load_model(model)
+        bundle = _load(model, backend, compile)
         labels = None
         if label:
             labels = [label[i % len(label)] for i in range(num_samples)]
@@ -151,6 +166,8 @@ def eval_command(
     floors: bool = typer.Option(False, help="Also score N real training images (the data floor)."),
     out: Path = typer.Option(None, help="Write the results as JSON here."),
     inception_weights: Path = typer.Option(None, help="Local Inception-v3 weights for torch-fidelity FID."),
+    backend: str = typer.Option(None, help="Run quantized models on real kernels: onednn (CPU int8) or cuda."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the models (with --backend)."),
     threads: int = typer.Option(None),
 ) -> None:
     """Evaluate models under one protocol and print (and optionally write) the table."""
@@ -181,7 +198,7 @@ def eval_command(
         if floors:
             rows.append({"model": "real train images (floor)", "metrics": data_floors(chosen, scorer)})
         for name in model:
-            candidate = load_model(name)
+            candidate = _load(name, backend, compile)
             # a quantized model is compared with its full-precision source on the same seeds by default
             reference = against or (candidate.quantization or {}).get("source_model")
             reference_images = cached_samples(load_model(reference), chosen) if reference else None
@@ -348,6 +365,32 @@ def demo_command(
         from diffquant.reporting import run_demo
 
         run_demo(model, method, wbits, _parse_abits(abits), protocol, trajectories, out)
+    except DiffquantError as error:
+        _fail(error)
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Option(..., help="A quantized model directory."),
+    backend: str = typer.Option("onednn", help="onednn (CPU int8 on oneDNN), cuda (GPU int8/fp8) or fake."),
+    out: Path = typer.Option(..., help="Output directory of the exported model."),
+    compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),
+    weight_only_mode: str = typer.Option("at-load", help="Weight-only layers: at-load or on-the-fly decoding."),
+    threads: int = typer.Option(None),
+) -> None:
+    """Export a quantized model to real kernels, check it against the simulation, and save it."""
+    try:
+        _set_threads(threads)
+        from diffquant.runtime.deploy import export_directory
+
+        report = export_directory(model, out, backend, compile, weight_only_mode)
+        for kernel, count in sorted(report["kernels"].items()):
+            typer.echo(f"  {count:3d} x {kernel}")
+        agreement = report["agreement"]
+        typer.echo(
+            f"exported to {out} ({backend}); vs the simulation: max relative error "
+            f"{agreement['max_relative_error']:.2e}, relative MSE {agreement['relative_mse']:.2e}"
+        )
     except DiffquantError as error:
         _fail(error)
 

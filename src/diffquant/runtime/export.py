@@ -32,6 +32,7 @@ from diffquant.runtime.kernels import (
     IntMMLinear,
     OneDNNInt8Conv2d,
     OneDNNInt8Linear,
+    PackedWeightLayer,
     ScaledMMFloat8Linear,
     StepClock,
     input_supported,
@@ -81,7 +82,14 @@ def check_backend(backend: str) -> None:
         )
 
 
-def _convert_layer(layer, backend: str) -> nn.Module:
+# Weight-only layers on CPU: decode the packed weights once at load ("at-load", float weights resident)
+# or at every call ("on-the-fly", weights stay packed). benchmarks/runtime_speed.py measures both;
+# at-load is the faster on this machine class, so it is the default.
+WEIGHT_ONLY_MODES = ("at-load", "on-the-fly")
+DEFAULT_WEIGHT_ONLY_MODE = "at-load"
+
+
+def _convert_layer(layer, backend: str, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
     int8_ready = weight_supported(layer) and input_supported(layer.input_quantizer)
     if backend == "onednn" and int8_ready:
         return OneDNNInt8Conv2d(layer) if isinstance(layer, QuantConv2d) else OneDNNInt8Linear(layer)
@@ -99,20 +107,31 @@ def _convert_layer(layer, backend: str) -> nn.Module:
             and not layer.input_quantizer.spec.per_step
         ):
             return ScaledMMFloat8Linear(layer)
+    if weight_only_mode == "on-the-fly" and PackedWeightLayer.supports(layer):
+        return PackedWeightLayer(layer)
     return DequantizedLayer(layer)
 
 
-def export_model(model: DiffusionModel, backend: str = "onednn", compile: bool = False) -> DiffusionModel:
+def export_model(
+    model: DiffusionModel,
+    backend: str = "onednn",
+    compile: bool = False,
+    weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE,
+) -> DiffusionModel:
     """A copy of a quantized `model` running on `backend`'s kernels; `quantization['kernels']` says
     how many layers run on which kernel."""
     check_backend(backend)
+    if weight_only_mode not in WEIGHT_ONLY_MODES:
+        raise DiffquantError(
+            f"weight_only_mode must be one of {', '.join(WEIGHT_ONLY_MODES)}, got '{weight_only_mode}'."
+        )
     if model.quantization is None:
         raise DiffquantError("export_model takes a quantized model: run diffquant.quantize() first.")
     inner = copy.deepcopy(model.denoiser.inner if isinstance(model.denoiser, DeployedDenoiser) else model.denoiser)
     kernels: Counter[str] = Counter()
     if backend != "fake":
         for name, layer in list(quant_layers(inner)):
-            converted = _convert_layer(layer, backend)
+            converted = _convert_layer(layer, backend, weight_only_mode)
             parent_name, _, child = name.rpartition(".")
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, converted)
             kernels[f"{layer.kind}: {converted.kernel}"] += 1
@@ -125,5 +144,11 @@ def export_model(model: DiffusionModel, backend: str = "onednn", compile: bool =
         if hasattr(module, "attach_clock"):
             module.attach_clock(clock.timestep)
     denoiser = DeployedDenoiser(inner.eval(), clock, compile)
-    record = {**model.quantization, "backend": backend, "compiled": compile, "kernels": dict(kernels)}
+    record = {
+        **model.quantization,
+        "backend": backend,
+        "compiled": compile,
+        "weight_only_mode": weight_only_mode,
+        "kernels": dict(kernels),
+    }
     return DiffusionModel(denoiser, model.info, model.scheduler_config, model.path, record)

@@ -321,3 +321,57 @@ class ScaledMMFloat8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+
+def unpack_low_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Tensor-op unpacking of 1/2/4/8-bit codes (compilable; same layout as `quant.pack_codes`)."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[:, None] >> shifts) & (2**bits - 1)
+    return codes.reshape(-1)[:count]
+
+
+class PackedWeightLayer(nn.Module):
+    """Weight-only layer that keeps its weight packed in memory (1, 2, 4 or 8 bits per weight) and
+    decodes it on the fly at every call; the input is fake-quantized as in simulation if the method
+    quantized it."""
+
+    kernel = "float (weights decoded on the fly from packed codes)"
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__()
+        from diffquant.quant import pack_codes
+
+        quantizer = layer.weight_quantizer
+        self.bits = quantizer.spec.bits
+        self.view_shape = tuple(layer.weight_codes.shape)
+        self.weight_shape = tuple(layer._frozen_shape)
+        self.count = layer.weight_codes.numel()
+        self.register_buffer("packed", pack_codes(layer.weight_codes.to(torch.int64), self.bits))
+        scale, zero_point = quantizer.current_params()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("zero_point", zero_point.detach().clone())
+        self.fmt, self.grouping = quantizer.fmt, quantizer.grouping
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.input_quantizer = layer.input_quantizer
+        self.is_conv = isinstance(layer, QuantConv2d)
+        if self.is_conv:
+            self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    @staticmethod
+    def supports(layer: QuantLayer) -> bool:
+        quantizer = layer.weight_quantizer
+        return quantizer is not None and layer.frozen and quantizer.spec.bits in (1, 2, 4, 8)
+
+    def weight(self) -> torch.Tensor:
+        from diffquant.quant import from_codes, ungroup
+
+        codes = unpack_low_bits(self.packed, self.bits, self.count).reshape(self.view_shape)
+        return ungroup(from_codes(codes, self.scale, self.zero_point, self.fmt), self.weight_shape, self.grouping)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.is_conv:
+            return F.conv2d(x, self.weight(), self.bias, *self.conv_args)
+        return F.linear(x, self.weight(), self.bias)

@@ -149,6 +149,10 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 def load_model(name_or_path: str | Path) -> DiffusionModel:
     """Load a reference model by name, or any diffquant/diffusers model directory, in eval mode."""
     path = resolve_model_path(name_or_path)
+    if (path / "export.json").is_file():  # an exported directory: rebuilt on its backend
+        from diffquant.runtime.deploy import load_exported
+
+        return load_exported(path)
     if (path / "quantization.json").is_file():  # a quantized directory: the runtime layer rebuilds it
         from diffquant.runtime.storage import load_quantized
 

@@ -1,0 +1,90 @@
+"""Exported model directories: a quantized directory plus `export.json` naming its backend.
+
+`export_directory` converts a quantized model to a backend, checks the real kernels against the
+fake-quantized simulation on probe inputs, and writes the directory; `diffquant.load` on it returns
+the model already running on that backend.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffquant.errors import DiffquantError
+from diffquant.fileio import atomic_directory, write_json
+from diffquant.quant import step_context
+from diffquant.runtime.export import DEFAULT_WEIGHT_ONLY_MODE, export_model
+from diffquant.runtime.storage import load_quantized
+from diffquant.zoo.registry import DiffusionModel
+
+EXPORT_FILE = "export.json"
+
+
+def probe_inputs(model: DiffusionModel, count: int = 8, seed: int = 0) -> list[tuple[int, float, tuple, dict]]:
+    """(step index, timestep, args, kwargs) of denoiser calls at a few timesteps, for agreement checks."""
+    generator = torch.Generator().manual_seed(seed)
+    calls = []
+    for index, timestep in enumerate((900.0, 500.0, 100.0)):
+        x = torch.randn((count, *model.info.image_shape), generator=generator)
+        t = torch.full((count,), int(timestep))
+        kwargs = {}
+        if model.info.conditional:
+            kwargs["class_labels"] = torch.randint(0, model.info.num_classes, (count,), generator=generator)
+        calls.append((index, float(timestep), (x, t), kwargs))
+    return calls
+
+
+@torch.no_grad()
+def agreement_with_simulation(simulated: DiffusionModel, deployed: DiffusionModel) -> dict[str, float]:
+    """Max relative error and relative MSE of the deployed model's outputs against the simulation."""
+    worst, errors, norms = 0.0, 0.0, 0.0
+    for index, timestep, args, kwargs in probe_inputs(simulated):
+        with step_context(index, timestep, 50):
+            reference = simulated.denoiser(*args, **kwargs).sample
+            candidate = deployed.denoiser(*args, **kwargs).sample
+        worst = max(worst, ((candidate - reference).abs().max() / reference.abs().max()).item())
+        errors += (candidate - reference).pow(2).sum().item()
+        norms += reference.pow(2).sum().item()
+    return {"max_relative_error": worst, "relative_mse": errors / norms}
+
+
+def export_directory(
+    source: str | Path,
+    out: str | Path,
+    backend: str,
+    compile: bool = False,
+    weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE,
+) -> dict[str, Any]:
+    """Export the quantized directory `source` to `backend`, verify it, and write `out`."""
+    simulated = load_quantized(source)
+    deployed = export_model(simulated, backend, compile=False, weight_only_mode=weight_only_mode)
+    report = {
+        "backend": backend,
+        "compile": compile,
+        "weight_only_mode": weight_only_mode,
+        "kernels": deployed.quantization["kernels"],
+        "agreement": agreement_with_simulation(simulated, deployed),
+    }
+    with atomic_directory(out) as scratch:
+        for item in Path(source).iterdir():
+            if item.name != EXPORT_FILE:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
+        write_json(scratch / EXPORT_FILE, report)
+    return report
+
+
+def load_exported(directory: str | Path) -> DiffusionModel:
+    """A directory written by `export_directory`, running on its backend."""
+    directory = Path(directory)
+    try:
+        report = json.loads((directory / EXPORT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DiffquantError(f"{directory / EXPORT_FILE} is unreadable: {error}.") from error
+    model = load_quantized(directory)
+    return export_model(
+        model, report["backend"], report.get("compile", False), report.get("weight_only_mode", DEFAULT_WEIGHT_ONLY_MODE)
+    )

@@ -1,0 +1,157 @@
+"""Real-kernel export: oneDNN int8 on CPU, the CUDA kernels' math (checked on CPU), packed weights."""
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import diffquant
+from diffquant.cli import app
+from diffquant.errors import DiffquantError
+from diffquant.modules import QuantLinear, quant_layers
+from diffquant.quant import QuantSpec, step_context
+from diffquant.runtime.export import check_backend, export_model
+from diffquant.runtime.kernels import (
+    DequantizedLayer,
+    IntMMLinear,
+    OneDNNInt8Conv2d,
+    OneDNNInt8Linear,
+    PackedWeightLayer,
+    ScaledMMFloat8Linear,
+)
+from diffquant.sampling import SamplerConfig, sample
+
+TOLERANCE = 1e-5  # per-layer: integer accumulation vs float simulation differ only by float rounding
+
+
+def outputs(model, calibration, step=0):
+    batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[step])
+    with torch.no_grad(), step_context(batch.step_index, batch.timestep, batch.num_steps):
+        return model.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+
+
+@pytest.fixture(scope="module")
+def w8a8(trained_unet, calibration):
+    return diffquant.quantize(trained_unet, "naive", calibration, progress=False, wbits=8, abits=8)
+
+
+def test_every_layer_agrees_with_the_simulation(w8a8):
+    deployed = export_model(w8a8, "onednn")
+    kernels = deployed.quantization["kernels"]
+    assert kernels == {"conv2d: onednn::qconv2d_pointwise": 25, "linear: onednn::qlinear_pointwise": 26}
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in quant_layers(w8a8.denoiser):
+        real = deployed.denoiser.inner.get_submodule(name)
+        assert isinstance(real, (OneDNNInt8Conv2d, OneDNNInt8Linear))
+        shape = (4, layer.in_channels, 6, 6) if layer.kind == "conv2d" else (4, 3, layer.in_features)
+        x = torch.randn(shape, generator=generator) * 2
+        with torch.no_grad():
+            reference, candidate = layer(x), real(x)
+        assert ((candidate - reference).abs().max() / reference.abs().max()).item() < TOLERANCE, name
+
+
+@pytest.mark.slow
+def test_whole_model_agreement_eager_and_compiled(trained_unet, w8a8, calibration):
+    reference = outputs(w8a8, calibration)
+    quantization_error = (reference - outputs(trained_unet, calibration)).pow(2).mean()
+    for compiled in (False, True):
+        deployed = export_model(w8a8, "onednn", compile=compiled)
+        candidate = outputs(deployed, calibration)
+        # float rounding can flip a code at a rounding boundary; the deployed model stays far closer
+        # to the simulation than the simulation is to full precision
+        assert (candidate - reference).pow(2).mean() < 0.25 * quantization_error
+        assert ((candidate - reference).abs().max() / reference.abs().max()).item() < 0.02
+
+
+@pytest.mark.slow
+def test_per_step_parameters_are_selected_after_export(trained_unet, calibration):
+    quantized = diffquant.quantize(
+        trained_unet, "naive", calibration, progress=False, wbits=8, abits=6, activation_per_step=True
+    )
+    deployed = export_model(quantized, "onednn", compile=True)
+    layer = dict(quant_layers(quantized.denoiser))["up_blocks.1.resnets.0.conv1"]
+    real = deployed.denoiser.inner.get_submodule("up_blocks.1.resnets.0.conv1")
+    x = torch.randn(2, layer.in_channels, 8, 8) * 3
+    for index, timestep in enumerate(layer.input_quantizer.bank_timesteps.tolist()):
+        deployed.denoiser.clock.set(timestep)
+        with torch.no_grad(), step_context(index, timestep, 10):
+            assert ((real(x) - layer(x)).abs().max() / layer(x).abs().max()).item() < TOLERANCE
+            scale, _ = real.input.params()
+            assert scale.item() == layer.input_quantizer.scale[index].item()
+    for step in (0, len(calibration.steps) - 1):  # and through the compiled whole model
+        reference, candidate = outputs(quantized, calibration, step), outputs(deployed, calibration, step)
+        quantization_error = (reference - outputs(trained_unet, calibration, step)).pow(2).mean()
+        assert (candidate - reference).pow(2).mean() < 0.25 * quantization_error
+    images = sample(deployed, 2, SamplerConfig("ddim", 10), seed=0, progress=False).images
+    assert torch.isfinite(images).all()
+
+
+def test_unavailable_backend_is_a_clear_error(w8a8):
+    if not torch.cuda.is_available():
+        with pytest.raises(DiffquantError, match="cuda backend needs a CUDA GPU"):
+            export_model(w8a8, "cuda")
+    with pytest.raises(DiffquantError, match="Unknown backend 'tpu'"):
+        check_backend("tpu")
+
+
+def test_weight_only_layers_restore_packed_weights_exactly(trained_unet, calibration):
+    for bits in (1, 2, 4, 8):
+        fmt = "int1" if bits == 1 else None
+        options = {"weight_format": "uint1"} if fmt else {}
+        quantized = diffquant.quantize(
+            trained_unet, "naive", calibration, progress=False, wbits=bits, abits=None, **options
+        )
+        deployed = export_model(quantized, "onednn", weight_only_mode="on-the-fly")
+        for name, layer in quant_layers(quantized.denoiser):
+            real = deployed.denoiser.inner.get_submodule(name)
+            assert isinstance(real, PackedWeightLayer)
+            assert torch.equal(real.weight(), layer.dequantized_weight())
+            assert real.packed.numel() == (layer.weight_codes.numel() * bits + 7) // 8
+        at_load = export_model(quantized, "onednn")
+        assert all(
+            isinstance(at_load.denoiser.inner.get_submodule(n), DequantizedLayer)
+            for n, _ in quant_layers(quantized.denoiser)
+        )
+        assert torch.equal(outputs(at_load, calibration), outputs(quantized, calibration))
+
+
+def _calibrated_linear(weight_format: str, input_format: str, symmetric: bool) -> QuantLinear:
+    linear = nn.Linear(16, 24)
+    layer = QuantLinear(
+        linear, QuantSpec(weight_format, granularity="per_channel"), QuantSpec(input_format, symmetric=symmetric)
+    )
+    layer.calibrate_weight()
+    layer.input_quantizer.start_observing()
+    layer(torch.randn(64, 16) * 3 + 1)
+    layer.input_quantizer.finish_observing()
+    layer.freeze()
+    return layer
+
+
+@pytest.mark.parametrize("input_format,symmetric", [("uint8", False), ("int8", True), ("uint4", False)])
+def test_int_mm_linear_matches_simulation(input_format, symmetric):
+    layer = _calibrated_linear("int8", input_format, symmetric)
+    real = IntMMLinear(layer)
+    x = torch.randn(32, 16) * 3 + 1
+    with torch.no_grad():
+        assert ((real(x) - layer(x)).abs().max() / layer(x).abs().max()).item() < TOLERANCE
+
+
+def test_scaled_mm_float8_linear_matches_simulation():
+    layer = _calibrated_linear("e4m3", "e4m3", True)
+    real = ScaledMMFloat8Linear(layer)
+    x = torch.randn(32, 16) * 3 + 1
+    with torch.no_grad():
+        assert ((real(x) - layer(x)).abs().max() / layer(x).abs().max()).item() < 1e-4
+
+
+def test_export_command_writes_a_directory_that_loads_on_its_backend(w8a8, tmp_path):
+    diffquant.save(w8a8, tmp_path / "q")
+    result = CliRunner().invoke(
+        app, ["export", "--model", str(tmp_path / "q"), "--backend", "onednn", "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "onednn::qconv2d_pointwise" in result.output and "max relative error" in result.output
+    loaded = diffquant.load(tmp_path / "e")
+    assert loaded.quantization["backend"] == "onednn"
+    assert isinstance(loaded.denoiser.inner.get_submodule("conv_in"), OneDNNInt8Conv2d)
