@@ -28,14 +28,28 @@ def onednn_int8_linear(
     weight_scale: torch.Tensor,
     weight_zero: torch.Tensor,
     bias: torch.Tensor | None,
+    post_op: str = "none",
+    post_algorithm: str = "",
 ) -> torch.Tensor:
     return torch.ops.onednn.qlinear_pointwise.tensor(
-        codes, scale, zero, packed, weight_scale, weight_zero, bias, 1.0, 0, torch.float32, "none", [], ""
+        codes,
+        scale,
+        zero,
+        packed,
+        weight_scale,
+        weight_zero,
+        bias,
+        1.0,
+        0,
+        torch.float32,
+        post_op,
+        [],
+        post_algorithm,
     )
 
 
 @onednn_int8_linear.register_fake
-def _(codes, scale, zero, packed, weight_scale, weight_zero, bias):
+def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, post_op="none", post_algorithm=""):
     return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=torch.float32)
 
 
@@ -185,6 +199,7 @@ class OneDNNInt8Linear(nn.Module):
         self.out_features = weight.shape[0]
         self.input = _InputQuantizer(layer.input_quantizer)
         self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight, None))
+        self.post_op, self.post_algorithm = "none", ""
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
@@ -192,8 +207,37 @@ class OneDNNInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         codes, scale, zero = self.input(x.reshape(-1, shape[-1]))
-        out = onednn_int8_linear(codes, scale, zero, self.packed_weight, self.weight_scale, self.weight_zero, self.bias)
+        out = onednn_int8_linear(
+            codes,
+            scale,
+            zero,
+            self.packed_weight,
+            self.weight_scale,
+            self.weight_zero,
+            self.bias,
+            self.post_op,
+            self.post_algorithm,
+        )
         return out.reshape(*shape[:-1], self.out_features)
+
+    def fuse_gelu(self, approximate: str) -> None:
+        """Apply GELU inside the int8 GEMM (oneDNN post-op) instead of as a separate pass."""
+        self.post_op, self.post_algorithm = "gelu", "tanh" if approximate == "tanh" else "none"
+        self.kernel = "onednn::qlinear_pointwise + gelu post-op"
+
+
+class FusedGELU(nn.Module):
+    """diffusers' GELU activation (Linear then GELU) as one int8 GEMM with a GELU post-op."""
+
+    kernel = "onednn::qlinear_pointwise + gelu post-op"
+
+    def __init__(self, linear: OneDNNInt8Linear, approximate: str) -> None:
+        super().__init__()
+        linear.fuse_gelu(approximate)
+        self.proj = linear
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.proj(hidden_states)
 
 
 class OneDNNInt8Conv2d(nn.Module):
