@@ -88,7 +88,7 @@ def bench_model(name: str, args) -> dict:
     w8a8 = diffquant.quantize(source, config, progress=False)
     w4_config = diffquant.methods.make_config("naive", wbits=4, abits=None, calibration={"trajectories": 16})
     w4 = diffquant.quantize(source, w4_config, progress=False)
-    work = Path(args.work) / name
+    work = Path(args.work) / Path(name).name
     diffquant.save(w8a8, work / "w8a8")
     diffquant.save(w4, work / "w4a16")
 

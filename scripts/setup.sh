@@ -16,4 +16,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned so pip takes the local CPU build, not a multi-GB CUDA one
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,peers]' 'torch==2.13.0'

@@ -395,6 +395,53 @@ def export_command(
         _fail(error)
 
 
+@app.command("bench")
+def bench_command(
+    preset: str = typer.Option("smoke", help="smoke (CI-sized, minutes) or full (the committed report)."),
+    out: Path = typer.Option(None, help="Results folder (default benchmarks/results/PRESET)."),
+    report: Path = typer.Option(None, help="Markdown report to write (default: BENCHMARKS.md for full)."),
+    model: list[str] = typer.Option(None, help="Restrict to these models (repeatable)."),
+    method: list[str] = typer.Option(None, help="Restrict to these diffquant methods (repeatable)."),
+    setting: list[str] = typer.Option(None, help="Restrict to these settings, e.g. W4A8 (repeatable)."),
+    peer: list[str] = typer.Option(None, help="Restrict to these peers (repeatable); --peer none for no peers."),
+    num_samples: int = typer.Option(None, help="Override the protocol's N."),
+    latency: bool = typer.Option(None, "--latency/--no-latency", help="Measure real-kernel speedups."),
+    threads: int = typer.Option(None),
+) -> None:
+    """Run (or resume) the benchmark matrix and write the report, CSV/JSON, plots and sample grids."""
+    try:
+        _set_threads(threads)
+        from dataclasses import replace
+
+        from diffquant.bench import BENCH_PRESETS, run_bench
+        from diffquant.bench.report import write_report
+
+        if preset not in BENCH_PRESETS:
+            raise DiffquantError(f"Unknown bench preset '{preset}'. Presets: {', '.join(BENCH_PRESETS)}.")
+        chosen = BENCH_PRESETS[preset]
+        changes = {}
+        for field, values in (("models", model), ("methods", method), ("settings", setting)):
+            if values:
+                changes[field] = tuple(values)
+        if peer:
+            changes["peers"] = () if peer == ["none"] else tuple(peer)
+        if latency is not None:
+            changes["latency"] = latency
+        chosen = replace(chosen, **changes)
+        out = out or Path("benchmarks/results") / preset
+        rows = run_bench(chosen, out, num_samples)
+        report = report or (Path("BENCHMARKS.md") if preset == "full" else out / "BENCHMARKS.md")
+        protocol = json.loads((out / "results.json").read_text())["protocol"]
+        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        write_report(rows, chosen.name, protocol, out, report, command)
+        failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
+        typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")
+        if failed:
+            raise typer.Exit(code=1)
+    except DiffquantError as error:
+        _fail(error)
+
+
 @app.command("models")
 def models_command() -> None:
     """List the shipped reference models with their parameter counts and evaluation numbers."""

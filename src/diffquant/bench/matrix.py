@@ -1,0 +1,91 @@
+"""What a benchmark run covers: presets of models, methods, settings, peers and the protocol."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from diffquant.errors import ConfigError
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A16": (4, None), "W4A4": (4, 4), "W8A16": (8, None), "W2A16": (2, None)}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One benchmark row: a model quantized by a diffquant method or a peer library at a setting."""
+
+    model: str
+    method: str
+    setting: str
+    family: str = "diffquant"  # or "peer"
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.model}__{self.method}__{self.setting}")
+
+    @property
+    def bits(self) -> tuple[int, int | None]:
+        return SETTINGS[self.setting]
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A benchmark configuration; `smoke` runs in CI in minutes, `full` is the committed report."""
+
+    name: str
+    protocol: str
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    settings: tuple[str, ...]
+    peers: tuple[str, ...]
+    method_options: dict[str, dict] = field(default_factory=dict)
+    latency: bool = True
+    """Measure real-kernel latency ratios (compiles each int8 model: minutes per row)."""
+    latency_repeats: int = 9
+
+    def rows(self) -> list[RowSpec]:
+        rows = []
+        for model in self.models:
+            for setting in self.settings:
+                if setting not in SETTINGS:
+                    raise ConfigError(f"Unknown setting '{setting}'. Settings: {', '.join(SETTINGS)}.")
+                rows += [RowSpec(model, method, setting) for method in self.methods]
+                rows += [RowSpec(model, peer, setting, "peer") for peer in self.peers]
+        return rows
+
+
+_SMOKE_OPTIONS = {
+    "naive": {"calibration": {"trajectories": 16, "steps": 20, "uniform_steps": 5}},
+    "ptq4dm": {"calibration": {"trajectories": 64, "steps": 20}},
+    "qdiffusion": {
+        "calibration": {"trajectories": 8, "steps": 20, "uniform_steps": 5},
+        "reconstruction": {"weight_iters": 20, "act_iters": 10},
+    },
+    "tfmq": {
+        "calibration": {"trajectories": 4, "steps": 20},
+        "reconstruction": {"weight_iters": 20},
+        "weight_steps": 5,
+    },
+    "edadm": {"calibration": {"trajectories": 40, "steps": 20}, "reconstruction": {"weight_iters": 20}},
+}
+
+BENCH_PRESETS: dict[str, BenchPreset] = {
+    "smoke": BenchPreset(
+        name="smoke",
+        protocol="smoke",
+        models=("fmnist-unet",),
+        methods=("naive", "ptq4dm", "qdiffusion"),
+        settings=("W8A8", "W4A16"),
+        peers=("quanto",),
+        method_options=_SMOKE_OPTIONS,
+        latency=False,
+    ),
+    "full": BenchPreset(
+        name="full",
+        protocol="standard",
+        models=("fmnist-unet", "fmnist-dit"),
+        methods=("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm"),
+        settings=("W8A8", "W4A8", "W4A16"),
+        peers=("quanto", "torchao", "modelopt", "pt2e"),
+    ),
+}

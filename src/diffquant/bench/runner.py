@@ -1,0 +1,266 @@
+"""Run a benchmark matrix, one resumable row at a time (finished rows are never recomputed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch._inductor.config as inductor_config
+from tqdm.auto import tqdm
+
+import diffquant
+from diffquant.bench.matrix import BenchPreset, RowSpec
+from diffquant.bench.peers import get_peer
+from diffquant.data.images import to_uint8
+from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
+from diffquant.fileio import write_json
+from diffquant.methods import make_config
+from diffquant.modules import attention_processors, quant_layers
+from diffquant.profiling import measure_resources
+from diffquant.quant import step_context
+from diffquant.reporting import directory_megabytes
+from diffquant.runtime.export import export_model
+from diffquant.zoo import DiffusionModel
+
+GRID_SAMPLES = 8
+
+
+def _parameters(model: DiffusionModel) -> int:
+    return sum(p.numel() for p in model.denoiser.parameters())
+
+
+def _coverage(model: DiffusionModel, original: DiffusionModel) -> dict[str, Any]:
+    # the two halves of a split-shortcut conv are one layer of the original model
+    kinds = Counter(
+        layer.kind for name, layer in quant_layers(model.denoiser) if not name.endswith(".high")
+    )
+    total = Counter(
+        "conv2d" if isinstance(m, torch.nn.Conv2d) else "linear"
+        for m in original.denoiser.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    )
+    matmuls = sum(1 for _, p in attention_processors(model.denoiser) if p.query_quantizer or p.probs_quantizer)
+    text = f"{kinds['conv2d']}/{total['conv2d']} conv, {kinds['linear']}/{total['linear']} linear"
+    return {"text": text + (f", {matmuls} attention matmul pairs" if matmuls else ""), "counts": dict(kinds)}
+
+
+def _inputs(model: DiffusionModel, batch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *model.info.image_shape), generator=generator)
+    kwargs = {"class_labels": torch.arange(batch) % model.info.num_classes} if model.info.conditional else {}
+    return x, torch.full((batch,), 500), kwargs
+
+
+def _latency(candidate: torch.nn.Module, baseline: torch.nn.Module, model: DiffusionModel, repeats: int) -> dict:
+    """Median ms of one batch-64 denoiser call, candidate and baseline interleaved."""
+    x, t, kwargs = _inputs(model, 64)
+    calls = {"candidate": candidate, "baseline": baseline}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad(), step_context(0, 500.0, 50):
+        for module in calls.values():
+            module(x, t, **kwargs)
+            module(x, t, **kwargs)
+        for _ in range(repeats):
+            for name, module in calls.items():
+                started = time.perf_counter()
+                module(x, t, **kwargs)
+                times[name].append(1000 * (time.perf_counter() - started))
+    candidate_ms, baseline_ms = statistics.median(times["candidate"]), statistics.median(times["baseline"])
+    return {"latency_ms": candidate_ms, "baseline_ms": baseline_ms, "speedup": baseline_ms / candidate_ms}
+
+
+class BenchRunner:
+    def __init__(self, preset: BenchPreset, out: Path, num_samples: int | None = None, progress: bool = True) -> None:
+        self.preset, self.out, self.progress = preset, Path(out), progress
+        self.protocol = get_protocol(preset.protocol, num_samples=num_samples)
+        self.scorer = Scorer.load(self.protocol.reference)
+        self.rows_dir = self.out / "rows"
+        self._models: dict[str, dict[str, Any]] = {}
+
+    # per-model state ----------------------------------------------------------------------------
+    def model_state(self, name: str) -> dict[str, Any]:
+        if name not in self._models:
+            source = diffquant.load(name)
+            reference = cached_samples(source, self.protocol, self.progress)
+            state = {"source": source, "reference": reference}
+            fp_file = self.rows_dir / f"{name}__fp32.json"
+            if not fp_file.is_file():
+                metrics = self.scorer.score(
+                    reference, _labels(source, len(reference)), self.protocol.precision_recall_k
+                )
+                floors = data_floors(self.protocol, self.scorer)
+                params = _parameters(source)
+                disk = directory_megabytes(source.path)
+                write_json(
+                    fp_file,
+                    {
+                        "model": name,
+                        "method": "fp32",
+                        "setting": "W32A32",
+                        "family": "reference",
+                        "status": "ok",
+                        "metrics": metrics,
+                        "floors": floors,
+                        "disk_mb": disk,
+                        "parameters": params,
+                        "bits_per_weight": 8e6 * disk / params,
+                        "total_mbit": 8 * disk,
+                        "grid": self._grid(name, "fp32", reference),
+                    },
+                )
+            self._models[name] = state
+        return self._models[name]
+
+    def fp32_compiled(self, name: str) -> torch.nn.Module:
+        state = self.model_state(name)
+        if "compiled" not in state:
+            inductor_config.freezing = True
+            try:
+                state["compiled"] = torch.compile(copy.deepcopy(state["source"].denoiser))
+                x, t, kwargs = _inputs(state["source"], 64)
+                with torch.no_grad():
+                    state["compiled"](x, t, **kwargs)
+            finally:
+                inductor_config.freezing = False
+        return state["compiled"]
+
+    def peer_batches(self, name: str) -> list:
+        state = self.model_state(name)
+        if "batches" not in state:
+            config = make_config("naive", **self.preset.method_options.get("naive", {}))
+            calibration = diffquant.record_calibration(state["source"], config, progress=self.progress)
+            order = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(0))[:512]
+            subset = calibration.subset(order)
+            state["batches"] = [
+                (b.sample, b.timesteps, b.conditioning)
+                for b in subset.shuffled_batches(64, torch.Generator().manual_seed(0))
+            ]
+        return state["batches"]
+
+    # rows ------------------------------------------------------------------------------------
+    def _grid(self, model: str, label: str, images: torch.Tensor) -> str:
+        """The first samples of a row as uint8 .npy (same seeds in every row), for side-by-side grids."""
+        path = self.out / "grids" / model / f"{label}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, to_uint8(images[:GRID_SAMPLES]).numpy())
+        return str(path.relative_to(self.out))
+
+    def run_row(self, spec: RowSpec) -> dict[str, Any]:
+        state = self.model_state(spec.model)
+        source: DiffusionModel = state["source"]
+        base = {**asdict(spec), "protocol": self.protocol.name, "num_samples": self.protocol.num_samples}
+        if spec.family == "peer":
+            peer = get_peer(spec.method)
+            reason = peer.unavailable()
+            if reason or spec.setting not in peer.settings:
+                return {**base, "status": f"skipped: {reason or f'{peer.name} has no {spec.setting} mode'}"}
+            with measure_resources() as usage:
+                result = peer.quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
+            candidate = DiffusionModel(result.denoiser, source.info, source.scheduler_config, None)
+            row = {
+                **base,
+                "version": peer.version(),
+                "coverage": {"text": result.coverage},
+                "kernels": result.kernels,
+                "disk_mb": result.disk_mb,
+                "calibration_s": usage.wall_time_s,
+                "calibration_peak_rss_mb": usage.peak_rss_mb,
+            }
+            latency_baseline = self.fp32_compiled(spec.model) if result.compiled else source.denoiser
+            latency_mode = "compiled vs fp32 compiled" if result.compiled else "eager vs fp32 eager"
+            latency_candidate = result.denoiser
+        else:
+            wbits, abits = spec.bits
+            config = make_config(
+                spec.method, wbits=wbits, abits=abits, **self.preset.method_options.get(spec.method, {})
+            )
+            started = time.perf_counter()
+            calibration = diffquant.record_calibration(source, config, progress=self.progress)
+            recording = time.perf_counter() - started
+            candidate = diffquant.quantize(source, config, calibration, progress=self.progress)
+            record = candidate.quantization
+            directory = diffquant.save(candidate, self.out / "models" / spec.key)
+            row = {
+                **base,
+                "version": diffquant.__version__,
+                "coverage": _coverage(candidate, source),
+                "disk_mb": directory_megabytes(directory),
+                "preset": config.preset,
+                "calibration_s": record["calibration_wall_time_s"] + recording,
+                "calibration_peak_rss_mb": record["calibration_peak_rss_mb"],
+                "calibration_samples": len(calibration),
+                "details": _short(record.get("details", {})),
+            }
+            deployed = export_model(candidate, "onednn", compile=True)
+            row["kernels"] = deployed.quantization["kernels"]
+            int8 = any("onednn" in kernel for kernel in row["kernels"])
+            latency_candidate = deployed.denoiser if int8 else None
+            latency_baseline, latency_mode = self.fp32_compiled(spec.model), "onednn int8 compiled vs fp32 compiled"
+
+        report = evaluate(candidate, self.protocol, self.scorer, state["reference"], progress=self.progress)
+        params = _parameters(source)
+        row.update(
+            {
+                "status": "ok",
+                "metrics": report.metrics,
+                "bits_per_weight": 8e6 * row["disk_mb"] / params,
+                "total_mbit": 8 * row["disk_mb"],
+                "grid": self._grid(spec.model, spec.key, report.images),
+            }
+        )
+        if self.preset.latency and latency_candidate is not None:
+            row.update(_latency(latency_candidate, latency_baseline, source, self.preset.latency_repeats))
+            row["latency_mode"] = latency_mode
+        return row
+
+    def run(self, rows: list[RowSpec]) -> list[dict[str, Any]]:
+        results = []
+        for spec in tqdm(rows, desc=f"bench {self.preset.name}", disable=not self.progress):
+            path = self.rows_dir / f"{spec.key}.json"
+            if path.is_file():  # finished in an earlier (possibly interrupted) run
+                results.append(json.loads(path.read_text()))
+                continue
+            try:
+                row = self.run_row(spec)
+            except Exception as error:  # one failing row must not lose the others
+                row = {
+                    **asdict(spec),
+                    "status": f"failed: {type(error).__name__}: {str(error)[:300]}",
+                    "traceback": traceback.format_exc()[-2000:],
+                }
+            write_json(path, row)
+            results.append(row)
+        fp_rows = [json.loads((self.rows_dir / f"{m}__fp32.json").read_text()) for m in self.preset.models]
+        return fp_rows + results
+
+
+def _labels(model: DiffusionModel, count: int) -> torch.Tensor | None:
+    from diffquant.sampling.sampler import default_labels
+
+    return default_labels(model, count)
+
+
+def _short(details: dict) -> dict:
+    return {k: (v if not isinstance(v, list) or len(v) <= 8 else f"{len(v)} items") for k, v in details.items()}
+
+
+def run_bench(
+    preset: BenchPreset, out: str | Path, num_samples: int | None = None, progress: bool = True
+) -> list[dict]:
+    """Run (or resume) every row of `preset`; returns all rows, reference rows first."""
+    runner = BenchRunner(preset, Path(out), num_samples, progress)
+    rows = runner.run(preset.rows())
+    write_json(Path(out) / "results.json", {"preset": preset.name, "protocol": runner.protocol.to_json(), "rows": rows})
+    return rows
+
+
+__all__ = ["BenchRunner", "run_bench"]

@@ -1,0 +1,114 @@
+"""The benchmark harness: matrix, resumability, peer skipping, report, and the smoke preset end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from diffquant.bench import BENCH_PRESETS, RowSpec
+from diffquant.bench.peers import PEERS
+from diffquant.bench.report import markdown_table, peer_comparison, write_report
+from diffquant.bench.runner import BenchRunner
+from diffquant.cli import app
+from tests.conftest import needs_fmnist
+
+
+def fake_row(method, setting, fid, family="diffquant", psnr=30.0):
+    return {
+        "model": "m",
+        "method": method,
+        "setting": setting,
+        "family": family,
+        "status": "ok",
+        "metrics": {
+            "fid": fid,
+            "sfid": fid,
+            "is": 3.0,
+            "precision": 0.8,
+            "recall": 0.6,
+            "psnr_vs_ref": psnr,
+            "ssim_vs_ref": 0.9,
+        },
+        "disk_mb": 1.0,
+        "bits_per_weight": 8.0,
+        "total_mbit": 8.0,
+        "coverage": {"text": "all"},
+    }
+
+
+def test_matrix_rows_and_keys():
+    rows = BENCH_PRESETS["full"].rows()
+    assert len(rows) == 2 * 3 * (5 + 4)
+    assert RowSpec("fmnist-unet", "naive", "W4A8").key == "fmnist-unet__naive__W4A8"
+    assert RowSpec("fmnist-unet", "naive", "W4A16").bits == (4, None)
+
+
+def test_report_tables_and_peer_verdicts(tmp_path):
+    rows = [
+        fake_row("naive", "W8A8", 10.0),
+        fake_row("quanto", "W8A8", 12.0, "peer"),
+        fake_row("naive", "W4A16", 30.0),
+        fake_row("torchao", "W4A16", 25.0, "peer"),
+        {"model": "m", "method": "pt2e", "setting": "W4A16", "family": "peer", "status": "skipped: no W4 mode"},
+    ]
+    table = markdown_table(rows, "m")
+    assert table.index("| naive | W8A8") < table.index("| quanto (peer) | W8A8") < table.index("| naive | W4A16")
+    verdicts = peer_comparison(rows, "m")
+    assert "diffquant beats it by 2.00 FID" in verdicts[0]
+    assert "diffquant trails it by 5.00 FID" in verdicts[1]
+    for row in rows[:4]:
+        row["grid"] = f"grids/m/{row['method']}.npy"
+        (tmp_path / "grids" / "m").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / row["grid"], np.zeros((4, 1, 28, 28), np.uint8))
+    protocol = {
+        "name": "smoke",
+        "sampler": {"scheduler": "ddim", "steps": 20},
+        "num_samples": 200,
+        "seed": 0,
+        "reference": "fashion-mnist-test",
+    }
+    write_report(rows, "smoke", protocol, tmp_path, tmp_path / "BENCHMARKS.md", "diffquant bench")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## m" in text and "skipped: no W4 mode" in text
+    for name in ("results.csv", "plots/m-fid-vs-bits-per-weight.png", "plots/m-fid-vs-total-bits.png", "grids/m.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_missing_peer_is_skipped_not_a_crash(monkeypatch):
+    import diffquant.bench.peers as peers
+
+    monkeypatch.setattr(peers, "_version", lambda package: None)
+    assert "not installed" in PEERS["quanto"].unavailable()
+
+
+@needs_fmnist
+def test_finished_rows_are_not_recomputed(tmp_path, monkeypatch):
+    preset = BENCH_PRESETS["smoke"]
+    runner = BenchRunner(preset, tmp_path, num_samples=20, progress=False)
+    spec = RowSpec("fmnist-unet", "naive", "W8A8")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "fmnist-unet__fp32.json").write_text(json.dumps({"model": "fmnist-unet", "method": "fp32"}))
+    (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps({"model": "fmnist-unet", "status": "ok", "done": 1}))
+    monkeypatch.setattr(BenchRunner, "run_row", lambda self, spec: pytest.fail("recomputed a finished row"))
+    rows = runner.run([spec])
+    assert rows[1]["done"] == 1
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_smoke_preset_end_to_end(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--preset", "smoke", "--out", str(tmp_path), "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["method"], r["setting"]): r for r in payload["rows"]}
+    ok = [r for r in payload["rows"] if r.get("status") == "ok" and r["method"] != "fp32"]
+    assert len(ok) >= 6  # the three diffquant methods at two settings (peers may be skipped)
+    for row in ok:
+        assert all(math.isfinite(v) for v in row["metrics"].values())
+        assert 10.0 < row["metrics"]["psnr_vs_ref"] < 100.0
+    # eight-bit weights stay closer to full precision than four-bit ones
+    assert rows[("naive", "W8A8")]["metrics"]["psnr_vs_ref"] > rows[("naive", "W4A16")]["metrics"]["psnr_vs_ref"]
+    assert rows[("naive", "W8A8")]["disk_mb"] < rows[("fp32", "W32A32")]["disk_mb"] / 3
+    assert "| naive | W8A8 |" in (tmp_path / "BENCHMARKS.md").read_text()
