@@ -23,7 +23,7 @@ COLUMNS = [
     ("PSNR vs fp32", lambda r: _metric(r, "psnr_vs_ref", ".2f")),
     ("SSIM vs fp32", lambda r: _metric(r, "ssim_vs_ref", ".3f")),
     ("calib s", lambda r: _number(r.get("calibration_s"), ".0f")),
-    ("calib peak MB", lambda r: _number(r.get("calibration_peak_rss_mb"), ".0f")),
+    ("calib peak +MB", lambda r: _number(r.get("calibration_peak_mb"), ".0f")),
     ("disk MB", lambda r: _number(r.get("disk_mb"), ".2f")),
     ("bits/weight", lambda r: _number(r.get("bits_per_weight"), ".1f")),
     ("speedup", lambda r: _number(r.get("speedup"), ".2f", "x")),
@@ -217,7 +217,8 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
         "model's samples from the same seeds. Machine: "
         f"{platform.machine()}, {__import__('torch').get_num_threads()} torch threads.",
         "",
-        "Columns: calibration time and peak RSS cover recording the calibration data and the method; disk MB is "
+        "Columns: calibration time covers recording the calibration data and the method; calib peak +MB is the "
+        "growth of the process's resident memory during calibration; disk MB is "
         "what the library's own save path writes; bits/weight = 8 x disk bytes / parameters; speedup is a "
         "batch-64 denoiser call against fp32 (compiled with inductor freezing for compiled rows, eager for eager "
         "peers), timed interleaved in one process; coverage counts the quantized layers.",

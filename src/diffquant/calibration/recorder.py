@@ -29,7 +29,7 @@ def record_trajectories(
     The seed differs from the evaluation protocol's seed by default, so calibration never sees the
     evaluation's initial noise.
     """
-    sampler = sampler or SamplerConfig("ddim", 50)
+    sampler = sampler or SamplerConfig("ddim", 25)
     policy = policy or UniformSteps(min(25, sampler.steps))
     if num_trajectories <= 0:
         raise ConfigError(f"num_trajectories must be positive, got {num_trajectories}.")

@@ -42,7 +42,7 @@ class EvalProtocol:
     """Everything that decides an evaluation's numbers. State it next to every number."""
 
     name: str = "standard"
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig("ddim", 50))
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig("ddim", 25))
     num_samples: int = 5000
     batch_size: int = 250
     seed: int = 0
@@ -75,8 +75,8 @@ class EvalProtocol:
 
 PROTOCOLS: dict[str, EvalProtocol] = {
     "smoke": EvalProtocol("smoke", SamplerConfig("ddim", 20), num_samples=200, batch_size=200),
-    "quick": EvalProtocol("quick", SamplerConfig("ddim", 50), num_samples=1000, batch_size=250),
-    "standard": EvalProtocol("standard", SamplerConfig("ddim", 50), num_samples=5000, batch_size=250),
+    "quick": EvalProtocol("quick", SamplerConfig("ddim", 25), num_samples=1000, batch_size=250),
+    "standard": EvalProtocol("standard", SamplerConfig("ddim", 25), num_samples=5000, batch_size=250),
 }
 
 

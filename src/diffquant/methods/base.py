@@ -36,7 +36,7 @@ class CalibrationConfig:
     tdac_feature_module: str | None = None
     """EDA-DM: module whose output is the per-step feature; None = mid-block attention / middle block."""
     scheduler: str = "ddim"
-    steps: int = 50
+    steps: int = 25
     seed: int = 1234
 
     def validate(self) -> None:
