@@ -22,10 +22,10 @@ REFERENCE_SETS = ("fashion-mnist-test", "fashion-mnist-train")
 
 @dataclass
 class ReferenceStats:
-    """What the metrics need of the real set: pooled features (for precision/recall) and two Gaussians."""
+    """What the metrics need of the real set: spatial features (for precision/recall) and two Gaussians."""
 
     name: str
-    pooled: torch.Tensor
+    spatial: torch.Tensor
     pooled_stats: GaussianStats
     spatial_stats: GaussianStats
 
@@ -56,7 +56,7 @@ def reference_stats(
     data_dir: str | Path | None = None,
 ) -> ReferenceStats:
     """Statistics of a whole reference set; computed once, then read from the cache."""
-    path = cache_dir() / "reference" / f"{name}-{weights_digest()}.safetensors"
+    path = cache_dir() / "reference" / f"{name}-{weights_digest()}-v2.safetensors"
     if path.is_file():
         try:
             tensors = load_file(str(path))
@@ -70,11 +70,11 @@ def reference_stats(
     pooled_stats, spatial_stats = GaussianStats.of(features.pooled), GaussianStats.of(features.spatial)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as scratch:
-        tensors = {"pooled": features.pooled.contiguous()}
+        tensors = {"spatial": features.spatial.contiguous()}
         tensors.update(_stats_tensors("pooled", pooled_stats))
         tensors.update(_stats_tensors("spatial", spatial_stats))
         save_file(tensors, str(scratch))
-    return ReferenceStats(name, features.pooled, pooled_stats, spatial_stats)
+    return ReferenceStats(name, features.spatial, pooled_stats, spatial_stats)
 
 
 def subsample(features: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
