@@ -330,99 +330,91 @@ class Reconstructor:
             quantizer.drop_prob = 0.0
 
     # passes -----------------------------------------------------------------------------------
-    def weight_pass(self, units: list[ReconstructionUnit]) -> None:
-        """AdaRound each unit with activation quantization off."""
-        set_activation_quantization(self.model, False)
-        try:
-            for index, unit in enumerate(tqdm(units, desc="reconstruct weights", disable=not self.progress_bar)):
-                key = f"weights:{unit.name}"
-                if self.done(key) or not self._trainable_layers(unit) or self.config.weight_iters == 0:
-                    continue
-                data = self._capture(unit, with_layers=self.config.layer_loss_weight > 0)
-                try:
-                    layers = self._start_rounding(unit)
-                    groups = [{"params": [layer.rounding.alpha for layer in layers], "lr": self.config.weight_lr}]
-                    self._optimize(
-                        unit,
-                        data,
-                        groups,
-                        self.config.weight_iters,
-                        self.config.weight_p,
-                        layers,
-                        use_round_loss=True,
-                        cosine=False,
-                        description=unit.name,
-                        unit_index=index,
-                    )
-                    self._finish_rounding(unit, layers)
-                finally:
-                    data.close()
-                self.mark_done(key)
-        finally:
-            set_activation_quantization(self.model, True)
-
-    def activation_pass(self, units: list[ReconstructionUnit]) -> None:
-        """Learn the activation step sizes of each unit (activation quantization on)."""
-        for index, unit in enumerate(tqdm(units, desc="reconstruct activations", disable=not self.progress_bar)):
-            key = f"activations:{unit.name}"
-            if self.done(key) or self.config.act_iters == 0:
+    def _reconstruct_units(
+        self,
+        units: list[ReconstructionUnit],
+        phase: str,
+        rounding: bool,
+        step_sizes: bool,
+        iterations: int,
+        p: float,
+        round_loss: bool,
+        seed_offset: int,
+    ) -> None:
+        """One pass over the units, learning rounding and/or step sizes; checkpointed per unit."""
+        for index, unit in enumerate(tqdm(units, desc=f"reconstruct {phase}", disable=not self.progress_bar)):
+            key = f"{phase}:{unit.name}"
+            if self.done(key) or iterations == 0:
                 continue
-            if not [q for q in unit_activation_quantizers(self.model, unit) if q.enabled and q.scale is not None]:
+            has_rounding = rounding and bool(self._trainable_layers(unit))
+            has_steps = step_sizes and any(
+                q.enabled and q.scale is not None for q in unit_activation_quantizers(self.model, unit)
+            )
+            if not (has_rounding or has_steps):
                 continue
             data = self._capture(unit, with_layers=self.config.layer_loss_weight > 0)
             try:
-                quantizers = self._start_step_sizes(unit)
-                groups = [{"params": [q.scale for q in quantizers], "lr": self.config.act_lr}]
-                self._optimize(
-                    unit,
-                    data,
-                    groups,
-                    self.config.act_iters,
-                    self.config.act_p,
-                    [],
-                    use_round_loss=False,
-                    cosine=True,
-                    description=unit.name,
-                    unit_index=1000 + index,
-                )
-                self._finish_step_sizes(quantizers)
-            finally:
-                data.close()
-            self.mark_done(key)
-
-    def joint_pass(self, units: list[ReconstructionUnit]) -> None:
-        """EDA-DM: rounding and step sizes together, activation quantization on, no regulariser."""
-        for index, unit in enumerate(tqdm(units, desc="reconstruct (joint)", disable=not self.progress_bar)):
-            key = f"joint:{unit.name}"
-            if self.done(key) or self.config.weight_iters == 0:
-                continue
-            data = self._capture(unit, with_layers=self.config.layer_loss_weight > 0)
-            try:
-                layers = self._start_rounding(unit)
-                quantizers = self._start_step_sizes(unit)
+                layers = self._start_rounding(unit) if rounding else []
+                quantizers = self._start_step_sizes(unit) if step_sizes else []
                 groups = []
                 if layers:
                     groups.append({"params": [layer.rounding.alpha for layer in layers], "lr": self.config.weight_lr})
                 if quantizers:
                     groups.append({"params": [q.scale for q in quantizers], "lr": self.config.act_lr})
-                if groups:
-                    self._optimize(
-                        unit,
-                        data,
-                        groups,
-                        self.config.weight_iters,
-                        self.config.weight_p,
-                        layers,
-                        use_round_loss=False,
-                        cosine=True,
-                        description=unit.name,
-                        unit_index=index,
-                    )
-                self._finish_rounding(unit, layers)
-                self._finish_step_sizes(quantizers)
+                # step sizes follow a cosine schedule (Q-Diffusion); pure AdaRound keeps Adam's rate
+                self._optimize(
+                    unit, data, groups, iterations, p, layers, round_loss, step_sizes, unit.name, seed_offset + index
+                )
+                if rounding:
+                    self._finish_rounding(unit, layers)
+                if step_sizes:
+                    self._finish_step_sizes(quantizers)
             finally:
                 data.close()
             self.mark_done(key)
+
+    def weight_pass(self, units: list[ReconstructionUnit]) -> None:
+        """AdaRound each unit with activation quantization off."""
+        set_activation_quantization(self.model, False)
+        try:
+            self._reconstruct_units(
+                units,
+                "weights",
+                rounding=True,
+                step_sizes=False,
+                iterations=self.config.weight_iters,
+                p=self.config.weight_p,
+                round_loss=True,
+                seed_offset=0,
+            )
+        finally:
+            set_activation_quantization(self.model, True)
+
+    def activation_pass(self, units: list[ReconstructionUnit]) -> None:
+        """Learn the activation step sizes of each unit (activation quantization on)."""
+        self._reconstruct_units(
+            units,
+            "activations",
+            rounding=False,
+            step_sizes=True,
+            iterations=self.config.act_iters,
+            p=self.config.act_p,
+            round_loss=False,
+            seed_offset=1000,
+        )
+
+    def joint_pass(self, units: list[ReconstructionUnit]) -> None:
+        """EDA-DM: rounding and step sizes together, activation quantization on, no regulariser."""
+        self._reconstruct_units(
+            units,
+            "joint",
+            rounding=True,
+            step_sizes=True,
+            iterations=self.config.weight_iters,
+            p=self.config.weight_p,
+            round_loss=False,
+            seed_offset=0,
+        )
 
 
 def fingerprint(*parts) -> str:

@@ -157,14 +157,7 @@ def evaluate(
     protocol.validate()
     scorer = scorer or Scorer.load(protocol.reference)
     started = time.perf_counter()
-    result = sample(
-        model,
-        protocol.num_samples,
-        protocol.sampler,
-        seed=protocol.seed,
-        batch_size=protocol.batch_size,
-        progress=progress,
-    )
+    result = protocol_samples(model, protocol, progress)
     sampling_time = time.perf_counter() - started
     metrics = scorer.score(result.images, result.labels, protocol.precision_recall_k)
     metrics["sampling_s"] = sampling_time
@@ -172,6 +165,18 @@ def evaluate(
     if reference_images is not None:
         metrics.update(agreement(result.images, reference_images))
     return EvalReport(model.info.name, protocol, metrics, result.images, result.labels)
+
+
+def protocol_samples(model: DiffusionModel, protocol: EvalProtocol, progress: bool = True):
+    """The protocol's samples of `model`: its sampler, N, batch size and seed."""
+    return sample(
+        model,
+        protocol.num_samples,
+        protocol.sampler,
+        seed=protocol.seed,
+        batch_size=protocol.batch_size,
+        progress=progress,
+    )
 
 
 def data_floors(protocol: EvalProtocol, scorer: Scorer | None = None) -> dict[str, float]:
@@ -187,14 +192,7 @@ def cached_samples(model: DiffusionModel, protocol: EvalProtocol, progress: bool
     path = cache_dir() / "samples" / f"{model.info.name}-{digest}-{protocol.key()}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
-    images = sample(
-        model,
-        protocol.num_samples,
-        protocol.sampler,
-        seed=protocol.seed,
-        batch_size=protocol.batch_size,
-        progress=progress,
-    ).images
+    images = protocol_samples(model, protocol, progress).images
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path.with_suffix(".tmp.npy"), images.numpy())
     path.with_suffix(".tmp.npy").replace(path)

@@ -20,14 +20,13 @@ from torch import nn
 from diffquant.calibration import CalibrationSet
 from diffquant.engines import ReconstructionConfig, calibrate_ranges, discover_units, prepare_model, probe
 from diffquant.methods.base import CalibrationConfig
+from diffquant.methods.qdiffusion import QDiffusionConfig
 from diffquant.methods.reconstruction_base import (
-    ReconstructionMethodConfig,
     finish_reconstruction,
     full_precision_copy,
     start_reconstruction,
 )
 from diffquant.modules.structure import skip_concat_splits
-from diffquant.quant import QuantSpec
 
 
 def _edadm_engine(**changes) -> ReconstructionConfig:
@@ -36,49 +35,22 @@ def _edadm_engine(**changes) -> ReconstructionConfig:
 
 
 @dataclass
-class EDADMConfig(ReconstructionMethodConfig):
+class EDADMConfig(QDiffusionConfig):
+    """EDA-DM keeps Q-Diffusion's base quantizers (split shortcut, attention at `softmax_bits` = 8)."""
+
     name = "edadm"
     PRESETS = {
         "paper": {
             "calibration": {"trajectories": 1024, "policy": "tdac", "tdac_lambda": 1.2},
-            "reconstruction": {
-                "weight_iters": 5000,
-                "joint": True,
-                "layer_loss_weight": 0.8,
-                "weight_lr": 0.5,
-                "act_lr": 5e-4,
-                "batch_size": 32,
-            },
+            "reconstruction": {"weight_iters": 5000},
         },
         "fast": {
             "calibration": {"trajectories": 256, "policy": "tdac", "tdac_lambda": 1.2},
-            "reconstruction": {
-                "weight_iters": 200,
-                "joint": True,
-                "layer_loss_weight": 0.8,
-                "weight_lr": 0.5,
-                "act_lr": 5e-4,
-                "batch_size": 32,
-            },
+            "reconstruction": {"weight_iters": 200},
         },
     }
-    softmax_bits: int | None = 8
-    quantize_attention: bool = True
-    split_shortcut: bool = True
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(trajectories=1024, policy="tdac"))
     reconstruction: ReconstructionConfig = field(default_factory=lambda: _edadm_engine(weight_iters=5000))
-
-    def weight_spec(self) -> QuantSpec:
-        return super().weight_spec().replace(symmetric=False, observer="lp", lp_norm=2.4)
-
-    def activation_spec(self) -> QuantSpec | None:
-        spec = super().activation_spec()
-        return spec.replace(observer="lp", lp_norm=2.4) if spec else None
-
-    def attention_spec(self) -> QuantSpec | None:
-        if not self.quantize_attention or self.weight_only:
-            return None
-        return QuantSpec(f"int{self.attention_bits or self.abits}", symmetric=False, observer="lp", lp_norm=2.4)
 
 
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: EDADMConfig, progress: bool = True) -> dict:
