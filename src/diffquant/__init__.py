@@ -8,6 +8,13 @@ diffquant.save(quantized, "fmnist-unet-w4a8")
 
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+# Optional peer libraries (torchao) log import-time noise through diffusers and torch on CPU-only
+# machines (missing CUDA .so files, enum registrations); it says nothing about diffquant's work.
+for _name in ("torchao", "diffusers.quantizers.torchao.torchao_quantizer", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from diffquant.api import load, quantize, record_calibration, save  # noqa: E402
 
 __all__ = ["__version__", "load", "quantize", "record_calibration", "save"]

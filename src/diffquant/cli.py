@@ -14,6 +14,21 @@ from diffquant.errors import DiffquantError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize diffusion models and evaluate them.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from diffquant import __version__
+
+        typer.echo(f"diffquant {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Quantize diffusion models and evaluate them."""
+
+
 def _fail(error: Exception) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
