@@ -12,7 +12,8 @@ SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A16": (4, None), "W4A4": (4, 4), 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One benchmark row: a model quantized by a diffquant method or a peer library at a setting."""
+    """One benchmark row: a model quantized by a diffquant method (`name` or `name@preset`, e.g.
+    `qdiffusion@paper`) or a peer library at a setting."""
 
     model: str
     method: str
