@@ -86,7 +86,7 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
         protocol="standard",
         models=("fmnist-unet", "fmnist-dit"),
         methods=("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm"),
-        settings=("W8A8", "W4A8", "W4A16"),
+        settings=("W8A8", "W4A8", "W4A16", "W4A4"),
         peers=("quanto", "torchao", "modelopt", "pt2e"),
     ),
 }
