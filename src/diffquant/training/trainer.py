@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import LabelEmbedding
 from tqdm.auto import tqdm
 
 from diffquant.data.images import ImageSet
@@ -37,6 +38,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    class_dropout: float = 0.1
+    """Share of class labels replaced by the null class (for classifier-free guidance)."""
     checkpoint_every: int = 500
     seed: int = 0
     log_every: int = 50
@@ -57,12 +60,23 @@ class TrainResult:
     parameters: int
 
 
-def _denoiser_loss(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+def _denoiser_loss(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    class_dropout: float = 0.0,
+):
     scheduler = model.train_scheduler()
     noise = torch.randn(images.shape, generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator)
     noisy = scheduler.add_noise(images, noise, timesteps)
-    kwargs = {"class_labels": labels} if model.info.conditional else {}
+    kwargs = {}
+    if model.info.conditional:
+        # one null-label decision per sample for the whole network (guidance needs a consistent
+        # unconditional mode)
+        dropped = torch.rand(labels.shape[0], generator=generator) < class_dropout
+        kwargs["class_labels"] = torch.where(dropped, model.info.num_classes, labels)
     prediction = model.denoiser(noisy, timesteps, **kwargs).sample
     return F.mse_loss(prediction, noise)
 
@@ -87,10 +101,14 @@ def train_model(
     checkpoint_dir = run_dir / "checkpoint"
     denoiser = model.denoiser
     denoiser.train()
+    for module in denoiser.modules():
+        # diffusers' DiT drops labels inside every block independently, so no sample is ever
+        # unconditional throughout; the trainer drops them once per sample instead
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     ema = ExponentialMovingAverage(denoiser, config.ema_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # label dropout for classifier-free guidance uses the global RNG
     step, elapsed, history = 0, 0.0, []
 
     if (checkpoint_dir / "state.json").is_file():
@@ -100,7 +118,6 @@ def train_model(
         ema.num_updates = meta["ema_updates"]
         unflatten_optimizer(optimizer, tensors, meta["optimizer"])
         generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.global"])
         step, elapsed, history = meta["step"], meta["wall_time_s"], meta.get("history", [])
 
     parameters = sum(p.numel() for p in denoiser.parameters())
@@ -111,7 +128,6 @@ def train_model(
         tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
         tensors.update(optimizer_tensors)
         tensors["rng.generator"] = generator.get_state()
-        tensors["rng.global"] = torch.get_rng_state()
         meta = {
             "step": step,
             "wall_time_s": elapsed,
@@ -133,7 +149,7 @@ def train_model(
         lr_scale = min(1.0, (step + 1) / max(1, config.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * lr_scale
-        loss = _denoiser_loss(model, data.images[index], data.labels[index], generator)
+        loss = _denoiser_loss(model, data.images[index], data.labels[index], generator, config.class_dropout)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"Training loss became {loss.item()} at step {step}; lower the learning rate.")
         optimizer.zero_grad(set_to_none=True)
