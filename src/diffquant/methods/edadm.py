@@ -46,7 +46,7 @@ class EDADMConfig(QDiffusionConfig):
         },
         "fast": {
             "calibration": {"trajectories": 256, "policy": "tdac", "tdac_lambda": 1.2},
-            "reconstruction": {"weight_iters": 200},
+            "reconstruction": {"weight_iters": 300},
         },
     }
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(trajectories=1024, policy="tdac"))

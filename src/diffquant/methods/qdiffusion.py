@@ -40,9 +40,9 @@ class QDiffusionConfig(ReconstructionMethodConfig):
         "fast": {
             "calibration": {"trajectories": 32, "policy": "uniform", "uniform_steps": 10},
             "reconstruction": {
-                "weight_iters": 200,
+                "weight_iters": 400,
                 "weight_lr": 1e-2,
-                "act_iters": 60,
+                "act_iters": 100,
                 "batch_size": 32,
                 "act_lr": 4e-4,
             },

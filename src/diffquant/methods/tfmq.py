@@ -44,7 +44,7 @@ class TFMQConfig(ReconstructionMethodConfig):
         },
         "fast": {
             "calibration": {"trajectories": 32, "policy": "all"},
-            "reconstruction": {"weight_iters": 200, "weight_lr": 1e-2, "batch_size": 32},
+            "reconstruction": {"weight_iters": 400, "weight_lr": 1e-2, "batch_size": 32},
             "weight_steps": 10,
         },
     }
