@@ -84,16 +84,28 @@ def test_missing_peer_is_skipped_not_a_crash(monkeypatch):
 
 
 @needs_fmnist
-def test_finished_rows_are_not_recomputed(tmp_path, monkeypatch):
+def test_finished_rows_are_kept_and_rows_of_another_n_recomputed(tmp_path, monkeypatch):
     preset = BENCH_PRESETS["smoke"]
     runner = BenchRunner(preset, tmp_path, num_samples=20, progress=False)
-    spec = RowSpec("fmnist-unet", "naive", "W8A8")
-    (tmp_path / "rows").mkdir()
-    (tmp_path / "rows" / "fmnist-unet__fp32.json").write_text(json.dumps({"model": "fmnist-unet", "method": "fp32"}))
-    (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps({"model": "fmnist-unet", "status": "ok", "done": 1}))
-    monkeypatch.setattr(BenchRunner, "run_row", lambda self, spec: pytest.fail("recomputed a finished row"))
-    rows = runner.run([spec])
-    assert rows[1]["done"] == 1
+    same = {"protocol": runner.protocol.name, "num_samples": 20}
+    kept, stale = RowSpec("fmnist-unet", "naive", "W8A8"), RowSpec("fmnist-unet", "naive", "W4A16")
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    (rows_dir / "fmnist-unet__fp32.json").write_text(json.dumps({"model": "fmnist-unet", "family": "reference", **same}))
+    (rows_dir / f"{kept.key}.json").write_text(json.dumps({"model": "fmnist-unet", "status": "ok", "done": 1, **same}))
+    (rows_dir / f"{stale.key}.json").write_text(json.dumps({**same, "num_samples": 5000, "done": 0}))
+    recomputed = []
+
+    def fake_row(self, spec):
+        recomputed.append(spec.key)
+        return {"model": spec.model, "status": "ok", "done": 2, **same}
+
+    monkeypatch.setattr(BenchRunner, "run_row", fake_row)
+    rows = runner.run([kept, stale])
+    assert recomputed == [stale.key]  # the N=5000 row does not belong to an N=20 report
+    assert [row["done"] for row in rows[1:]] == [1, 2]
+    assert runner.finished_rows()[0]["family"] == "reference"
+    assert len(runner.finished_rows()) == 3
 
 
 @pytest.mark.slow

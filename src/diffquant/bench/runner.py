@@ -92,7 +92,7 @@ class BenchRunner:
             reference = cached_samples(source, self.protocol, self.progress)
             state = {"source": source, "reference": reference}
             fp_file = self.rows_dir / f"{name}__fp32.json"
-            if not fp_file.is_file():
+            if self.stored_row(fp_file) is None:
                 metrics = self.scorer.score(
                     reference, _labels(source, len(reference)), self.protocol.precision_recall_k
                 )
@@ -103,6 +103,8 @@ class BenchRunner:
                     fp_file,
                     {
                         "model": name,
+                        "protocol": self.protocol.name,
+                        "num_samples": self.protocol.num_samples,
                         "method": "fp32",
                         "setting": "W32A32",
                         "family": "reference",
@@ -224,18 +226,33 @@ class BenchRunner:
             row["latency_mode"] = latency_mode
         return row
 
+    def stored_row(self, path: Path) -> dict[str, Any] | None:
+        """A finished row from an earlier run, or None when absent or scored under another protocol/N."""
+        if not path.is_file():
+            return None
+        row = json.loads(path.read_text())
+        same = row.get("protocol") == self.protocol.name and row.get("num_samples") == self.protocol.num_samples
+        return row if same else None
+
+    def finished_rows(self) -> list[dict[str, Any]]:
+        """Every row in the results folder scored under this protocol, reference rows first."""
+        rows = [row for path in sorted(self.rows_dir.glob("*.json")) if (row := self.stored_row(path))]
+        return sorted(rows, key=lambda row: row.get("family") != "reference")
+
     def run(self, rows: list[RowSpec]) -> list[dict[str, Any]]:
         results = []
         for spec in tqdm(rows, desc=f"bench {self.preset.name}", disable=not self.progress):
             path = self.rows_dir / f"{spec.key}.json"
-            if path.is_file():  # finished in an earlier (possibly interrupted) run
-                results.append(json.loads(path.read_text()))
+            if (stored := self.stored_row(path)) is not None:  # finished in an earlier (maybe interrupted) run
+                results.append(stored)
                 continue
             try:
                 row = self.run_row(spec)
             except Exception as error:  # one failing row must not lose the others
                 row = {
                     **asdict(spec),
+                    "protocol": self.protocol.name,
+                    "num_samples": self.protocol.num_samples,
                     "status": f"failed: {type(error).__name__}: {str(error)[:300]}",
                     "traceback": traceback.format_exc()[-2000:],
                 }
@@ -268,9 +285,14 @@ def _short(details: dict) -> dict:
 def run_bench(
     preset: BenchPreset, out: str | Path, num_samples: int | None = None, progress: bool = True
 ) -> list[dict]:
-    """Run (or resume) every row of `preset`; returns all rows, reference rows first."""
+    """Run (or resume) every row of `preset`; returns every finished row in `out`, reference rows first.
+
+    Rows from earlier runs into the same folder (e.g. restricted with --model/--method) are kept in
+    the report as long as they were scored under the same protocol and N.
+    """
     runner = BenchRunner(preset, Path(out), num_samples, progress)
-    rows = runner.run(preset.rows())
+    runner.run(preset.rows())
+    rows = runner.finished_rows()
     write_json(Path(out) / "results.json", {"preset": preset.name, "protocol": runner.protocol.to_json(), "rows": rows})
     return rows
 

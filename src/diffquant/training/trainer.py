@@ -176,6 +176,8 @@ def train_model(
                 denoiser.load_state_dict(live)
                 denoiser.train()
     bar.close()
+    if not math.isfinite(loss_value) and history:
+        loss_value = history[-1]["loss"]  # a resumed run that had nothing left to do
 
     ema.copy_to(denoiser)
     denoiser.eval()
