@@ -416,7 +416,7 @@ def bench_command(
     out: Path = typer.Option(None, help="Results folder (default benchmarks/results/PRESET)."),
     report: Path = typer.Option(None, help="Markdown report to write (default: BENCHMARKS.md for full)."),
     model: list[str] = typer.Option(None, help="Restrict to these models (repeatable)."),
-    method: list[str] = typer.Option(None, help="Restrict to these diffquant methods (repeatable)."),
+    method: list[str] = typer.Option(None, help="Restrict to these diffquant methods (repeatable); --method none for peers only."),
     setting: list[str] = typer.Option(None, help="Restrict to these settings, e.g. W4A8 (repeatable)."),
     peer: list[str] = typer.Option(None, help="Restrict to these peers (repeatable); --peer none for no peers."),
     num_samples: int = typer.Option(None, help="Override the protocol's N."),
@@ -437,7 +437,7 @@ def bench_command(
         changes = {}
         for field, values in (("models", model), ("methods", method), ("settings", setting)):
             if values:
-                changes[field] = tuple(values)
+                changes[field] = () if values == ["none"] else tuple(values)
         if peer:
             changes["peers"] = () if peer == ["none"] else tuple(peer)
         if latency is not None:

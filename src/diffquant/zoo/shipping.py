@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ CARD_FILE = "README.md"
 
 def _directory_megabytes(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def reproducing_command(command: str, steps: int) -> str:
+    """The training command with `--steps` set to the steps actually trained (a run may stop early)."""
+    if re.search(r"--steps[ =]\d+", command):
+        return re.sub(r"--steps[ =]\d+", f"--steps {steps}", command)
+    return f"{command} --steps {steps}"
 
 
 def ship_model(name: str, run_dir: Path, protocol: EvalProtocol, progress: bool = True) -> dict[str, Any]:
@@ -43,7 +51,7 @@ def ship_model(name: str, run_dir: Path, protocol: EvalProtocol, progress: bool 
         "metrics": report.metrics,
         "floors": floors,
         "training": {
-            "command": training["command"],
+            "command": reproducing_command(training["command"], training["step"]),
             "steps": training["step"],
             "wall_time_s": round(training["wall_time_s"], 1),
             "config": training["config"],
