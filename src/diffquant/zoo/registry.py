@@ -102,7 +102,8 @@ REFERENCE_MODELS: dict[str, _Reference] = {
             architecture="dit",
             image_shape=(1, 28, 28),
             num_classes=10,
-            guidance_scale=2.0,
+            # measured on the trained model: scale 2 lowered class accuracy (0.61 vs 0.70 at 3,500 steps)
+            guidance_scale=1.0,
             description="Class-conditional DiT (epsilon, CFG) on 28x28 Fashion-MNIST pixels, "
             "diffusers DiTTransformer2DModel.",
         ),
