@@ -18,6 +18,7 @@ from diffquant.runtime.kernels import (
     OneDNNInt8Linear,
     PackedWeightLayer,
     ScaledMMFloat8Linear,
+    weight_supported,
 )
 from diffquant.sampling import SamplerConfig, sample
 
@@ -115,11 +116,12 @@ def test_weight_only_layers_restore_packed_weights_exactly(trained_unet, calibra
         assert torch.equal(outputs(at_load, calibration), outputs(quantized, calibration))
 
 
-def _calibrated_linear(weight_format: str, input_format: str, symmetric: bool) -> QuantLinear:
+def _calibrated_linear(
+    weight_format: str, input_format: str, symmetric: bool, weight_symmetric: bool = True
+) -> QuantLinear:
     linear = nn.Linear(16, 24)
-    layer = QuantLinear(
-        linear, QuantSpec(weight_format, granularity="per_channel"), QuantSpec(input_format, symmetric=symmetric)
-    )
+    weight_spec = QuantSpec(weight_format, granularity="per_channel", symmetric=weight_symmetric)
+    layer = QuantLinear(linear, weight_spec, QuantSpec(input_format, symmetric=symmetric))
     layer.calibrate_weight()
     layer.input_quantizer.start_observing()
     layer(torch.randn(64, 16) * 3 + 1)
@@ -155,3 +157,19 @@ def test_export_command_writes_a_directory_that_loads_on_its_backend(w8a8, tmp_p
     loaded = diffquant.load(tmp_path / "e")
     assert loaded.quantization["backend"] == "onednn"
     assert isinstance(loaded.denoiser.inner.get_submodule("conv_in"), OneDNNInt8Conv2d)
+
+
+def test_affine_low_bit_weights_run_in_int8_with_the_zero_point_folded_in():
+    # Q-Diffusion-style asymmetric 4-bit weights: w = s * (q - z) is the int8 weight q - z
+    layer = _calibrated_linear("uint4", "uint8", False, weight_symmetric=False)
+    assert bool((layer.weight_quantizer.zero_point != 0).any()) and weight_supported(layer)
+    real, mm = OneDNNInt8Linear(layer), IntMMLinear(layer)
+    x = torch.randn(32, 16) * 3 + 1
+    with torch.no_grad():
+        reference = layer(x)
+        for candidate in (real(x), mm(x)):
+            assert ((candidate - reference).abs().max() / reference.abs().max()).item() < TOLERANCE
+    # an affine 8-bit weight whose zero-point shifts codes out of int8's range stays on the float path
+    wide = _calibrated_linear("uint8", "uint8", False, weight_symmetric=False)
+    wide.weight_quantizer.zero_point[0] = 200.0  # codes 0..255 become -200..55
+    assert not weight_supported(wide)

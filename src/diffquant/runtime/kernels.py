@@ -114,30 +114,46 @@ class StepClock(nn.Module):
 
 
 def int8_weight(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight in the layer's shape, per-output-channel float scales) of a frozen symmetric layer."""
+    """(int8 weight in the layer's shape, per-output-channel float scales) of a frozen layer that
+    `weight_supported` accepts; an affine zero-point is folded into the integer weight."""
     quantizer = layer.weight_quantizer
     fmt = quantizer.fmt
-    scale, _ = quantizer.current_params()
-    values = (layer.weight_codes.to(torch.int32) + fmt.qmin).to(torch.int8)
+    scale, zero = quantizer.current_params()
     shape = layer._frozen_shape
+    values = (layer.weight_codes.to(torch.int32) + fmt.qmin).reshape(shape)
+    if zero is not None:
+        values = values - zero.detach().round().to(torch.int32).reshape(-1, *([1] * (len(shape) - 1)))
     if quantizer.grouping.kind == "per_tensor":
         scale = scale.reshape(1).expand(shape[0])
-    return values.reshape(shape), scale.reshape(-1).float().contiguous()
+    return values.to(torch.int8), scale.reshape(-1).float().contiguous()
+
+
+def _centred_weight_range(layer: QuantLayer) -> tuple[float, float]:
+    """Smallest and largest integer weight once the zero-point is folded in (codes + qmin - zero)."""
+    quantizer = layer.weight_quantizer
+    zero = quantizer.zero_point.detach().float()
+    return quantizer.fmt.qmin - zero.max().item(), quantizer.fmt.qmax - zero.min().item()
 
 
 def weight_supported(layer: QuantLayer, max_bits: int = 8) -> bool:
-    """Integer weights of <= max_bits, symmetric (zero-point 0), per-output-channel or per-tensor."""
+    """Integer weights, per-output-channel or per-tensor, whose values fit int8 with zero-point 0.
+
+    Symmetric grids of <= 8 bits qualify, and so do affine grids with integer zero-points whose
+    shifted codes still fit int8 (e.g. Q-Diffusion's asymmetric 4-bit weights): w = s * (q - z)
+    is exactly the symmetric int8 weight q - z with the same scale.
+    """
     quantizer = layer.weight_quantizer
     if quantizer is None or not layer.frozen or not isinstance(quantizer.fmt, IntFormat):
         return False
     grouping = quantizer.grouping
     per_out_channel = grouping.kind == "per_channel" and grouping.axis == 0
-    return (
-        quantizer.fmt.signed
-        and quantizer.fmt.bits <= max_bits
-        and bool((quantizer.zero_point == 0).all())
-        and (per_out_channel or grouping.kind == "per_tensor")
-    )
+    if quantizer.fmt.bits > max_bits or not (per_out_channel or grouping.kind == "per_tensor"):
+        return False
+    zero = quantizer.zero_point.detach()
+    if not torch.equal(zero, zero.round()):
+        return False
+    low, high = _centred_weight_range(layer)
+    return low >= -128 and high <= 127
 
 
 def input_supported(quantizer: Quantizer | None, max_bits: int = 8) -> bool:
