@@ -91,7 +91,8 @@ def test_finished_rows_are_kept_and_rows_of_another_n_recomputed(tmp_path, monke
     kept, stale = RowSpec("fmnist-unet", "naive", "W8A8"), RowSpec("fmnist-unet", "naive", "W4A16")
     rows_dir = tmp_path / "rows"
     rows_dir.mkdir()
-    (rows_dir / "fmnist-unet__fp32.json").write_text(json.dumps({"model": "fmnist-unet", "family": "reference", **same}))
+    reference = {"model": "fmnist-unet", "family": "reference", **same}
+    (rows_dir / "fmnist-unet__fp32.json").write_text(json.dumps(reference))
     (rows_dir / f"{kept.key}.json").write_text(json.dumps({"model": "fmnist-unet", "status": "ok", "done": 1, **same}))
     (rows_dir / f"{stale.key}.json").write_text(json.dumps({**same, "num_samples": 5000, "done": 0}))
     recomputed = []
