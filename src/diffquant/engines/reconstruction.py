@@ -65,6 +65,8 @@ class ReconstructionConfig:
     """Inputs from the quantized model, targets from the full-precision one (BRECQ's asym)."""
     joint: bool = False
     """Optimise rounding and step sizes together, without the rounding regulariser (EDA-DM)."""
+    joint_round_loss: bool = False
+    """Joint pass only: add AdaRound's rounding regulariser (EDA-DM's official joint pass has none)."""
     layer_loss_weight: float = 0.0
     """Weight of the summed per-layer output losses added to a block's loss (EDA-DM's FBR)."""
     capture_batch_size: int = 64
@@ -404,7 +406,7 @@ class Reconstructor:
         )
 
     def joint_pass(self, units: list[ReconstructionUnit]) -> None:
-        """EDA-DM: rounding and step sizes together, activation quantization on, no regulariser."""
+        """EDA-DM: rounding and step sizes together, activation quantization on (regulariser optional)."""
         self._reconstruct_units(
             units,
             "joint",
@@ -412,7 +414,7 @@ class Reconstructor:
             step_sizes=True,
             iterations=self.config.weight_iters,
             p=self.config.weight_p,
-            round_loss=False,
+            round_loss=self.config.joint_round_loss,
             seed_offset=0,
         )
 
