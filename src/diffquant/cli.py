@@ -76,7 +76,7 @@ def train(
             images = sample(current, 64, SamplerConfig("ddim", 25), seed=0, progress=False).images
             save_image_grid(images, run_dir / "previews" / f"step-{step:06d}.png", columns=8)
 
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
         result = train_model(bundle, data, config, run_dir, command=command, on_checkpoint=preview)
         typer.echo(
             f"trained {model}: {result.steps} steps, {result.wall_time_s / 60:.1f} min, "
@@ -422,6 +422,7 @@ def bench_command(
     num_samples: int = typer.Option(None, help="Override the protocol's N."),
     latency: bool = typer.Option(None, "--latency/--no-latency", help="Measure real-kernel speedups."),
     threads: int = typer.Option(None),
+    report_only: bool = typer.Option(False, help="Only rewrite the report from the finished rows in --out."),
 ) -> None:
     """Run (or resume) the benchmark matrix and write the report, CSV/JSON, plots and sample grids."""
     try:
@@ -444,10 +445,10 @@ def bench_command(
             changes["latency"] = latency
         chosen = replace(chosen, **changes)
         out = out or Path("benchmarks/results") / preset
-        rows = run_bench(chosen, out, num_samples)
+        rows = run_bench(chosen, out, num_samples, run_rows=not report_only)
         report = report or (Path("BENCHMARKS.md") if preset == "full" else out / "BENCHMARKS.md")
         protocol = json.loads((out / "results.json").read_text())["protocol"]
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
         write_report(rows, chosen.name, protocol, out, report, command)
         failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
         typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")

@@ -53,7 +53,7 @@ def _feed(model: nn.Module, batches: CalibrationBatches) -> None:
 def _state_dict_mb(model: nn.Module) -> float:
     buffer = io.BytesIO()
     torch.save({k: v for k, v in model.state_dict().items() if v is not None}, buffer)
-    return buffer.tell() / 1e6
+    return len(buffer.getvalue()) / 1e6
 
 
 class Peer(ABC):
@@ -199,8 +199,9 @@ class PT2E(Peer):
         conditional = "class_labels" in batches[0][2]
         x, t, kwargs = batches[0]
         example = (x, t.float()) + ((kwargs["class_labels"],) if conditional else ())
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        shapes = ({0: batch}, {0: batch}) + (({0: batch},) if conditional else ())
+        # AUTO batch: a named Dim trips a guard that diffusers' UNet adds when the batch equals its
+        # channel count (64 <= batch); AUTO accepts the guard and the graph serves batches >= the example's
+        shapes = tuple({0: torch.export.Dim.AUTO} for _ in range(3 if conditional else 2))
         graph = torch.export.export(
             _FloatTimestep(copy.deepcopy(denoiser), conditional), example, dynamic_shapes=shapes
         ).module()
@@ -221,7 +222,7 @@ class PT2E(Peer):
             inductor_config.freezing = False
         return PeerModel(
             _Tensor2Output(compiled, conditional),
-            buffer.tell() / 1e6,
+            len(buffer.getvalue()) / 1e6,
             "Linear+Conv2d, static per-tensor uint8 inputs (X86InductorQuantizer)",
             "oneDNN qconv/qlinear via torch.compile",
             True,

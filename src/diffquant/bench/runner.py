@@ -283,7 +283,11 @@ def _short(details: dict) -> dict:
 
 
 def run_bench(
-    preset: BenchPreset, out: str | Path, num_samples: int | None = None, progress: bool = True
+    preset: BenchPreset,
+    out: str | Path,
+    num_samples: int | None = None,
+    progress: bool = True,
+    run_rows: bool = True,
 ) -> list[dict]:
     """Run (or resume) every row of `preset`; returns every finished row in `out`, reference rows first.
 
@@ -291,8 +295,11 @@ def run_bench(
     the report as long as they were scored under the same protocol and N.
     """
     runner = BenchRunner(preset, Path(out), num_samples, progress)
-    runner.run(preset.rows())
+    if run_rows:
+        runner.run(preset.rows())
     rows = runner.finished_rows()
+    if not rows:
+        raise DiffquantError(f"No finished rows in {out}/rows for this protocol and N; run the bench first.")
     write_json(Path(out) / "results.json", {"preset": preset.name, "protocol": runner.protocol.to_json(), "rows": rows})
     return rows
 
