@@ -84,7 +84,7 @@ def test_missing_peer_is_skipped_not_a_crash(monkeypatch):
 
 
 @needs_fmnist
-def test_finished_rows_are_kept_and_rows_of_another_n_recomputed(tmp_path, monkeypatch):
+def test_finished_rows_are_kept_failed_and_other_n_rows_recomputed(tmp_path, monkeypatch):
     preset = BENCH_PRESETS["smoke"]
     runner = BenchRunner(preset, tmp_path, num_samples=20, progress=False)
     same = {"protocol": runner.protocol.name, "num_samples": 20}
@@ -95,6 +95,8 @@ def test_finished_rows_are_kept_and_rows_of_another_n_recomputed(tmp_path, monke
     (rows_dir / "fmnist-unet__fp32.json").write_text(json.dumps(reference))
     (rows_dir / f"{kept.key}.json").write_text(json.dumps({"model": "fmnist-unet", "status": "ok", "done": 1, **same}))
     (rows_dir / f"{stale.key}.json").write_text(json.dumps({**same, "num_samples": 5000, "done": 0}))
+    failed = RowSpec("fmnist-unet", "ptq4dm", "W8A8")
+    (rows_dir / f"{failed.key}.json").write_text(json.dumps({**same, "status": "failed: OSError: disk full"}))
     recomputed = []
 
     def fake_row(self, spec):
@@ -102,11 +104,12 @@ def test_finished_rows_are_kept_and_rows_of_another_n_recomputed(tmp_path, monke
         return {"model": spec.model, "status": "ok", "done": 2, **same}
 
     monkeypatch.setattr(BenchRunner, "run_row", fake_row)
-    rows = runner.run([kept, stale])
-    assert recomputed == [stale.key]  # the N=5000 row does not belong to an N=20 report
-    assert [row["done"] for row in rows[1:]] == [1, 2]
+    rows = runner.run([kept, stale, failed])
+    # the N=5000 row does not belong to an N=20 report; a failed row is retried
+    assert recomputed == [stale.key, failed.key]
+    assert [row["done"] for row in rows[1:]] == [1, 2, 2]
     assert runner.finished_rows()[0]["family"] == "reference"
-    assert len(runner.finished_rows()) == 3
+    assert len(runner.finished_rows()) == 4
 
 
 @pytest.mark.slow

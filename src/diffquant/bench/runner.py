@@ -227,10 +227,13 @@ class BenchRunner:
         return row
 
     def stored_row(self, path: Path) -> dict[str, Any] | None:
-        """A finished row from an earlier run, or None when absent or scored under another protocol/N."""
+        """A finished row from an earlier run, or None when absent, failed (retried) or scored under another
+        protocol/N."""
         if not path.is_file():
             return None
         row = json.loads(path.read_text())
+        if str(row.get("status", "")).startswith("failed"):
+            return None
         same = row.get("protocol") == self.protocol.name and row.get("num_samples") == self.protocol.num_samples
         return row if same else None
 
