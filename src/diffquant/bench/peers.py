@@ -211,6 +211,9 @@ class PT2E(Peer):
             for x, t, kwargs in batches:
                 prepared(x, t.float(), *((kwargs["class_labels"],) if conditional else ()))
         converted = convert_pt2e(prepared)
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        allow_exported_model_train_eval(converted)  # samplers call .eval() on the denoiser
         buffer = io.BytesIO()
         torch.export.save(torch.export.export(converted, example, dynamic_shapes=shapes), buffer)
         inductor_config.freezing = True  # prepacks the int8 weights for oneDNN: the real-kernel path
