@@ -23,7 +23,7 @@ COLUMNS = [
     ("PSNR vs fp32", lambda r: _metric(r, "psnr_vs_ref", ".2f")),
     ("SSIM vs fp32", lambda r: _metric(r, "ssim_vs_ref", ".3f")),
     ("calib s", lambda r: _number(r.get("calibration_s"), ".0f")),
-    ("calib peak +MB", lambda r: _number(r.get("calibration_peak_mb"), ".0f")),
+    ("calib peak RSS MB", lambda r: _number(r.get("calibration_peak_rss_mb"), ".0f")),
     ("disk MB", lambda r: _number(r.get("disk_mb"), ".2f")),
     ("bits/weight", lambda r: _number(r.get("bits_per_weight"), ".1f")),
     ("speedup", lambda r: _number(r.get("speedup"), ".2f", "x")),
@@ -69,6 +69,18 @@ def markdown_table(rows: list[dict], model: str) -> str:
     return "\n".join(lines)
 
 
+def _threads(rows: list[dict]) -> str:
+    """The torch thread counts the rows ran with (rows that predate the field ran with this process's)."""
+    import torch
+
+    counts = sorted({r["threads"] for r in rows if r.get("threads")}) or [torch.get_num_threads()]
+    return "/".join(str(c) for c in counts)
+
+
+def _speed(row: dict) -> str:
+    return f"{row['speedup']:.2f}x" if row.get("speedup") else "unmeasured"
+
+
 def peer_comparison(rows: list[dict], model: str) -> list[str]:
     """Per setting: the best diffquant method against the best peer, by FID."""
     lines = []
@@ -91,7 +103,8 @@ def peer_comparison(rows: list[dict], model: str) -> list[str]:
             text += (
                 f" vs best peer `{peer['method']}` FID {peer['metrics']['fid']:.2f}: diffquant {verdict} it by "
                 f"{abs(delta):.2f} FID (PSNR vs fp32 {best['metrics'].get('psnr_vs_ref', float('nan')):.2f} vs "
-                f"{peer['metrics'].get('psnr_vs_ref', float('nan')):.2f} dB)"
+                f"{peer['metrics'].get('psnr_vs_ref', float('nan')):.2f} dB; speedup {_speed(best)} vs "
+                f"{_speed(peer)}; peer coverage: {(peer.get('coverage') or {}).get('text', '?')})"
             )
         else:
             text += " (no peer ran at this setting)"
@@ -215,10 +228,10 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
         f"steps, N = {protocol['num_samples']} samples (seed {protocol['seed']}) scored against "
         f"{protocol['reference']} on the shipped Fashion-MNIST feature network; PSNR/SSIM against the full-precision "
         "model's samples from the same seeds. Machine: "
-        f"{platform.machine()}, {__import__('torch').get_num_threads()} torch threads.",
+        f"{platform.machine()}, {_threads(rows)} torch thread(s).",
         "",
-        "Columns: calibration time covers recording the calibration data and the method; calib peak +MB is the "
-        "growth of the process's resident memory during calibration; disk MB is "
+        "Columns: calibration time covers recording the calibration data and the method; calib peak RSS MB is the "
+        "process's peak resident memory during calibration; disk MB is "
         "what the library's own save path writes; bits/weight = 8 x disk bytes / parameters; speedup is a "
         "batch-64 denoiser call against fp32 (compiled with inductor freezing for compiled rows, eager for eager "
         "peers), timed interleaved in one process; coverage counts the quantized layers.",

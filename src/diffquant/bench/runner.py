@@ -158,7 +158,12 @@ class BenchRunner:
     def run_row(self, spec: RowSpec) -> dict[str, Any]:
         state = self.model_state(spec.model)
         source: DiffusionModel = state["source"]
-        base = {**asdict(spec), "protocol": self.protocol.name, "num_samples": self.protocol.num_samples}
+        base = {
+            **asdict(spec),
+            "protocol": self.protocol.name,
+            "num_samples": self.protocol.num_samples,
+            "threads": torch.get_num_threads(),
+        }
         if spec.family == "peer":
             peer = get_peer(spec.method)
             reason = peer.unavailable()
