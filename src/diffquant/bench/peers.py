@@ -194,6 +194,7 @@ class PT2E(Peer):
     def quantize(self, denoiser, setting, batches):
         import torch._inductor.config as inductor_config
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         conditional = "class_labels" in batches[0][2]
@@ -211,8 +212,6 @@ class PT2E(Peer):
             for x, t, kwargs in batches:
                 prepared(x, t.float(), *((kwargs["class_labels"],) if conditional else ()))
         converted = convert_pt2e(prepared)
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-
         allow_exported_model_train_eval(converted)  # samplers call .eval() on the denoiser
         buffer = io.BytesIO()
         torch.export.save(torch.export.export(converted, example, dynamic_shapes=shapes), buffer)

@@ -338,12 +338,16 @@ class Reconstructor:
         phase: str,
         rounding: bool,
         step_sizes: bool,
-        iterations: int,
-        p: float,
         round_loss: bool,
         seed_offset: int,
     ) -> None:
-        """One pass over the units, learning rounding and/or step sizes; checkpointed per unit."""
+        """One pass over the units, learning rounding and/or step sizes; checkpointed per unit.
+
+        Passes that learn rounding follow the weight schedule (iterations, loss exponent), the others
+        the activation schedule.
+        """
+        iterations = self.config.weight_iters if rounding else self.config.act_iters
+        p = self.config.weight_p if rounding else self.config.act_p
         for index, unit in enumerate(tqdm(units, desc=f"reconstruct {phase}", disable=not self.progress_bar)):
             key = f"{phase}:{unit.name}"
             if self.done(key) or iterations == 0:
@@ -384,8 +388,6 @@ class Reconstructor:
                 "weights",
                 rounding=True,
                 step_sizes=False,
-                iterations=self.config.weight_iters,
-                p=self.config.weight_p,
                 round_loss=True,
                 seed_offset=0,
             )
@@ -399,8 +401,6 @@ class Reconstructor:
             "activations",
             rounding=False,
             step_sizes=True,
-            iterations=self.config.act_iters,
-            p=self.config.act_p,
             round_loss=False,
             seed_offset=1000,
         )
@@ -412,8 +412,6 @@ class Reconstructor:
             "joint",
             rounding=True,
             step_sizes=True,
-            iterations=self.config.weight_iters,
-            p=self.config.weight_p,
             round_loss=self.config.joint_round_loss,
             seed_offset=0,
         )
