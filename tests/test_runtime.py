@@ -6,6 +6,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import diffquant
+from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
 from diffquant.errors import DiffquantError
 from diffquant.modules import QuantLinear, quant_layers
@@ -21,6 +22,7 @@ from diffquant.runtime.kernels import (
     weight_supported,
 )
 from diffquant.sampling import SamplerConfig, sample
+from tests.conftest import tiny_dit_model
 
 TOLERANCE = 1e-5  # per-layer: integer accumulation vs float simulation differ only by float rounding
 
@@ -173,3 +175,24 @@ def test_affine_low_bit_weights_run_in_int8_with_the_zero_point_folded_in():
     wide = _calibrated_linear("uint8", "uint8", False, weight_symmetric=False)
     wide.weight_quantizer.zero_point[0] = 200.0  # codes 0..255 become -200..55
     assert not weight_supported(wide)
+
+
+@pytest.mark.parametrize(("abits", "per_step", "chained"), [(8, False, True), (6, False, False), (8, True, False)])
+def test_transformer_feedforward_chains_uint8_codes_and_agrees(abits, per_step, chained):
+    # GELU projection -> linear: the first int8 GEMM writes the second's uint8 codes itself when the
+    # second's input grid is a static full 8-bit one; per-step or narrower grids keep the float hand-off
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    quantized = diffquant.quantize(
+        model, "naive", calibration, progress=False, wbits=8, abits=abits, activation_per_step=per_step
+    )
+    deployed = export_model(quantized, "onednn")
+    kernels = deployed.quantization["kernels"]
+    assert kernels.get("linear: onednn::qlinear_pointwise (GELU fused, u8 out)", 0) == (2 if chained else 0)
+    assert sum(kernels.values()) == len(list(quant_layers(quantized.denoiser)))
+    for index in (0, 3):
+        batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[index])
+        with torch.no_grad(), step_context(batch.step_index, batch.timestep, batch.num_steps):
+            reference = quantized.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+            candidate = deployed.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+        assert ((candidate - reference).abs().max() / reference.abs().max()).item() < 0.02
