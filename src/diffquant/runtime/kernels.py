@@ -219,8 +219,10 @@ class _InputQuantizer(nn.Module):
     def params(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.per_step:
             return self.scales[0], self.zeros[0]
-        row = torch.argmin((self.bank_timesteps - self.clock).abs())
-        return self.scales[row], self.zeros[row]
+        # index_select, not scales[row]: indexing with a 0-d tensor reads it back to Python (.item()),
+        # which breaks the compiled graph at every per-step layer
+        row = torch.argmin((self.bank_timesteps - self.clock).abs()).reshape(1)
+        return self.scales.index_select(0, row).reshape(()), self.zeros.index_select(0, row).reshape(())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scale, zero = self.params()
