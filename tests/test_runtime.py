@@ -9,7 +9,7 @@ import diffquant
 from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
 from diffquant.errors import DiffquantError
-from diffquant.modules import QuantLinear, quant_layers
+from diffquant.modules import QuantConv2d, QuantLinear, quant_layers
 from diffquant.quant import QuantSpec, step_context
 from diffquant.runtime.export import check_backend, export_model
 from diffquant.runtime.kernels import (
@@ -19,6 +19,7 @@ from diffquant.runtime.kernels import (
     OneDNNInt8Linear,
     PackedWeightLayer,
     ScaledMMFloat8Linear,
+    int8_weight,
     weight_supported,
 )
 from diffquant.sampling import SamplerConfig, sample
@@ -171,10 +172,35 @@ def test_affine_low_bit_weights_run_in_int8_with_the_zero_point_folded_in():
         reference = layer(x)
         for candidate in (real(x), mm(x)):
             assert ((candidate - reference).abs().max() / reference.abs().max()).item() < TOLERANCE
-    # an affine 8-bit weight whose zero-point shifts codes out of int8's range stays on the float path
+    # affine 8-bit weights (Q-Diffusion at W8): q - z leaves int8 (z = 200: -200..55), so each channel is
+    # shifted into int8 and the output subtracts shift * sum(input) - still exact
     wide = _calibrated_linear("uint8", "uint8", False, weight_symmetric=False)
-    wide.weight_quantizer.zero_point[0] = 200.0  # codes 0..255 become -200..55
-    assert not weight_supported(wide)
+    wide.weight_quantizer.zero_point[0] = 200.0
+    assert weight_supported(wide) and int8_weight(wide).input_sum_weight is not None
+    with torch.no_grad():
+        reference = wide(x)
+        for candidate in (OneDNNInt8Linear(wide)(x), IntMMLinear(wide)(x)):
+            assert ((candidate - reference).abs().max() / reference.abs().max()).item() < TOLERANCE
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_affine_8bit_conv_weights_run_in_int8_with_the_window_sum_correction(stride, padding, dilation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, dilation=dilation)
+    layer = QuantConv2d(
+        conv, QuantSpec("uint8", granularity="per_channel", symmetric=False), QuantSpec("uint8", symmetric=False)
+    )
+    layer.calibrate_weight()
+    x = torch.randn(4, 6, 9, 9) * 2 + 0.5
+    layer.input_quantizer.start_observing()
+    layer(x)
+    layer.input_quantizer.finish_observing()
+    layer.freeze()
+    layer.weight_quantizer.zero_point[::2] = 190.0  # out of int8 once folded in: needs the correction
+    assert weight_supported(layer) and int8_weight(layer).input_sum_weight is not None
+    with torch.no_grad():
+        reference, candidate = layer(x), OneDNNInt8Conv2d(layer)(x)
+    assert ((candidate - reference).abs().max() / reference.abs().max()).item() < TOLERANCE
 
 
 @pytest.mark.parametrize(("abits", "per_step", "chained"), [(8, False, True), (6, False, False), (8, True, False)])

@@ -120,7 +120,7 @@ def _fuse_activations(model: nn.Module) -> Counter[str]:
     tanh-GELU pass costs more than the int8 GEMM itself on CPU."""
     fused: Counter[str] = Counter()
     for name, module in list(model.named_modules()):
-        if isinstance(module, GELU) and isinstance(module.proj, OneDNNInt8Linear):
+        if isinstance(module, GELU) and isinstance(module.proj, OneDNNInt8Linear) and module.proj.takes_epilogue:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, FusedGELU(module.proj, module.approximate))

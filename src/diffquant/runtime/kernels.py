@@ -8,6 +8,8 @@ inside the graph, so `torch.compile` does not recompile at every sampling step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,34 +139,47 @@ class StepClock(nn.Module):
         self.timestep.fill_(timestep)
 
 
-def int8_weight(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight in the layer's shape, per-output-channel float scales) of a frozen layer that
-    `weight_supported` accepts; an affine zero-point is folded into the integer weight."""
+@dataclass
+class Int8Weight:
+    """A frozen layer's weight as oneDNN/`_int_mm` take it: symmetric int8 values and per-output-channel
+    float scales. `input_sum_weight` is set when an affine zero-point could not be folded into int8:
+    the layer then needs y -= input_sum_weight * (sum of the dequantized input over each output's
+    receptive field), which restores w = s * (q - z) exactly."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    input_sum_weight: torch.Tensor | None = None
+
+
+def int8_weight(layer: QuantLayer) -> Int8Weight:
+    """The int8 form of a frozen layer that `weight_supported` accepts.
+
+    The integer weight is v = q + qmin - z. Where v fits int8 (symmetric grids, Q-Diffusion's affine
+    4-bit weights) it is used as is; otherwise (affine 8-bit) each channel is shifted by an integer m
+    into [-128, 127] and the shift is undone on the output: x.(v) = x.(v + m) - m * sum(x).
+    """
     quantizer = layer.weight_quantizer
     fmt = quantizer.fmt
     scale, zero = quantizer.current_params()
     shape = layer._frozen_shape
+    channel_shape = (-1, *([1] * (len(shape) - 1)))
     values = (layer.weight_codes.to(torch.int32) + fmt.qmin).reshape(shape)
-    if zero is not None:
-        values = values - zero.detach().round().to(torch.int32).reshape(-1, *([1] * (len(shape) - 1)))
-    if quantizer.grouping.kind == "per_tensor":
-        scale = scale.reshape(1).expand(shape[0])
-    return values.to(torch.int8), scale.reshape(-1).float().contiguous()
-
-
-def _centred_weight_range(layer: QuantLayer) -> tuple[float, float]:
-    """Smallest and largest integer weight once the zero-point is folded in (codes + qmin - zero)."""
-    quantizer = layer.weight_quantizer
-    zero = quantizer.zero_point.detach().float()
-    return quantizer.fmt.qmin - zero.max().item(), quantizer.fmt.qmax - zero.min().item()
+    zero = torch.zeros(shape[0]) if zero is None else zero.detach().round().reshape(-1).expand(shape[0])
+    scale = scale.detach().reshape(-1).float().expand(shape[0]).contiguous()
+    values = values - zero.to(torch.int32).reshape(channel_shape)
+    low, high = fmt.qmin - zero, fmt.qmax - zero  # each channel's integer range
+    shift = torch.where((low >= -128) & (high <= 127), torch.zeros_like(zero), -128 - low)
+    values = values + shift.to(torch.int32).reshape(channel_shape)
+    correction = None if not bool(shift.any()) else (shift * scale).contiguous()
+    return Int8Weight(values.to(torch.int8), scale, correction)
 
 
 def weight_supported(layer: QuantLayer, max_bits: int = 8) -> bool:
-    """Integer weights, per-output-channel or per-tensor, whose values fit int8 with zero-point 0.
+    """Integer weights of <= 8 bits, per-output-channel or per-tensor, with integer zero-points.
 
-    Symmetric grids of <= 8 bits qualify, and so do affine grids with integer zero-points whose
-    shifted codes still fit int8 (e.g. Q-Diffusion's asymmetric 4-bit weights): w = s * (q - z)
-    is exactly the symmetric int8 weight q - z with the same scale.
+    Symmetric grids run as they are; affine grids too when the zero-point folds into int8 (w = s * (q - z)
+    is the symmetric int8 weight q - z), and otherwise with a per-channel shift undone on the output
+    (see `int8_weight`; convolutions only with groups = 1).
     """
     quantizer = layer.weight_quantizer
     if quantizer is None or not layer.frozen or not isinstance(quantizer.fmt, IntFormat):
@@ -176,8 +191,9 @@ def weight_supported(layer: QuantLayer, max_bits: int = 8) -> bool:
     zero = quantizer.zero_point.detach()
     if not torch.equal(zero, zero.round()):
         return False
-    low, high = _centred_weight_range(layer)
-    return low >= -128 and high <= 127
+    if isinstance(layer, QuantConv2d) and layer.groups != 1:
+        return int8_weight(layer).input_sum_weight is None
+    return True
 
 
 def input_supported(quantizer: Quantizer | None, max_bits: int = 8) -> bool:
@@ -232,6 +248,10 @@ class _InputQuantizer(nn.Module):
         return codes, scale, zero.to(torch.int32)
 
 
+def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes.float() - zero) * scale
+
+
 class OneDNNInt8Linear(nn.Module):
     """Linear on oneDNN's u8s8 int8 GEMM (`onednn::qlinear_pointwise`), float32 out."""
 
@@ -239,14 +259,15 @@ class OneDNNInt8Linear(nn.Module):
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
-        weight, scale = int8_weight(layer)
-        self.out_features = weight.shape[0]
+        weight = int8_weight(layer)
+        self.out_features = weight.values.shape[0]
         self.input = _InputQuantizer(layer.input_quantizer)
-        self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight, None))
+        self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight.values, None))
         self.post_op, self.post_algorithm = "none", ""
         self.output_scale, self.output_zero = 0.0, 0  # float32 output unless emit_codes_for() is called
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.register_buffer("weight_scale", weight.scale)
+        self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
+        self.register_buffer("input_sum_weight", weight.input_sum_weight)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +286,15 @@ class OneDNNInt8Linear(nn.Module):
             self.output_scale,
             self.output_zero,
         )
+        if self.input_sum_weight is not None:
+            out = out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * self.input_sum_weight
         return out.reshape(*shape[:-1], self.out_features)
+
+    @property
+    def takes_epilogue(self) -> bool:
+        """Whether a post-op or requantization may run inside the GEMM (not when its output still
+        needs the zero-point correction)."""
+        return self.input_sum_weight is None
 
     def emit_codes_for(self, consumer: OneDNNInt8Linear) -> bool:
         """Write uint8 codes on `consumer`'s input grid instead of float32 (the requantize happens in
@@ -273,7 +302,7 @@ class OneDNNInt8Linear(nn.Module):
         oneDNN's output scale is a constant and it clamps to the full uint8 range."""
         grid = consumer.input
         zero = float(grid.zeros[0])
-        if grid.per_step or (grid.qmin, grid.qmax) != (0, 255) or not zero.is_integer():
+        if not self.takes_epilogue or grid.per_step or (grid.qmin, grid.qmax) != (0, 255) or not zero.is_integer():
             return False
         self.output_scale, self.output_zero = float(grid.scales[0]), int(zero)
         self.kernel += " -> u8"
@@ -306,7 +335,7 @@ class OneDNNInt8Conv2d(nn.Module):
 
     def __init__(self, layer: QuantConv2d) -> None:
         super().__init__()
-        weight, scale = int8_weight(layer)
+        weight = int8_weight(layer)
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation, self.groups = list(layer.dilation), layer.groups
         self.kernel_size = list(layer.kernel_size)
@@ -315,11 +344,21 @@ class OneDNNInt8Conv2d(nn.Module):
             self.input.params() if not self.input.per_step else (self.input.scales[0], self.input.zeros[0])
         )
         packed = torch.ops.onednn.qconv_prepack(
-            weight, scale, float(x_scale), int(x_zero), self.stride, self.padding, self.dilation, self.groups, None
+            weight.values,
+            weight.scale,
+            float(x_scale),
+            int(x_zero),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            None,
         )
         self.register_buffer("packed_weight", packed)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero", torch.zeros(weight.shape[0], dtype=torch.int64))
+        self.register_buffer("weight_scale", weight.scale)
+        self.register_buffer("weight_zero", torch.zeros(weight.values.shape[0], dtype=torch.int64))
+        self.register_buffer("input_sum_weight", weight.input_sum_weight)
+        self.register_buffer("window", torch.ones(1, 1, *self.kernel_size))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +377,12 @@ class OneDNNInt8Conv2d(nn.Module):
             self.groups,
             self.kernel_size,
         )
-        return nhwc.permute(0, 3, 1, 2)
+        out = nhwc.permute(0, 3, 1, 2)
+        if self.input_sum_weight is not None:  # groups == 1: the receptive field spans every input channel
+            channel_sum = _dequantized(codes, scale, zero).sum(1, keepdim=True)
+            window_sum = F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
+            out = out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)
+        return out
 
 
 class DequantizedLayer(nn.Module):
@@ -375,12 +419,13 @@ class IntMMLinear(nn.Module):
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
-        weight, scale = int8_weight(layer)
-        self.out_features = weight.shape[0]
+        weight = int8_weight(layer)
+        self.out_features = weight.values.shape[0]
         self.input = _InputQuantizer(layer.input_quantizer)
-        self.register_buffer("weight_t", weight.t().contiguous())
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_row_sum", weight.to(torch.int32).sum(1))
+        self.register_buffer("weight_t", weight.values.t().contiguous())
+        self.register_buffer("weight_scale", weight.scale)
+        self.register_buffer("weight_row_sum", weight.values.to(torch.int32).sum(1))
+        self.register_buffer("input_sum_weight", weight.input_sum_weight)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -391,6 +436,8 @@ class IntMMLinear(nn.Module):
         out = accumulator.float() * (scale * self.weight_scale)
         if self.bias is not None:
             out = out + self.bias
+        if self.input_sum_weight is not None:
+            out = out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * self.input_sum_weight
         return out.reshape(*shape[:-1], self.out_features)
 
 
