@@ -128,3 +128,15 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert rows[("naive", "W8A8")]["metrics"]["psnr_vs_ref"] > rows[("naive", "W4A16")]["metrics"]["psnr_vs_ref"]
     assert rows[("naive", "W8A8")]["disk_mb"] < rows[("fp32", "W32A32")]["disk_mb"] / 3
     assert "| naive | W8A8 |" in (tmp_path / "BENCHMARKS.md").read_text()
+    # speedups re-timed on a quiet machine with the current kernels, without re-sampling
+    before = json.loads((tmp_path / "rows" / "fmnist-unet__naive__W8A8.json").read_text())
+    refreshed = CliRunner().invoke(
+        app,
+        ["bench", "--preset", "smoke", "--out", str(tmp_path), "--threads", "2", "--refresh-latency"]
+        + ["--method", "naive", "--setting", "W8A8", "--peer", "none"],
+    )
+    assert refreshed.exit_code == 0, refreshed.output
+    after = json.loads((tmp_path / "rows" / "fmnist-unet__naive__W8A8.json").read_text())
+    assert "speedup" not in before and after["speedup"] > 0.5
+    assert after["latency_mode"] == "onednn int8 compiled vs fp32 compiled"
+    assert after["metrics"] == before["metrics"]

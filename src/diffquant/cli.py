@@ -423,6 +423,9 @@ def bench_command(
     latency: bool = typer.Option(None, "--latency/--no-latency", help="Measure real-kernel speedups."),
     threads: int = typer.Option(None),
     report_only: bool = typer.Option(False, help="Only rewrite the report from the finished rows in --out."),
+    refresh_latency: bool = typer.Option(
+        False, help="Re-time the finished rows' speedups with the current kernels (no re-sampling; quiet machine)."
+    ),
 ) -> None:
     """Run (or resume) the benchmark matrix and write the report, CSV/JSON, plots and sample grids."""
     try:
@@ -445,10 +448,11 @@ def bench_command(
             changes["latency"] = latency
         chosen = replace(chosen, **changes)
         out = out or Path("benchmarks/results") / preset
-        rows = run_bench(chosen, out, num_samples, run_rows=not report_only)
+        rows = run_bench(chosen, out, num_samples, run_rows=not report_only, refresh_latency=refresh_latency)
         report = report or (Path("BENCHMARKS.md") if preset == "full" else out / "BENCHMARKS.md")
         protocol = json.loads((out / "results.json").read_text())["protocol"]
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
+        rerun_flags = ("--report-only", "--refresh-latency")
+        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in rerun_flags)
         write_report(rows, chosen.name, protocol, out, report, command)
         failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
         typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")

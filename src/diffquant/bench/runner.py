@@ -59,7 +59,9 @@ def _inputs(model: DiffusionModel, batch: int) -> tuple[torch.Tensor, torch.Tens
     return x, torch.full((batch,), 500), kwargs
 
 
-def _latency(candidate: torch.nn.Module, baseline: torch.nn.Module, model: DiffusionModel, repeats: int) -> dict:
+def _interleaved_latency(
+    candidate: torch.nn.Module, baseline: torch.nn.Module, model: DiffusionModel, repeats: int
+) -> dict:
     """Median ms of one batch-64 denoiser call, candidate and baseline interleaved."""
     x, t, kwargs = _inputs(model, 64)
     calls = {"candidate": candidate, "baseline": baseline}
@@ -181,9 +183,7 @@ class BenchRunner:
                 "calibration_s": usage.wall_time_s,
                 "calibration_peak_rss_mb": usage.peak_rss_mb,
             }
-            latency_baseline = self.fp32_compiled(spec.model) if result.compiled else source.denoiser
-            latency_mode = "compiled vs fp32 compiled" if result.compiled else "eager vs fp32 eager"
-            latency_candidate = result.denoiser
+            timed = self._peer_latency_pair(spec.model, result)
         else:
             wbits, abits = spec.bits
             config = make_config(
@@ -209,11 +209,8 @@ class BenchRunner:
             # scored as deployed: int8 kernels where the layer allows, the compiled simulation elsewhere
             # (tests/test_runtime.py bounds the difference between the two)
             candidate = deployed_model(candidate)
-            row["kernels"] = candidate.quantization["kernels"]
-            row["evaluated_with"] = f"{candidate.quantization['backend']} backend, torch.compile"
-            int8 = any("onednn" in kernel for kernel in row["kernels"])
-            latency_candidate = candidate.denoiser if int8 else None
-            latency_baseline, latency_mode = self.fp32_compiled(spec.model), "onednn int8 compiled vs fp32 compiled"
+            row.update(_deployment(candidate))
+            timed = self._deployed_latency_pair(spec.model, candidate)
 
         report = evaluate(candidate, self.protocol, self.scorer, state["reference"], progress=self.progress)
         params = _parameters(source)
@@ -226,9 +223,50 @@ class BenchRunner:
                 "grid": self._grid(spec.model, spec.key, report.images),
             }
         )
-        if self.preset.latency and latency_candidate is not None:
-            row.update(_latency(latency_candidate, latency_baseline, source, self.preset.latency_repeats))
-            row["latency_mode"] = latency_mode
+        if self.preset.latency and timed is not None:
+            row.update(self._latency(spec.model, *timed))
+        return row
+
+    # latency ------------------------------------------------------------------------------------
+    def _peer_latency_pair(self, model: str, result) -> tuple[torch.nn.Module, torch.nn.Module, str]:
+        if result.compiled:
+            return result.denoiser, self.fp32_compiled(model), "compiled vs fp32 compiled"
+        return result.denoiser, self.model_state(model)["source"].denoiser, "eager vs fp32 eager"
+
+    def _deployed_latency_pair(self, model: str, deployed: DiffusionModel) -> tuple | None:
+        """(candidate, baseline, mode) when the deployed model runs int8 kernels; None otherwise."""
+        if not any("onednn" in kernel for kernel in deployed.quantization["kernels"]):
+            return None
+        return deployed.denoiser, self.fp32_compiled(model), "onednn int8 compiled vs fp32 compiled"
+
+    def _latency(self, model: str, candidate: torch.nn.Module, baseline: torch.nn.Module, mode: str) -> dict:
+        source = self.model_state(model)["source"]
+        return {**_interleaved_latency(candidate, baseline, source, self.preset.latency_repeats), "latency_mode": mode}
+
+    def refresh_latency(self, spec: RowSpec) -> dict[str, Any] | None:
+        """Re-measure a finished row's latency with the current kernels, without re-sampling: diffquant
+        rows reload their saved model, peers quantize again. Meant for a quiet machine, after the
+        sample-heavy rows ran side by side."""
+        path = self.rows_dir / f"{spec.key}.json"
+        row = self.stored_row(path)
+        if row is None or row.get("status") != "ok":
+            return None
+        if spec.family == "peer":
+            if get_peer(spec.method).unavailable():
+                return None
+            source = self.model_state(spec.model)["source"]
+            result = get_peer(spec.method).quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
+            timed = self._peer_latency_pair(spec.model, result)
+        else:
+            deployed = deployed_model(diffquant.load(self.out / "models" / spec.key))
+            row.update(_deployment(deployed))
+            timed = self._deployed_latency_pair(spec.model, deployed)
+        for key in ("latency_ms", "baseline_ms", "speedup", "latency_mode"):
+            row.pop(key, None)
+        if timed is not None:
+            row.update(self._latency(spec.model, *timed))
+        row["latency_threads"] = torch.get_num_threads()
+        write_json(path, row)
         return row
 
     def stored_row(self, path: Path) -> dict[str, Any] | None:
@@ -270,6 +308,13 @@ class BenchRunner:
         return fp_rows + results
 
 
+def _deployment(deployed: DiffusionModel) -> dict[str, Any]:
+    return {
+        "kernels": deployed.quantization["kernels"],
+        "evaluated_with": f"{deployed.quantization['backend']} backend, torch.compile",
+    }
+
+
 def deployed_model(quantized: DiffusionModel) -> DiffusionModel:
     """The quantized model on this machine's fastest backend, compiled."""
     try:
@@ -296,14 +341,19 @@ def run_bench(
     num_samples: int | None = None,
     progress: bool = True,
     run_rows: bool = True,
+    refresh_latency: bool = False,
 ) -> list[dict]:
     """Run (or resume) every row of `preset`; returns every finished row in `out`, reference rows first.
 
     Rows from earlier runs into the same folder (e.g. restricted with --model/--method) are kept in
-    the report as long as they were scored under the same protocol and N.
+    the report as long as they were scored under the same protocol and N. `refresh_latency` re-times
+    the finished rows of `preset` instead of running new ones.
     """
     runner = BenchRunner(preset, Path(out), num_samples, progress)
-    if run_rows:
+    if refresh_latency:
+        for spec in tqdm(preset.rows(), desc="latency", disable=not progress):
+            runner.refresh_latency(spec)
+    elif run_rows:
         runner.run(preset.rows())
     rows = runner.finished_rows()
     if not rows:
