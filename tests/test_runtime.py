@@ -227,3 +227,15 @@ def test_transformer_feedforward_chains_uint8_codes_and_agrees(abits, per_step, 
             )
         assert explained.graph_break_count == 0, explained.break_reasons
         assert ((candidate - reference).abs().max() / reference.abs().max()).item() < 0.02
+    if chained:  # the GEMM's own requantization equals quantizing its float output on the consumer's grid
+        net = deployed.denoiser.inner.transformer_blocks[0].ff.net
+        producer, consumer = net[0].proj, net[2]
+        x = torch.randn(64, 32) * 2  # the tiny DiT's width: 2 heads x 16
+        with torch.no_grad():
+            codes = net[0](x)
+            producer.output_scale, saved = 0.0, producer.output_scale
+            expected = consumer.input(net[0](x))[0]
+            producer.output_scale = saved
+        assert codes.dtype == torch.uint8
+        difference = (codes.int() - expected.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
