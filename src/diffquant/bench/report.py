@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,11 @@ def write_grid(rows: list[dict], model: str, out: Path) -> Path:
     return path
 
 
+def _link(target: Path, markdown: Path) -> str:
+    """`target` relative to the report's folder (works when the report lives outside the results folder)."""
+    return Path(os.path.relpath(target.resolve(), markdown.resolve().parent)).as_posix()
+
+
 def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, markdown: Path, command: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     write_csv(rows, out / "results.csv")
@@ -244,9 +250,9 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
         grid = write_grid(rows, model, out)
         parts += [
             "",
-            *(f"![{p.stem}]({p.relative_to(markdown.parent)})" for p in plots),
+            *(f"![{p.stem}]({_link(p, markdown)})" for p in plots),
             "",
-            f"Samples, same seeds per column: ![grid]({grid.relative_to(markdown.parent)})",
+            f"Samples, same seeds per column: ![grid]({_link(grid, markdown)})",
             "",
         ]
     failed = [r for r in rows if str(r.get("status", "")).startswith(("failed", "skipped"))]
