@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import diffquant
 from diffquant.bench import BENCH_PRESETS, RowSpec
 from diffquant.bench.peers import PEERS
 from diffquant.bench.report import markdown_table, peer_comparison, write_report
 from diffquant.bench.runner import BenchRunner
+from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
-from tests.conftest import needs_fmnist
+from diffquant.methods import make_config
+from diffquant.sampling import SamplerConfig
+from tests.conftest import needs_fmnist, tiny_unet_model
 
 
 def fake_row(method, setting, fid, family="diffquant", psnr=30.0):
@@ -140,3 +144,25 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert "speedup" not in before and after["speedup"] > 0.5
     assert after["latency_mode"] == "onednn int8 compiled vs fp32 compiled"
     assert after["metrics"] == before["metrics"]
+
+
+def test_a_saved_calibration_is_reused_when_only_n_changes(tmp_path):
+    # re-scoring a row at another N reloads the model that row calibrated instead of calibrating again
+    runner = BenchRunner(BENCH_PRESETS["smoke"], tmp_path, num_samples=20, progress=False)
+    spec = RowSpec("tiny-unet", "naive", "W8A8")
+    model = tiny_unet_model()
+    calibration = record_trajectories(model, 4, SamplerConfig("ddim", 4), UniformSteps(2), progress=False)
+    config = make_config("naive", wbits=8, abits=8)
+    diffquant.save(diffquant.quantize(model, config, calibration, progress=False), tmp_path / "models" / spec.key)
+    (tmp_path / "rows").mkdir()
+    earlier = {"status": "ok", "num_samples": 1000, "calibration_s": 12.5, "calibration_samples": 16, "disk_mb": 0.1}
+    (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps(earlier))
+    reused = runner._calibrated_before(spec, config)
+    assert reused is not None
+    loaded, measured = reused
+    assert measured["calibration_s"] == 12.5 and measured["calibration_from_run_with_n"] == 1000
+    assert loaded.quantization["config"]["wbits"] == 8
+    # a changed config (or a failed earlier row) calibrates again
+    assert runner._calibrated_before(spec, make_config("naive", wbits=4, abits=8)) is None
+    (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps({**earlier, "status": "failed: OSError"}))
+    assert runner._calibrated_before(spec, config) is None

@@ -192,23 +192,25 @@ class BenchRunner:
             config = make_config(
                 spec.method, wbits=wbits, abits=abits, **self.preset.method_options.get(spec.method, {})
             )
-            started = time.perf_counter()
-            calibration = diffquant.record_calibration(source, config, progress=self.progress)
-            recording = time.perf_counter() - started
-            candidate = diffquant.quantize(source, config, calibration, progress=self.progress)
-            record = candidate.quantization
-            directory = diffquant.save(candidate, self.out / "models" / spec.key)
-            row = {
-                **base,
-                "version": diffquant.__version__,
-                "coverage": _coverage(candidate, source),
-                "disk_mb": directory_megabytes(directory),
-                "preset": config.preset,
-                "calibration_s": record["calibration_wall_time_s"] + recording,
-                "calibration_peak_rss_mb": record["calibration_peak_rss_mb"],
-                "calibration_samples": len(calibration),
-                "details": _short(record.get("details", {})),
-            }
+            reused = self._calibrated_before(spec, config)
+            if reused is not None:  # e.g. the same row re-scored at another N: the calibration is not redone
+                candidate, calibrated = reused
+            else:
+                started = time.perf_counter()
+                calibration = diffquant.record_calibration(source, config, progress=self.progress)
+                recording = time.perf_counter() - started
+                candidate = diffquant.quantize(source, config, calibration, progress=self.progress)
+                record = candidate.quantization
+                directory = diffquant.save(candidate, self.out / "models" / spec.key)
+                calibrated = {
+                    "disk_mb": directory_megabytes(directory),
+                    "preset": config.preset,
+                    "calibration_s": record["calibration_wall_time_s"] + recording,
+                    "calibration_peak_rss_mb": record["calibration_peak_rss_mb"],
+                    "calibration_samples": len(calibration),
+                    "details": _short(record.get("details", {})),
+                }
+            row = {**base, "version": diffquant.__version__, "coverage": _coverage(candidate, source), **calibrated}
             # scored as deployed: int8 kernels where the layer allows, the compiled simulation elsewhere
             # (tests/test_runtime.py bounds the difference between the two)
             candidate = deployed_model(candidate)
@@ -229,6 +231,25 @@ class BenchRunner:
         if self.preset.latency and timed is not None:
             row.update(self._latency(spec.model, *timed))
         return row
+
+    def _calibrated_before(self, spec: RowSpec, config) -> tuple[DiffusionModel, dict[str, Any]] | None:
+        """The model an earlier run of this row saved, with its calibration measurements, when it was
+        calibrated with the same config (the row file still holds the earlier run, e.g. at another N)."""
+        directory, previous = self.out / "models" / spec.key, self.rows_dir / f"{spec.key}.json"
+        if not directory.is_dir() or not previous.is_file():
+            return None
+        old = json.loads(previous.read_text())
+        if old.get("status") != "ok" or "calibration_s" not in old:
+            return None
+        try:
+            model = diffquant.load(directory)
+        except DiffquantError:
+            return None
+        if model.quantization.get("config") != json.loads(json.dumps(config.to_json())):
+            return None  # the method or its options changed since: calibrate again
+        kept = ("disk_mb", "preset", "calibration_s", "calibration_peak_rss_mb", "calibration_samples", "details")
+        measured = {key: old[key] for key in kept if key in old}
+        return model, {**measured, "calibration_from_run_with_n": old.get("num_samples")}
 
     # latency ------------------------------------------------------------------------------------
     def _peer_latency_pair(self, model: str, result) -> tuple[torch.nn.Module, torch.nn.Module, str]:
