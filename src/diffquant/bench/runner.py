@@ -275,6 +275,11 @@ class BenchRunner:
         row = self.stored_row(path)
         if row is None or row.get("status") != "ok":
             return None
+        # a fresh compiler state per row (and a freshly frozen fp32 baseline): compiled graphs left from
+        # earlier rows in this process must not be reused for this row's timing
+        torch._dynamo.reset()
+        for state in self._models.values():
+            state.pop("compiled", None)
         try:
             if spec.family == "peer":
                 if get_peer(spec.method).unavailable():
