@@ -76,7 +76,7 @@ def train(
             images = sample(current, 64, SamplerConfig("ddim", 25), seed=0, progress=False).images
             save_image_grid(images, run_dir / "previews" / f"step-{step:06d}.png", columns=8)
 
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report-only")
+        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result = train_model(bundle, data, config, run_dir, command=command, on_checkpoint=preview)
         typer.echo(
             f"trained {model}: {result.steps} steps, {result.wall_time_s / 60:.1f} min, "

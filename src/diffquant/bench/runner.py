@@ -186,7 +186,6 @@ class BenchRunner:
                 "calibration_s": usage.wall_time_s,
                 "calibration_peak_rss_mb": usage.peak_rss_mb,
             }
-            timed = self._peer_latency_pair(spec.model, result)
         else:
             wbits, abits = spec.bits
             config = make_config(
@@ -214,8 +213,8 @@ class BenchRunner:
             # scored as deployed: int8 kernels where the layer allows, the compiled simulation elsewhere
             # (tests/test_runtime.py bounds the difference between the two)
             candidate = deployed_model(candidate)
-            row.update(_deployment(candidate))
-            timed = self._deployed_latency_pair(spec.model, candidate)
+            row["kernels"] = candidate.quantization["kernels"]
+            row["evaluated_with"] = f"{candidate.quantization['backend']} backend, torch.compile"
 
         report = evaluate(candidate, self.protocol, self.scorer, state["reference"], progress=self.progress)
         params = _parameters(source)
@@ -228,8 +227,14 @@ class BenchRunner:
                 "grid": self._grid(spec.model, spec.key, report.images),
             }
         )
-        if self.preset.latency and timed is not None:
-            row.update(self._latency(spec.model, *timed))
+        if self.preset.latency:  # the fp32 baseline is only compiled when a speedup is wanted
+            timed = (
+                self._peer_latency_pair(spec.model, result)
+                if spec.family == "peer"
+                else self._deployed_latency_pair(spec.model, candidate)
+            )
+            if timed is not None:
+                row.update(self._latency(spec.model, *timed))
         return row
 
     def _calibrated_before(self, spec: RowSpec, config) -> tuple[DiffusionModel, dict[str, Any]] | None:
@@ -282,10 +287,11 @@ class BenchRunner:
             state.pop("compiled", None)
         try:
             if spec.family == "peer":
-                if get_peer(spec.method).unavailable():
+                peer = get_peer(spec.method)
+                if peer.unavailable():
                     return None
                 source = self.model_state(spec.model)["source"]
-                result = get_peer(spec.method).quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
+                result = peer.quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
                 timed, kernels = self._peer_latency_pair(spec.model, result), result.kernels
             else:
                 deployed = deployed_model(diffquant.load(self.out / "models" / spec.key))
@@ -338,13 +344,6 @@ class BenchRunner:
             results.append(row)
         fp_rows = [json.loads((self.rows_dir / f"{m}__fp32.json").read_text()) for m in self.preset.models]
         return fp_rows + results
-
-
-def _deployment(deployed: DiffusionModel) -> dict[str, Any]:
-    return {
-        "kernels": deployed.quantization["kernels"],
-        "evaluated_with": f"{deployed.quantization['backend']} backend, torch.compile",
-    }
 
 
 def deployed_model(quantized: DiffusionModel) -> DiffusionModel:

@@ -115,39 +115,28 @@ def _convert_layer(layer, backend: str, weight_only_mode: str = DEFAULT_WEIGHT_O
     return DequantizedLayer(layer)
 
 
-def _fuse_activations(model: nn.Module) -> Counter[str]:
+def _fuse_activations(model: nn.Module) -> None:
     """Fold diffusers' GELU activations into the int8 GEMM before them (a oneDNN post-op): a separate
     tanh-GELU pass costs more than the int8 GEMM itself on CPU."""
-    fused: Counter[str] = Counter()
     for name, module in list(model.named_modules()):
         if isinstance(module, GELU) and isinstance(module.proj, OneDNNInt8Linear) and module.proj.takes_epilogue:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, FusedGELU(module.proj, module.approximate))
-            fused["linear: onednn::qlinear_pointwise (GELU fused)"] += 1
-            fused["linear: onednn::qlinear_pointwise"] -= 1
-    return fused
 
 
-def _chain_int8_outputs(model: nn.Module) -> Counter[str]:
+def _chain_int8_outputs(model: nn.Module) -> None:
     """Inside diffusers' FeedForward (GELU projection -> dropout -> linear), let the first int8 GEMM
     write uint8 codes for the second: the intermediate is the widest activation of a transformer block
     and would otherwise go through memory as float32 only to be quantized again."""
-    chained: Counter[str] = Counter()
     for module in model.modules():
         if not isinstance(module, FeedForward):
             continue
         layers = [m for m in module.net if not isinstance(m, nn.Dropout)]  # dropout is the identity in eval
         for producer, consumer in zip(layers, layers[1:], strict=False):
-            fused = isinstance(producer, FusedGELU)
-            gemm = producer.proj if fused else producer
-            pair = isinstance(gemm, OneDNNInt8Linear) and isinstance(consumer, OneDNNInt8Linear)
-            if pair and gemm.emit_codes_for(consumer):
-                before = "linear: onednn::qlinear_pointwise" + (" (GELU fused)" if fused else "")
-                after = "linear: onednn::qlinear_pointwise" + (" (GELU fused, u8 out)" if fused else " (u8 out)")
-                chained[before] -= 1
-                chained[after] += 1
-    return chained
+            gemm = producer.proj if isinstance(producer, FusedGELU) else producer
+            if isinstance(gemm, OneDNNInt8Linear) and isinstance(consumer, OneDNNInt8Linear):
+                gemm.emit_codes_for(consumer)
 
 
 def export_model(
@@ -166,17 +155,18 @@ def export_model(
     if model.quantization is None:
         raise DiffquantError("export_model takes a quantized model: run diffquant.quantize() first.")
     inner = copy.deepcopy(model.denoiser.inner if isinstance(model.denoiser, DeployedDenoiser) else model.denoiser)
-    kernels: Counter[str] = Counter()
+    layers = [(name, layer.kind) for name, layer in quant_layers(inner)]
     if backend != "fake":
         for name, layer in list(quant_layers(inner)):
             converted = _convert_layer(layer, backend, weight_only_mode)
             parent_name, _, child = name.rpartition(".")
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, converted)
-            kernels[f"{layer.kind}: {converted.kernel}"] += 1
-        kernels.update(_fuse_activations(inner))
-        kernels.update(_chain_int8_outputs(inner))
+        _fuse_activations(inner)
+        _chain_int8_outputs(inner)
+        # counted once every fusion is done: each converted layer names its kernel and epilogue
+        kernels = Counter(f"{kind}: {inner.get_submodule(name).kernel}" for name, kind in layers)
     else:
-        kernels.update(f"{layer.kind}: fake-quant simulation" for _, layer in quant_layers(inner))
+        kernels = Counter(f"{kind}: fake-quant simulation" for _, kind in layers)
     clock = StepClock()
     if backend == "cuda":
         inner, clock = inner.cuda(), clock.cuda()
@@ -189,6 +179,6 @@ def export_model(
         "backend": backend,
         "compiled": compile,
         "weight_only_mode": weight_only_mode,
-        "kernels": dict(+kernels),  # + drops the zero counts left by fusions
+        "kernels": dict(kernels),
     }
     return DiffusionModel(denoiser, model.info, model.scheduler_config, model.path, record)

@@ -252,10 +252,15 @@ def _dequantized(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return (codes.float() - zero) * scale
 
 
+def _undo_weight_shift(out: torch.Tensor, codes: torch.Tensor, scale, zero, input_sum_weight) -> torch.Tensor:
+    """A linear's output with the per-channel weight shift of `int8_weight` undone (no-op without one)."""
+    if input_sum_weight is None:
+        return out
+    return out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * input_sum_weight
+
+
 class OneDNNInt8Linear(nn.Module):
     """Linear on oneDNN's u8s8 int8 GEMM (`onednn::qlinear_pointwise`), float32 out."""
-
-    kernel = "onednn::qlinear_pointwise"
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -286,8 +291,7 @@ class OneDNNInt8Linear(nn.Module):
             self.output_scale,
             self.output_zero,
         )
-        if self.input_sum_weight is not None:
-            out = out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * self.input_sum_weight
+        out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
         return out.reshape(*shape[:-1], self.out_features)
 
     @property
@@ -305,19 +309,23 @@ class OneDNNInt8Linear(nn.Module):
         if not self.takes_epilogue or grid.per_step or (grid.qmin, grid.qmax) != (0, 255) or not zero.is_integer():
             return False
         self.output_scale, self.output_zero = float(grid.scales[0]), int(zero)
-        self.kernel += " -> u8"
         return True
+
+    @property
+    def kernel(self) -> str:
+        """The kernel and what runs in its epilogue, e.g. `onednn::qlinear_pointwise (GELU fused, u8 out)`."""
+        epilogue = [
+            name for name, on in (("GELU fused", self.post_op == "gelu"), ("u8 out", self.output_scale > 0)) if on
+        ]
+        return "onednn::qlinear_pointwise" + (f" ({', '.join(epilogue)})" if epilogue else "")
 
     def fuse_gelu(self, approximate: str) -> None:
         """Apply GELU inside the int8 GEMM (oneDNN post-op) instead of as a separate pass."""
         self.post_op, self.post_algorithm = "gelu", "tanh" if approximate == "tanh" else "none"
-        self.kernel = "onednn::qlinear_pointwise + gelu post-op"
 
 
 class FusedGELU(nn.Module):
     """diffusers' GELU activation (Linear then GELU) as one int8 GEMM with a GELU post-op."""
-
-    kernel = "onednn::qlinear_pointwise + gelu post-op"
 
     def __init__(self, linear: OneDNNInt8Linear, approximate: str) -> None:
         super().__init__()
@@ -436,8 +444,7 @@ class IntMMLinear(nn.Module):
         out = accumulator.float() * (scale * self.weight_scale)
         if self.bias is not None:
             out = out + self.bias
-        if self.input_sum_weight is not None:
-            out = out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * self.input_sum_weight
+        out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
         return out.reshape(*shape[:-1], self.out_features)
 
 
