@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import diffquant
 from diffquant.bench import BENCH_PRESETS, RowSpec
 from diffquant.bench.peers import PEERS
 from diffquant.bench.report import markdown_table, peer_comparison, write_report
-from diffquant.bench.runner import BenchRunner
+from diffquant.bench.runner import BenchRunner, _claim
 from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
 from diffquant.methods import make_config
@@ -172,3 +174,35 @@ def test_a_saved_calibration_is_reused_when_only_n_changes(tmp_path):
     assert runner._calibrated_before(spec, make_config("naive", wbits=4, abits=8)) is None
     (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps({**earlier, "status": "failed: OSError"}))
     assert runner._calibrated_before(spec, config) is None
+
+
+def test_processes_sharing_a_results_folder_split_the_rows(tmp_path, monkeypatch):
+    # a row claimed by a live process is left to it; a dead process's claim is taken over
+    row_file = tmp_path / "rows" / "m__naive__W8A8.json"
+    assert _claim(row_file)
+    assert not _claim(row_file)  # held by this (live) process
+    row_file.with_suffix(".lock").write_text(f"{socket.gethostname()}:{2**22 + 12345}")  # no such pid
+    assert _claim(row_file)
+    # the runner skips rows another process holds and releases its own once written
+    runner = BenchRunner(BENCH_PRESETS["smoke"], tmp_path, num_samples=20, progress=False)
+    busy, free = RowSpec("tiny-unet", "naive", "W8A8"), RowSpec("tiny-unet", "naive", "W4A16")
+    (tmp_path / "rows" / f"{busy.key}.lock").write_text(f"{socket.gethostname()}:{os.getppid()}")
+    monkeypatch.setattr(BenchRunner, "run_row", lambda self, spec: {"key": spec.key, "status": "ok"})
+    assert [row["key"] for row in runner.run([busy, free])] == [free.key]
+    assert not (tmp_path / "rows" / f"{free.key}.lock").exists()
+    assert json.loads((tmp_path / "rows" / f"{free.key}.json").read_text())["key"] == free.key
+
+
+def test_latency_of_the_same_kernels_is_kept_across_n(tmp_path):
+    runner = BenchRunner(BENCH_PRESETS["smoke"], tmp_path, num_samples=20, progress=False)
+    spec = RowSpec("tiny-unet", "naive", "W8A8")
+    kernels = {"linear: onednn::qlinear_pointwise": 3}
+    (tmp_path / "rows").mkdir()
+    timed = {"speedup": 1.6, "latency_ms": 10.0, "baseline_ms": 16.0, "latency_kernels": kernels}
+    earlier = {"status": "ok", "num_samples": 1000, "version": "1", "kernels": kernels, **timed}
+    (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps(earlier))
+    kept = runner._earlier_latency(spec, {"version": "1", "kernels": kernels})
+    assert kept["speedup"] == 1.6 and kept["latency_from_run_with_n"] == 1000
+    # other kernels (or another library version) are timed again
+    assert runner._earlier_latency(spec, {"version": "1", "kernels": {"linear: float": 3}}) is None
+    assert runner._earlier_latency(spec, {"version": "2", "kernels": kernels}) is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 import statistics
 import time
 import traceback
@@ -57,6 +59,40 @@ def _inputs(model: DiffusionModel, batch: int) -> tuple[torch.Tensor, torch.Tens
     x = torch.randn((batch, *model.info.image_shape), generator=generator)
     kwargs = {"class_labels": torch.arange(batch) % model.info.num_classes} if model.info.conditional else {}
     return x, torch.full((batch,), 500), kwargs
+
+
+LATENCY_KEYS = ("latency_ms", "baseline_ms", "speedup", "latency_mode", "latency_kernels", "latency_threads")
+
+
+def _claim(row_file: Path) -> bool:
+    """Mark a row as being run by this process, so that several processes can share one results folder;
+    False when another live process on this machine holds it (a dead holder's claim is taken over)."""
+    lock = row_file.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(":")
+            if host != socket.gethostname() or _alive(int(pid or 0)):
+                return False
+            lock.unlink(missing_ok=True)  # its process died: take the row over
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(owner)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def _interleaved_latency(
@@ -227,7 +263,9 @@ class BenchRunner:
                 "grid": self._grid(spec.model, spec.key, report.images),
             }
         )
-        if self.preset.latency:  # the fp32 baseline is only compiled when a speedup is wanted
+        if self.preset.latency and (earlier := self._earlier_latency(spec, row)) is not None:
+            row.update(earlier)  # the speed of the same kernels does not depend on N: keep the (quiet) timing
+        elif self.preset.latency:  # the fp32 baseline is only compiled when a speedup is wanted
             timed = (
                 self._peer_latency_pair(spec.model, result)
                 if spec.family == "peer"
@@ -236,6 +274,19 @@ class BenchRunner:
             if timed is not None:
                 row.update(self._latency(spec.model, *timed))
         return row
+
+    def _earlier_latency(self, spec: RowSpec, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The speedup an earlier run of this row (e.g. at another N) measured on the very kernels this row
+        runs, or None; `--refresh-latency` re-times on purpose."""
+        previous = self.rows_dir / f"{spec.key}.json"
+        if not previous.is_file():
+            return None
+        old = json.loads(previous.read_text())
+        if old.get("status") != "ok" or "speedup" not in old or old.get("version") != row.get("version"):
+            return None
+        if old.get("latency_kernels", old.get("kernels")) != json.loads(json.dumps(row.get("kernels"))):
+            return None
+        return {key: old[key] for key in LATENCY_KEYS if key in old} | {"latency_from_run_with_n": old["num_samples"]}
 
     def _calibrated_before(self, spec: RowSpec, config) -> tuple[DiffusionModel, dict[str, Any]] | None:
         """The model an earlier run of this row saved, with its calibration measurements, when it was
@@ -330,20 +381,28 @@ class BenchRunner:
             if (stored := self.stored_row(path)) is not None:  # finished in an earlier (maybe interrupted) run
                 results.append(stored)
                 continue
+            if not _claim(path):  # another process sharing this folder is running it
+                continue
             try:
-                row = self.run_row(spec)
-            except Exception as error:  # one failing row must not lose the others
-                row = {
-                    **asdict(spec),
-                    "protocol": self.protocol.name,
-                    "num_samples": self.protocol.num_samples,
-                    "status": f"failed: {type(error).__name__}: {str(error)[:300]}",
-                    "traceback": traceback.format_exc()[-2000:],
-                }
-            write_json(path, row)
+                row = self._row_or_failure(spec)
+                write_json(path, row)
+            finally:  # released only once the row is on disk, so no other process starts it again
+                path.with_suffix(".lock").unlink(missing_ok=True)
             results.append(row)
-        fp_rows = [json.loads((self.rows_dir / f"{m}__fp32.json").read_text()) for m in self.preset.models]
+        fp_rows = [row for m in self.preset.models if (row := self.stored_row(self.rows_dir / f"{m}__fp32.json"))]
         return fp_rows + results
+
+    def _row_or_failure(self, spec: RowSpec) -> dict[str, Any]:
+        try:
+            return self.run_row(spec)
+        except Exception as error:  # one failing row must not lose the others
+            return {
+                **asdict(spec),
+                "protocol": self.protocol.name,
+                "num_samples": self.protocol.num_samples,
+                "status": f"failed: {type(error).__name__}: {str(error)[:300]}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
 
 
 def deployed_model(quantized: DiffusionModel) -> DiffusionModel:
