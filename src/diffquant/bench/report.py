@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import platform
@@ -216,6 +217,37 @@ def write_grid(rows: list[dict], model: str, out: Path) -> Path:
     return path
 
 
+def other_n_rows(out: Path, protocol: dict) -> list[dict]:
+    """Finished rows in `out` that were scored under another protocol or N (e.g. not yet re-scored)."""
+    rows = [json.loads(path.read_text()) for path in sorted((out / "rows").glob("*.json"))]
+    current = (protocol["name"], protocol["num_samples"])
+    return [r for r in rows if r.get("status") == "ok" and (r.get("protocol"), r.get("num_samples")) != current]
+
+
+def other_n_section(rows: list[dict], num_samples: int) -> list[str]:
+    """A short table of rows scored at another N: FID depends on N, so they stay out of the main tables."""
+    if not rows:
+        return []
+    lines = [
+        "## Rows scored at another N",
+        "",
+        f"Not yet re-scored at N = {num_samples}. FID is biased upward at small N, so compare these FIDs only with "
+        "the full-precision FID at their own N; PSNR/SSIM vs fp32 (same seeds, per image) are comparable.",
+        "",
+        "| model | method | setting | N | FID | PSNR vs fp32 | SSIM vs fp32 | speedup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["model"], SETTING_ORDER.get(r["setting"], 9), r["method"])):
+        cells = [_metric(row, "fid", ".2f"), _metric(row, "psnr_vs_ref", ".2f"), _metric(row, "ssim_vs_ref", ".3f")]
+        speed = _number(row.get("speedup"), ".2f", "x")
+        lines.append(
+            f"| {row['model']} | {_label(row)} | {row['setting']} | {row.get('num_samples')} | "
+            + " | ".join(cells)
+            + f" | {speed} |"
+        )
+    return lines + [""]
+
+
 def _link(target: Path, markdown: Path) -> str:
     """`target` relative to the report's folder (works when the report lives outside the results folder)."""
     return Path(os.path.relpath(target.resolve(), markdown.resolve().parent)).as_posix()
@@ -255,6 +287,7 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
             f"Samples, same seeds per column: ![grid]({_link(grid, markdown)})",
             "",
         ]
+    parts += other_n_section(other_n_rows(out, protocol), protocol["num_samples"])
     failed = [r for r in rows if str(r.get("status", "")).startswith(("failed", "skipped"))]
     if failed:
         parts += ["## Skipped and failed rows", ""]
