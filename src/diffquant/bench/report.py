@@ -217,11 +217,16 @@ def write_grid(rows: list[dict], model: str, out: Path) -> Path:
     return path
 
 
+def scored_under(row: dict, protocol_name: str, num_samples: int) -> bool:
+    """Whether a row's numbers come from this protocol at this N (only such rows are comparable)."""
+    return row.get("protocol") == protocol_name and row.get("num_samples") == num_samples
+
+
 def other_n_rows(out: Path, protocol: dict) -> list[dict]:
     """Finished rows in `out` that were scored under another protocol or N (e.g. not yet re-scored)."""
     rows = [json.loads(path.read_text()) for path in sorted((out / "rows").glob("*.json"))]
-    current = (protocol["name"], protocol["num_samples"])
-    return [r for r in rows if r.get("status") == "ok" and (r.get("protocol"), r.get("num_samples")) != current]
+    name, count = protocol["name"], protocol["num_samples"]
+    return [r for r in rows if r.get("status") == "ok" and not scored_under(r, name, count)]
 
 
 def other_n_section(rows: list[dict], num_samples: int) -> list[str]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 import diffquant
 from diffquant.bench.matrix import BenchPreset, RowSpec
 from diffquant.bench.peers import get_peer
+from diffquant.bench.report import scored_under
 from diffquant.data.images import to_uint8
 from diffquant.errors import DiffquantError
 from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
@@ -86,13 +87,15 @@ def _claim(row_file: Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 only checks that the process exists
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return pid > 0
+    return True
 
 
 def _interleaved_latency(
@@ -275,14 +278,17 @@ class BenchRunner:
                 row.update(self._latency(spec.model, *timed))
         return row
 
+    def _earlier_row(self, spec: RowSpec) -> dict[str, Any] | None:
+        """The row file's successful earlier run at any protocol or N (what it measured may be reused)."""
+        path = self.rows_dir / f"{spec.key}.json"
+        row = json.loads(path.read_text()) if path.is_file() else None
+        return row if row is not None and row.get("status") == "ok" else None
+
     def _earlier_latency(self, spec: RowSpec, row: dict[str, Any]) -> dict[str, Any] | None:
         """The speedup an earlier run of this row (e.g. at another N) measured on the very kernels this row
         runs, or None; `--refresh-latency` re-times on purpose."""
-        previous = self.rows_dir / f"{spec.key}.json"
-        if not previous.is_file():
-            return None
-        old = json.loads(previous.read_text())
-        if old.get("status") != "ok" or "speedup" not in old or old.get("version") != row.get("version"):
+        old = self._earlier_row(spec)
+        if old is None or "speedup" not in old or old.get("version") != row.get("version"):
             return None
         if old.get("latency_kernels", old.get("kernels")) != json.loads(json.dumps(row.get("kernels"))):
             return None
@@ -291,11 +297,8 @@ class BenchRunner:
     def _calibrated_before(self, spec: RowSpec, config) -> tuple[DiffusionModel, dict[str, Any]] | None:
         """The model an earlier run of this row saved, with its calibration measurements, when it was
         calibrated with the same config (the row file still holds the earlier run, e.g. at another N)."""
-        directory, previous = self.out / "models" / spec.key, self.rows_dir / f"{spec.key}.json"
-        if not directory.is_dir() or not previous.is_file():
-            return None
-        old = json.loads(previous.read_text())
-        if old.get("status") != "ok" or "calibration_s" not in old:
+        directory, old = self.out / "models" / spec.key, self._earlier_row(spec)
+        if not directory.is_dir() or old is None or "calibration_s" not in old:
             return None
         try:
             model = diffquant.load(directory)
@@ -366,8 +369,7 @@ class BenchRunner:
         row = json.loads(path.read_text())
         if str(row.get("status", "")).startswith("failed"):
             return None
-        same = row.get("protocol") == self.protocol.name and row.get("num_samples") == self.protocol.num_samples
-        return row if same else None
+        return row if scored_under(row, self.protocol.name, self.protocol.num_samples) else None
 
     def finished_rows(self) -> list[dict[str, Any]]:
         """Every row in the results folder scored under this protocol, reference rows first."""
