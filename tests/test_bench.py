@@ -53,6 +53,29 @@ def test_matrix_rows_and_keys():
     assert RowSpec("fmnist-unet", "naive", "W4A16").bits == (4, None)
 
 
+def test_a_method_preset_is_named_after_an_at_sign(tmp_path):
+    spec = RowSpec("fmnist-unet", "qdiffusion@paper", "W4A8")
+    assert (spec.method_name, spec.method_preset, spec.key) == (
+        "qdiffusion",
+        "paper",
+        "fmnist-unet__qdiffusion_paper__W4A8",
+    )
+    runner = BenchRunner(BENCH_PRESETS["smoke"], tmp_path, progress=False)
+    paper = runner.method_config(spec)
+    smoke = runner.method_config(RowSpec("fmnist-unet", "qdiffusion", "W4A8"))
+    # the named preset's official counts, not the smoke preset's shortened ones
+    assert (paper.preset, paper.reconstruction.weight_iters, paper.calibration.trajectories) == ("paper", 20000, 256)
+    assert smoke.reconstruction.weight_iters == 20 and (paper.wbits, paper.abits) == (4, 8)
+
+
+@pytest.mark.parametrize("method, named", [("qdiffusion@nope", "nope"), ("nosuch", "nosuch")])
+def test_an_unknown_method_or_preset_fails_before_any_row_runs(method, named):
+    from dataclasses import replace
+
+    with pytest.raises(diffquant.errors.ConfigError, match=named):
+        replace(BENCH_PRESETS["full"], methods=(method,)).rows()
+
+
 def test_report_tables_and_peer_verdicts(tmp_path):
     rows = [
         fake_row("naive", "W8A8", 10.0),

@@ -28,6 +28,16 @@ class RowSpec:
     def bits(self) -> tuple[int, int | None]:
         return SETTINGS[self.setting]
 
+    @property
+    def method_name(self) -> str:
+        """The method without its `@preset` suffix."""
+        return self.method.partition("@")[0]
+
+    @property
+    def method_preset(self) -> str | None:
+        """The preset named after `@`, or None for the bench preset's own method options."""
+        return self.method.partition("@")[2] or None
+
 
 @dataclass(frozen=True)
 class BenchPreset:
@@ -52,7 +62,18 @@ class BenchPreset:
                     raise ConfigError(f"Unknown setting '{setting}'. Settings: {', '.join(SETTINGS)}.")
                 rows += [RowSpec(model, method, setting) for method in self.methods]
                 rows += [RowSpec(model, peer, setting, "peer") for peer in self.peers]
+        for method in self.methods:
+            _check_method(RowSpec("", method, "W8A8"))
         return rows
+
+
+def _check_method(spec: RowSpec) -> None:
+    """Fail before any row runs when a method or its `@preset` is unknown (not hours later, as a failed row)."""
+    from diffquant.methods import get_method
+
+    config_class = get_method(spec.method_name).config_class
+    if spec.method_preset is not None:
+        config_class.from_preset(spec.method_preset)
 
 
 _SMOKE_OPTIONS = {

@@ -27,7 +27,7 @@ from diffquant.data.images import to_uint8
 from diffquant.errors import DiffquantError
 from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
 from diffquant.fileio import write_json
-from diffquant.methods import make_config
+from diffquant.methods import MethodConfig, make_config
 from diffquant.modules import attention_processors, quant_layers
 from diffquant.profiling import measure_resources
 from diffquant.quant import step_context
@@ -199,6 +199,13 @@ class BenchRunner:
         np.save(path, to_uint8(images[:GRID_SAMPLES]).numpy())
         return str(path.relative_to(self.out))
 
+    def method_config(self, spec: RowSpec) -> MethodConfig:
+        """The config a diffquant row calibrates with: the bench preset's options, or a named `@preset`."""
+        wbits, abits = spec.bits
+        # an explicit `@preset` asks for that preset's own defaults, so the bench's options do not apply
+        options = {} if spec.method_preset else self.preset.method_options.get(spec.method_name, {})
+        return make_config(spec.method_name, spec.method_preset, wbits=wbits, abits=abits, **options)
+
     def run_row(self, spec: RowSpec) -> dict[str, Any]:
         state = self.model_state(spec.model)
         source: DiffusionModel = state["source"]
@@ -226,10 +233,7 @@ class BenchRunner:
                 "calibration_peak_rss_mb": usage.peak_rss_mb,
             }
         else:
-            wbits, abits = spec.bits
-            config = make_config(
-                spec.method, wbits=wbits, abits=abits, **self.preset.method_options.get(spec.method, {})
-            )
+            config = self.method_config(spec)
             reused = self._calibrated_before(spec, config)
             if reused is not None:  # e.g. the same row re-scored at another N: the calibration is not redone
                 candidate, calibrated = reused
