@@ -416,7 +416,11 @@ def bench_command(
     out: Path = typer.Option(None, help="Results folder (default benchmarks/results/PRESET)."),
     report: Path = typer.Option(None, help="Markdown report to write (default: BENCHMARKS.md for full)."),
     model: list[str] = typer.Option(None, help="Restrict to these models (repeatable)."),
-    method: list[str] = typer.Option(None, help="Restrict to these methods (repeatable); --method none: peers only."),
+    method: list[str] = typer.Option(
+        None,
+        help="Restrict to these methods (repeatable); NAME@PRESET picks a preset, e.g. qdiffusion@paper; "
+        "--method none: peers only.",
+    ),
     setting: list[str] = typer.Option(None, help="Restrict to these settings, e.g. W4A8 (repeatable)."),
     peer: list[str] = typer.Option(None, help="Restrict to these peers (repeatable); --peer none for no peers."),
     num_samples: int = typer.Option(None, help="Override the protocol's N."),
