@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,8 +71,6 @@ def test_a_method_preset_is_named_after_an_at_sign(tmp_path):
 
 @pytest.mark.parametrize("method, named", [("qdiffusion@nope", "nope"), ("nosuch", "nosuch")])
 def test_an_unknown_method_or_preset_fails_before_any_row_runs(method, named):
-    from dataclasses import replace
-
     with pytest.raises(diffquant.errors.ConfigError, match=named):
         replace(BENCH_PRESETS["full"], methods=(method,)).rows()
 
