@@ -86,6 +86,11 @@ def test_resumed_run_equals_uninterrupted(trained_unet, calibration, tmp_path, m
         trained_unet, "qdiffusion", calibration, progress=False, checkpoint_dir=str(tmp_path / "b"), **options
     )
     assert resumed_units.count("conv_in") == 1  # its finished weight pass was not redone, only the activation pass
+    # the reported calibration time includes the five units the killed process had finished
+    details = resumed.quantization["details"]
+    assert "resumed_units" not in straight.quantization["details"]
+    assert details["resumed_units"] == 5 and details["earlier_runs_s"] > 0
+    assert resumed.quantization["calibration_wall_time_s"] >= details["earlier_runs_s"]
     x = calibration.sample[:6]
     t = calibration.timestep[:6]
     with torch.no_grad(), step_context(0, float(t[0]), 10):

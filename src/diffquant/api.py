@@ -86,7 +86,8 @@ def quantize(
         "config": config.to_json(),
         "source_model": model.info.name,
         "calibration": {**calibration.meta, "samples": len(calibration), "recording_s": round(recording_time, 2)},
-        "calibration_wall_time_s": round(usage.wall_time_s, 2),
+        # a resumed run also counts the finished work of the processes before it
+        "calibration_wall_time_s": round(usage.wall_time_s + details.get("earlier_runs_s", 0.0), 2),
         "calibration_peak_rss_mb": round(usage.peak_rss_mb, 1),
         "calibration_peak_increase_mb": round(usage.peak_increase_mb, 1),
         "details": details,

@@ -16,6 +16,7 @@ at the next unit and reproduces the uninterrupted result.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -175,6 +176,10 @@ class Reconstructor:
         self.checkpoint, self.progress_bar = checkpoint, progress
         self.frozen_layers = set(frozen_layers)
         self.state = checkpoint.load(quantized) if checkpoint else {"done": [], "adaround": []}
+        # work finished by earlier, interrupted processes: counted so a resumed run reports its full cost
+        self.resumed_units = len(self.state["done"])
+        self.earlier_runs_s = float(self.state.get("elapsed_s", 0.0))
+        self._started = time.perf_counter()
         self.spill_dir = checkpoint.directory.parent if checkpoint else None
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -185,6 +190,7 @@ class Reconstructor:
 
     def mark_done(self, key: str) -> None:
         self.state["done"].append(key)
+        self.state["elapsed_s"] = round(self.earlier_runs_s + time.perf_counter() - self._started, 2)
         if self.checkpoint:
             self.checkpoint.save(self.model, self.state)
 

@@ -64,6 +64,6 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: EDADMConfig,
             "init_activations", lambda: calibrate_ranges(denoiser, calibration, config.batch_size, progress)
         )
     reconstructor.joint_pass(units)
-    finish_reconstruction(reconstructor)
+    resumed = finish_reconstruction(reconstructor)
     counts = [int((calibration.step_index == s).sum()) for s in range(calibration.num_steps)]
-    return {"units": len(units), "split_shortcuts": sorted(splits), "samples_per_step": counts}
+    return {"units": len(units), "split_shortcuts": sorted(splits), "samples_per_step": counts, **resumed}

@@ -81,5 +81,5 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: QDiffusionCo
             "init_activations", lambda: calibrate_ranges(denoiser, calibration, config.batch_size, progress)
         )
         reconstructor.activation_pass(units)
-    finish_reconstruction(reconstructor)
-    return {"units": len(units), "split_shortcuts": sorted(splits)}
+    resumed = finish_reconstruction(reconstructor)
+    return {"units": len(units), "split_shortcuts": sorted(splits), **resumed}

@@ -91,5 +91,5 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: TFMQConfig, 
         reconstructor.run_once(
             "finite_set_calibration", lambda: calibrate_ranges(denoiser, calibration, config.batch_size, progress)
         )
-    finish_reconstruction(reconstructor)
-    return {"temporal_layers": temporal, "units": len(units), "weight_steps": chosen}
+    resumed = finish_reconstruction(reconstructor)
+    return {"temporal_layers": temporal, "units": len(units), "weight_steps": chosen, **resumed}
