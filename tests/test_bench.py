@@ -167,6 +167,8 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert rows[("naive", "W8A8")]["metrics"]["psnr_vs_ref"] > rows[("naive", "W4A16")]["metrics"]["psnr_vs_ref"]
     assert rows[("naive", "W8A8")]["disk_mb"] < rows[("fp32", "W32A32")]["disk_mb"] / 3
     assert "| naive | W8A8 |" in (tmp_path / "BENCHMARKS.md").read_text()
+    kept = json.loads((tmp_path / "models" / "fmnist-unet__naive__W8A8.calibration.json").read_text())
+    assert kept["calibration_s"] == rows[("naive", "W8A8")]["calibration_s"]  # survives a kill while scoring
     # speedups re-timed on a quiet machine with the current kernels, without re-sampling
     before = json.loads((tmp_path / "rows" / "fmnist-unet__naive__W8A8.json").read_text())
     # (its own process, as users run it: a quiet re-timing pass after the sample-heavy run)
@@ -205,6 +207,9 @@ def test_a_saved_calibration_is_reused_when_only_n_changes(tmp_path):
     assert runner._calibrated_before(spec, make_config("naive", wbits=4, abits=8)) is None
     (tmp_path / "rows" / f"{spec.key}.json").write_text(json.dumps({**earlier, "status": "failed: OSError"}))
     assert runner._calibrated_before(spec, config) is None
+    # ... unless the failed run had finished calibrating: its measurements were kept beside the model
+    (tmp_path / "models" / f"{spec.key}.calibration.json").write_text(json.dumps({**earlier, "calibration_s": 99.0}))
+    assert runner._calibrated_before(spec, config)[1]["calibration_s"] == 99.0
 
 
 def test_processes_sharing_a_results_folder_split_the_rows(tmp_path, monkeypatch):

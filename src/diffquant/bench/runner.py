@@ -252,6 +252,8 @@ class BenchRunner:
                     "calibration_samples": len(calibration),
                     "details": _short(record.get("details", {})),
                 }
+                # kept beside the model so that a run killed while scoring does not calibrate again
+                write_json(self._calibration_record(spec), {**calibrated, "num_samples": self.protocol.num_samples})
             row = {**base, "version": diffquant.__version__, "coverage": _coverage(candidate, source), **calibrated}
             # scored as deployed: int8 kernels where the layer allows, the compiled simulation elsewhere
             # (tests/test_runtime.py bounds the difference between the two)
@@ -298,10 +300,14 @@ class BenchRunner:
             return None
         return {key: old[key] for key in LATENCY_KEYS if key in old} | {"latency_from_run_with_n": old["num_samples"]}
 
+    def _calibration_record(self, spec: RowSpec) -> Path:
+        return self.out / "models" / f"{spec.key}.calibration.json"
+
     def _calibrated_before(self, spec: RowSpec, config) -> tuple[DiffusionModel, dict[str, Any]] | None:
         """The model an earlier run of this row saved, with its calibration measurements, when it was
-        calibrated with the same config (the row file still holds the earlier run, e.g. at another N)."""
-        directory, old = self.out / "models" / spec.key, self._earlier_row(spec)
+        calibrated with the same config (an earlier run at another N, or one killed while scoring)."""
+        directory, record = self.out / "models" / spec.key, self._calibration_record(spec)
+        old = json.loads(record.read_text()) if record.is_file() else self._earlier_row(spec)
         if not directory.is_dir() or old is None or "calibration_s" not in old:
             return None
         try:
