@@ -275,13 +275,16 @@ class BenchRunner:
         if self.preset.latency and (earlier := self._earlier_latency(spec, row)) is not None:
             row.update(earlier)  # the speed of the same kernels does not depend on N: keep the (quiet) timing
         elif self.preset.latency:  # the fp32 baseline is only compiled when a speedup is wanted
-            timed = (
-                self._peer_latency_pair(spec.model, result)
-                if spec.family == "peer"
-                else self._deployed_latency_pair(spec.model, candidate)
-            )
-            if timed is not None:
-                row.update(self._latency(spec.model, *timed))
+            try:
+                timed = (
+                    self._peer_latency_pair(spec.model, result)
+                    if spec.family == "peer"
+                    else self._deployed_latency_pair(spec.model, candidate)
+                )
+                if timed is not None:
+                    row.update(self._latency(spec.model, *timed))
+            except Exception as error:  # a timing failure must not discard the scored metrics
+                row["latency_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         return row
 
     def _earlier_row(self, spec: RowSpec) -> dict[str, Any] | None:
