@@ -14,6 +14,7 @@ from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
 from diffquant.profiling import measure_resources
+from diffquant.quant import require_valid_step_sizes
 from diffquant.runtime import load_quantized, save_quantized
 from diffquant.zoo import DiffusionModel, load_model
 
@@ -77,6 +78,7 @@ def quantize(
     quantized = model if inplace else copy.deepcopy(model)
     with measure_resources() as usage:
         details = entry.apply(quantized.denoiser, calibration, config, progress) or {}
+        require_valid_step_sizes(quantized.denoiser, f"Quantizing with '{config.name}'")
         for _, layer in quant_layers(quantized.denoiser):
             layer.freeze()
     quantized.denoiser.eval()

@@ -34,7 +34,7 @@ from diffquant.fileio import atomic_directory
 from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
 from diffquant.modules.surgery import set_activation_quantization
-from diffquant.quant import Quantizer, step_context
+from diffquant.quant import Quantizer, require_valid_step_sizes, step_context
 from diffquant.quant.adaround import TemperatureDecay
 
 
@@ -50,7 +50,8 @@ class ReconstructionConfig:
     weight_lr: float = 1e-3
     """Adam learning rate of the AdaRound variables."""
     act_lr: float = 4e-5
-    """Adam learning rate of the activation step sizes (cosine schedule)."""
+    """Adam learning rate of the activation step sizes, learned in log space so they stay positive (cosine
+    schedule): about the relative change of a step size per iteration."""
     round_weight: float = 0.01
     """Weight of the rounding regulariser."""
     beta_start: float = 20.0
@@ -189,6 +190,8 @@ class Reconstructor:
         return key in self.state["done"]
 
     def mark_done(self, key: str) -> None:
+        # never checkpoint (or later save) a model whose learned step sizes left the positive reals
+        require_valid_step_sizes(self.model, f"After reconstructing '{key}'")
         self.state["done"].append(key)
         self.state["elapsed_s"] = round(self.earlier_runs_s + time.perf_counter() - self._started, 2)
         if self.checkpoint:
@@ -372,7 +375,9 @@ class Reconstructor:
                 if layers:
                     groups.append({"params": [layer.rounding.alpha for layer in layers], "lr": self.config.weight_lr})
                 if quantizers:
-                    groups.append({"params": [q.scale for q in quantizers], "lr": self.config.act_lr})
+                    groups.append(
+                        {"params": [p for q in quantizers for p in q.trainable_step_sizes()], "lr": self.config.act_lr}
+                    )
                 # step sizes follow a cosine schedule (Q-Diffusion); pure AdaRound keeps Adam's rate
                 self._optimize(
                     unit, data, groups, iterations, p, layers, round_loss, step_sizes, unit.name, seed_offset + index

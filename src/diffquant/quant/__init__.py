@@ -28,9 +28,11 @@ from diffquant.quant.observers import (
     shrink_search,
 )
 from diffquant.quant.packing import pack_codes, packed_size, unpack_codes
-from diffquant.quant.quantizer import Quantizer, QuantSpec
+from diffquant.quant.quantizer import Quantizer, QuantSpec, invalid_step_sizes, require_valid_step_sizes
 
 __all__ = [
+    "invalid_step_sizes",
+    "require_valid_step_sizes",
     "NAMED_FLOAT_FORMATS",
     "BinaryFormat",
     "EMAMinMaxObserver",

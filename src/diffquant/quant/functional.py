@@ -20,6 +20,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x` in the forward pass; its gradient multiplied by `factor` in the backward pass (LSQ's g)."""
+    return (x - x * factor).detach() + x * factor
+
+
 def int_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """Integer codes clamp(round(x / s) + z, qmin, qmax), as float tensors holding integers."""
     return torch.clamp(torch.round(x / scale) + zero_point, fmt.qmin, fmt.qmax)

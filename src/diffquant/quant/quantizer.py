@@ -14,6 +14,7 @@ with a different step count uses the nearest calibrated timestep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.quant.context import current_step
 from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat, parse_format
-from diffquant.quant.functional import fake_quantize, params_from_range
+from diffquant.quant.functional import fake_quantize, params_from_range, scale_gradient
 from diffquant.quant.granularity import Granularity, group_view, ungroup
 from diffquant.quant.observers import OBSERVERS, Observer, make_observer
 
@@ -116,6 +117,8 @@ class Quantizer(nn.Module):
         self._observers: dict[int, Observer] = {}
         self._observed_timesteps: dict[int, float] = {}
         self.register_buffer("scale", None)
+        # while step sizes are learned (LSQ) they live in log space, so they stay positive by construction
+        self.register_parameter("log_scale", None)
         self.register_buffer("zero_point", None)
         self.register_buffer("bank_timesteps", None)
         self.register_buffer("clock", None, persistent=False)
@@ -174,19 +177,32 @@ class Quantizer(nn.Module):
         self.zero_point = zero_point.clone()
 
     def _assign_scale(self, scale: torch.Tensor) -> None:
-        """Store the step size as a Parameter when learnable (LSQ), else as a buffer."""
-        self._parameters.pop("scale", None)
-        self._buffers.pop("scale", None)
+        """Store the step size: as a trainable log step size when learnable (LSQ), else as a buffer."""
+        self._parameters["log_scale"] = None
+        self._buffers["scale"] = None
+        scale = scale.detach()
         if self.spec.learnable:
-            self.register_parameter("scale", nn.Parameter(scale.detach()))
+            check_positive_scale(scale, "the step size to learn")
+            self.log_scale = nn.Parameter(scale.log())
         else:
-            self.register_buffer("scale", scale.detach())
+            self.scale = scale
 
     def set_learnable(self, learnable: bool) -> None:
         """Switch LSQ step-size learning on or off, keeping the current values."""
+        current = self.step_size()
         self.spec = self.spec.replace(learnable=learnable)
-        if self.scale is not None:
-            self._assign_scale(self.scale.detach().clone())
+        if current is not None:
+            self._assign_scale(current.detach().clone())
+
+    def step_size(self) -> torch.Tensor | None:
+        """The current step size(s): exp of the learned log step size, or the calibrated buffer."""
+        if self.log_scale is not None:
+            return self.log_scale.exp()
+        return self.scale
+
+    def trainable_step_sizes(self) -> list[nn.Parameter]:
+        """The parameters an optimiser updates while step sizes are learned."""
+        return [self.log_scale] if self.log_scale is not None else []
 
     def calibrate_static(self, tensor: torch.Tensor) -> None:
         """Calibrate from one tensor (weights): observe it once and fix the parameters."""
@@ -202,7 +218,7 @@ class Quantizer(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return self.spec.dynamic or self.scale is not None
+        return self.spec.dynamic or self.step_size() is not None
 
     # --- parameters for the current call -------------------------------------------------------
     def step_row(self) -> int | torch.Tensor:
@@ -233,9 +249,16 @@ class Quantizer(nn.Module):
             detached = view.detach()
             scale, zero_point = params_from_range(detached.amin(1), detached.amax(1), self.fmt, self.spec.symmetric)
         else:
-            if self.scale is None:
+            if self.log_scale is not None:
+                # LSQ (Esser et al. 2020): gradient of the step size scaled by 1 / sqrt(N * Q_P)
+                elements = view.shape[1] if view is not None else 1
+                factor = 1.0 / math.sqrt(elements * _positive_levels(self.fmt))
+                scale = scale_gradient(self.log_scale, factor).exp()
+            elif self.scale is None:
                 raise DiffquantError("Quantizer used before calibration: run diffquant.quantize() first.")
-            scale, zero_point = self.scale, self.zero_point
+            else:
+                scale = self.scale
+            zero_point = self.zero_point
             if self.spec.per_step:
                 row = self.step_row()
                 scale, zero_point = scale[row], zero_point[row]
@@ -266,12 +289,52 @@ class Quantizer(nn.Module):
                 setattr(self, name, state_dict[prefix + name].clone())
         if prefix + "scale" in state_dict:
             self._assign_scale(state_dict[prefix + "scale"].clone())
-        elif strict and not self.spec.dynamic and self.scale is None:
+        elif prefix + "log_scale" in state_dict:
+            self._assign_scale(state_dict[prefix + "log_scale"].exp())
+        elif strict and not self.spec.dynamic and self.step_size() is None:
             missing_keys.append(prefix + "scale")
 
     def extra_repr(self) -> str:
         state = "disabled" if not self.enabled else ("observing" if self.observing else "quantizing")
         return f"{self.spec.describe()}, {state}"
+
+
+def _positive_levels(fmt: NumberFormat) -> float:
+    """LSQ's Q_P: the largest positive code of the grid."""
+    if isinstance(fmt, IntFormat):
+        return float(max(fmt.qmax, 1))
+    return float(fmt.max_value) if isinstance(fmt, FloatFormat) else 1.0
+
+
+def check_positive_scale(scale: torch.Tensor, what: str) -> None:
+    """Raise when a step size is non-finite or not strictly positive (it would corrupt every output)."""
+    bad = ~torch.isfinite(scale) | (scale <= 0)
+    if bool(bad.any()):
+        raise DiffquantError(
+            f"{what} has {int(bad.sum())} non-finite or non-positive step size(s) "
+            f"(e.g. {scale[bad].flatten()[0]:.3g}); the quantized outputs would be wrong."
+        )
+
+
+def invalid_step_sizes(model: nn.Module) -> list[str]:
+    """Names of the quantizers in `model` whose step sizes are non-finite or not strictly positive."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            scale = module.step_size()
+            if scale is not None and bool((~torch.isfinite(scale) | (scale <= 0)).any()):
+                names.append(name)
+    return names
+
+
+def require_valid_step_sizes(model: nn.Module, where: str) -> None:
+    """One clear error naming the quantizers whose step sizes are non-finite or non-positive."""
+    bad = invalid_step_sizes(model)
+    if bad:
+        raise DiffquantError(
+            f"{where}: {len(bad)} quantizer(s) have a non-finite or non-positive step size ({', '.join(bad[:3])}); "
+            "such a model computes wrong outputs. Re-quantize (a lower step-size learning rate avoids it)."
+        )
 
 
 def is_float_format(spec: QuantSpec) -> bool:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffquant.errors import DiffquantError
 from diffquant.fileio import atomic_directory, write_json
 from diffquant.modules.surgery import export_plans, import_plans, quant_layers
-from diffquant.quant import pack_codes, unpack_codes
+from diffquant.quant import pack_codes, require_valid_step_sizes, unpack_codes
 from diffquant.zoo.registry import METADATA_FILE, DiffusionModel, ModelInfo
 
 QUANTIZATION_FILE = "quantization.json"
@@ -45,6 +45,7 @@ def save_quantized(model: DiffusionModel, directory: str | Path) -> Path:
     unfrozen = [name for name, layer in layers.items() if layer.weight_quantizer is not None and not layer.frozen]
     if unfrozen:
         raise DiffquantError(f"Layers {unfrozen[:3]} still hold float weights: quantize() freezes them before saving.")
+    require_valid_step_sizes(denoiser, "Refusing to save")
     state = denoiser.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     packed_index: dict[str, dict[str, Any]] = {}
