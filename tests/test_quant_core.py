@@ -204,12 +204,13 @@ def test_learnable_scale_gets_gradient_and_survives_state_dict():
     quantizer.start_observing()
     quantizer(torch.randn(1000))
     quantizer.finish_observing()
-    assert isinstance(quantizer.scale, torch.nn.Parameter)
+    # learned in log space so it stays positive (issue 20)
+    assert isinstance(quantizer.log_scale, torch.nn.Parameter) and quantizer.scale is None
     quantizer(torch.randn(100)).pow(2).sum().backward()
-    assert quantizer.scale.grad is not None and quantizer.scale.grad.abs() > 0
+    assert quantizer.log_scale.grad is not None and quantizer.log_scale.grad.abs() > 0
     clone = Quantizer(QuantSpec("int4", learnable=True))
     clone.load_state_dict(quantizer.state_dict())
-    assert torch.equal(clone.scale, quantizer.scale)
+    assert torch.equal(clone.step_size(), quantizer.step_size())
 
 
 def test_dynamic_per_token_needs_no_calibration():
