@@ -323,10 +323,8 @@ def quantize_command(
         options.setdefault("wbits", 8)
         options.setdefault("abits", 8)
         nested = options.get("calibration")
-        if trajectories is not None and isinstance(nested, dict) and nested.get("trajectories") not in (
-            None,
-            trajectories,
-        ):
+        nested_trajectories = nested.get("trajectories") if isinstance(nested, dict) else None
+        if trajectories is not None and nested_trajectories not in (None, trajectories):
             raise DiffquantError(
                 f"--trajectories {trajectories} and --option calibration={json.dumps(nested)} disagree; "
                 "give the setting once."
@@ -350,7 +348,7 @@ def _check_space_for(out: Path, source) -> None:
     from diffquant.fileio import ensure_free_space
 
     size = sum(t.numel() * t.element_size() for t in source.denoiser.state_dict().values())
-    ensure_free_space(out.parent if out.parent != Path("") else Path("."), size, f"the quantized model ({out})")
+    ensure_free_space(out.parent, size, f"the quantized model ({out})")
 
 
 @app.command("calibrate")

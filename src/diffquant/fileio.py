@@ -104,7 +104,7 @@ def check_output(target: str | Path, marker: str | None = None, overwrite: bool 
     target = Path(target)
     resolved = target.resolve()
     cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
+    if resolved == cwd or resolved in cwd.parents or target.name in ("", ".", ".."):
         raise DiffquantError(
             f"Output '{target}' is the current directory or one of its parents; diffquant replaces an output "
             "folder as a whole, so give a new sub-folder (e.g. --out ./result)."
