@@ -117,7 +117,7 @@ def test_parents_of_the_working_directory_are_refused(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     for out in ("..", str(tmp_path), "/"):
-        with pytest.raises(DiffquantError, match="current directory or one of its parents"):
+        with pytest.raises(DiffquantError, match="the current directory, one of its parents"):
             check_output(out, "calibration.json", overwrite=True)
 
 

@@ -106,8 +106,8 @@ def check_output(target: str | Path, marker: str | None = None, overwrite: bool 
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents or target.name in ("", ".", ".."):
         raise DiffquantError(
-            f"Output '{target}' is the current directory or one of its parents; diffquant replaces an output "
-            "folder as a whole, so give a new sub-folder (e.g. --out ./result)."
+            f"Output '{target}' is the current directory, one of its parents or a '..' path; diffquant replaces "
+            "an output folder as a whole, so give a new sub-folder (e.g. --out ./result)."
         )
     if target.exists() and not target.is_dir():
         raise DiffquantError(f"Output '{target}' exists and is a file; choose a folder name that is free.")
