@@ -436,3 +436,14 @@ def test_a_keep_fp_pattern_matching_nothing_fails_before_recording(monkeypatch, 
     monkeypatch.setattr("diffquant.api.record_calibration", not_reached)
     with pytest.raises(ConfigError, match="'nope.\\*' \\(keep_fp\\) matches no quantizable module"):
         diffquant.quantize(model, "naive", progress=False, keep_fp=("nope.*",))
+
+
+def test_unwritable_or_directory_targets_are_one_clear_error(tmp_path):
+    from diffquant.fileio import WriteError, write_json
+
+    with pytest.raises(DiffquantError, match="is a directory; give a file name"):
+        write_json(tmp_path, {"a": 1})
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(WriteError, match="Cannot create"), atomic_directory(blocker / "out"):
+        pass

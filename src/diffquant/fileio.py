@@ -145,9 +145,12 @@ def atomic_directory(target: str | Path, marker: str | None = None, overwrite: b
     """
     target = Path(target)
     check_output(target, marker, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(target)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(target)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    except OSError as error:
+        raise WriteError(f"Cannot create {target}: {error}. Choose a folder you can write to.") from error
     try:
         yield scratch
         _follow_umask(scratch)
@@ -181,9 +184,14 @@ def atomic_directory(target: str | Path, marker: str | None = None, overwrite: b
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a scratch path beside `target`; it is renamed onto `target` only when the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(target)
-    handle, scratch_name = tempfile.mkstemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent)
+    if target.is_dir():
+        raise DiffquantError(f"'{target}' is a directory; give a file name to write to.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(target)
+        handle, scratch_name = tempfile.mkstemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent)
+    except OSError as error:
+        raise WriteError(f"Cannot create {target}: {error}. Choose a folder you can write to.") from error
     os.close(handle)
     scratch = Path(scratch_name)
     try:
