@@ -447,3 +447,14 @@ def test_unwritable_or_directory_targets_are_one_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(WriteError, match="Cannot create"), atomic_directory(blocker / "out"):
         pass
+
+
+def test_a_cache_without_room_is_skipped_with_a_warning_before_recording(tmp_path, monkeypatch):
+    from diffquant.methods import make_config
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("diffquant.fileio.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    config = make_config("naive", calibration={"trajectories": 2, "steps": 2, "uniform_steps": 2})
+    with pytest.warns(UserWarning, match="will not be cached: Not enough disk space"):
+        calibration = diffquant.record_calibration(tiny_unet_model(), config, progress=False)
+    assert len(calibration) == 4 and not (tmp_path / "cache" / "calibration").exists()

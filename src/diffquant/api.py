@@ -38,6 +38,8 @@ def record_calibration(
     path = cache_dir() / "calibration" / key
     if use_cache and path.is_dir():
         return CalibrationSet.load(path)
+    if use_cache and not _cache_has_room(path, model, settings):
+        use_cache = False  # known before minutes of recording: warn now, record anyway
     policy = settings.timestep_policy(model)
     # TDAC allocates `trajectories` samples over the steps; each step's samples need their own runs
     runs = max(policy.counts) if isinstance(policy, AllocatedSteps) else settings.trajectories
@@ -49,6 +51,22 @@ def record_calibration(
         except DiffquantError as error:  # a cache that cannot be written costs a re-recording, not the run
             warnings.warn(f"Calibration data not cached: {error}", stacklevel=2)
     return calibration
+
+
+def _cache_has_room(path: Path, model: DiffusionModel, settings) -> bool:
+    """At most every step of every trajectory (both guidance branches) is kept: that bounds the set's size."""
+    from diffquant.fileio import ensure_free_space
+
+    values = 1
+    for size in model.info.image_shape:
+        values *= size
+    bound = settings.trajectories * settings.steps * values * 4 * (2 if model.info.conditional else 1)
+    try:
+        ensure_free_space(path.parent, bound, "the calibration cache")
+    except DiffquantError as error:
+        warnings.warn(f"Calibration data will not be cached: {error}", stacklevel=3)
+        return False
+    return True
 
 
 def quantize(
