@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from diffquant.cache import cache_dir, json_digest, model_digest
+from diffquant.cache import cache_dir, json_digest, model_digest, safe_name
 from diffquant.calibration import AllocatedSteps, CalibrationSet, record_trajectories
+from diffquant.calibration.validation import validate_for_model
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
+from diffquant.modules.policy import resolve_policy
 from diffquant.profiling import measure_resources
 from diffquant.quant import require_valid_step_sizes
 from diffquant.runtime import load_quantized, save_quantized
+from diffquant.runtime.storage import guard_inputs
 from diffquant.zoo import DiffusionModel, load_model
 
 
@@ -29,17 +33,41 @@ def record_calibration(
     """
     settings = config.calibration
     settings.validate()
-    key = f"{model.info.name}-{model_digest(model.denoiser)}-{json_digest(asdict(settings))}"
+    digest = model_digest(model.denoiser)
+    # the model's name comes from a file the user may not control: never let it steer the path
+    key = f"{safe_name(model.info.name)}-{digest}-{json_digest(asdict(settings))}"
     path = cache_dir() / "calibration" / key
     if use_cache and path.is_dir():
         return CalibrationSet.load(path)
+    if use_cache and not _cache_has_room(path, model, settings):
+        use_cache = False  # known before minutes of recording: warn now, record anyway
     policy = settings.timestep_policy(model)
     # TDAC allocates `trajectories` samples over the steps; each step's samples need their own runs
     runs = max(policy.counts) if isinstance(policy, AllocatedSteps) else settings.trajectories
     calibration = record_trajectories(model, runs, settings.sampler(), policy, settings.seed, progress=progress)
+    calibration.meta["model_digest"] = digest
     if use_cache:
-        calibration.save(path)
+        try:
+            calibration.save(path, overwrite=True)
+        except DiffquantError as error:  # a cache that cannot be written costs a re-recording, not the run
+            warnings.warn(f"Calibration data not cached: {error}", stacklevel=2)
     return calibration
+
+
+def _cache_has_room(path: Path, model: DiffusionModel, settings) -> bool:
+    """At most every step of every trajectory (both guidance branches) is kept: that bounds the set's size."""
+    from diffquant.fileio import ensure_free_space
+
+    values = 1
+    for size in model.info.image_shape:
+        values *= size
+    bound = settings.trajectories * settings.steps * values * 4 * (2 if model.info.conditional else 1)
+    try:
+        ensure_free_space(path.parent, bound, "the calibration cache")
+    except DiffquantError as error:
+        warnings.warn(f"Calibration data will not be cached: {error}", stacklevel=3)
+        return False
+    return True
 
 
 def quantize(
@@ -65,6 +93,8 @@ def quantize(
     if model.quantization is not None:
         raise DiffquantError("This model is already quantized; quantize its full-precision original instead.")
     entry = get_method(config.name)
+    # layer patterns that match nothing fail now, not after minutes of recording
+    resolve_policy(model.denoiser, config.layer_policy())
 
     recording_time = 0.0
     if calibration is None:
@@ -74,6 +104,7 @@ def quantize(
     elif not isinstance(calibration, CalibrationSet):
         raise ConfigError(f"calibration must be a CalibrationSet, got {type(calibration).__name__}.")
     calibration.validate()
+    validate_for_model(calibration, model)
 
     quantized = model if inplace else copy.deepcopy(model)
     with measure_resources() as usage:
@@ -82,6 +113,7 @@ def quantize(
         for _, layer in quant_layers(quantized.denoiser):
             layer.freeze()
     quantized.denoiser.eval()
+    guard_inputs(quantized.denoiser)
     quantized.quantization = {
         "method": config.name,
         "setting": config.setting,
@@ -97,11 +129,12 @@ def quantize(
     return quantized
 
 
-def save(model: DiffusionModel, directory: str | Path) -> Path:
-    """Save a quantized model directory (packed weights; atomic)."""
+def save(model: DiffusionModel, directory: str | Path, overwrite: bool = False) -> Path:
+    """Save a quantized model directory (packed weights; atomic). An existing `directory` that is not a
+    quantized model (and not empty) is refused unless `overwrite=True`."""
     if model.quantization is None:
         raise DiffquantError("save() writes quantized models; use diffquant.zoo.save_model for float ones.")
-    return save_quantized(model, directory)
+    return save_quantized(model, directory, overwrite=overwrite)
 
 
 def load(name_or_path: str | Path) -> DiffusionModel:

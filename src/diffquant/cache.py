@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,19 @@ import torch
 def cache_dir() -> Path:
     """$DIFFQUANT_CACHE, else ~/.cache/diffquant."""
     return Path(os.environ.get("DIFFQUANT_CACHE", Path.home() / ".cache" / "diffquant"))
+
+
+def safe_name(name: str, limit: int = 64) -> str:
+    """`name` reduced to one harmless path component (letters, digits, '.', '_', '-'; no leading dot).
+
+    Model names come from files inside model directories; '../..' or '/abs' must not move a cache entry
+    out of the cache. A name that had to change gets a short digest of the original, so different
+    names never share an entry.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".")[:limit] or "model"
+    if cleaned != name:
+        cleaned += "_" + hashlib.sha256(str(name).encode()).hexdigest()[:8]
+    return cleaned
 
 
 def model_digest(module: torch.nn.Module) -> str:

@@ -35,6 +35,8 @@ def _fail(error: Exception) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise DiffquantError(f"--threads must be a positive number of threads, got {threads}.")
     if threads:
         import torch
 
@@ -274,43 +276,79 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 @app.command("quantize")
 def quantize_command(
     model: str = typer.Option(..., help="Reference model name or a model directory."),
     method: str = typer.Option("naive", help="Quantization method (see `diffquant methods`)."),
     preset: str = typer.Option(None, help="Method preset: 'fast' (default where available) or 'paper'."),
-    wbits: int = typer.Option(8, help="Weight bits (1-16)."),
-    abits: str = typer.Option("8", help="Activation bits (1-16), or 16/32/none for float activations."),
+    wbits: int = typer.Option(None, help="Weight bits (1-16; default 8)."),
+    abits: str = typer.Option(None, help="Activation bits (1-16), or 16/32/none for float activations (default 8)."),
     out: Path = typer.Option(..., help="Output directory for the quantized model."),
     calibration: Path = typer.Option(None, help="A calibration directory from `diffquant calibrate`."),
     trajectories: int = typer.Option(None, help="Override the method's number of calibration trajectories."),
     keep_fp: list[str] = typer.Option(None, help="Module-name pattern to keep in full precision (repeatable)."),
     option: list[str] = typer.Option(None, help="Any method option as KEY=VALUE (JSON values), repeatable."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
 ) -> None:
     """Quantize a model with a method and save it as a packed directory."""
     try:
         _set_threads(threads)
+        from diffquant.fileio import check_output
+
+        check_output(out, "quantization.json", overwrite)  # before minutes of calibration, not after
         import diffquant
         from diffquant.calibration import CalibrationSet
         from diffquant.methods import make_config
         from diffquant.reporting import print_quantization_summary
 
         options = _parse_options(option)
-        options.update(wbits=wbits, abits=_parse_abits(abits))
+        given = {}  # flags the user typed, checked against --option so neither is dropped silently
+        if wbits is not None:
+            given["wbits"] = (f"--wbits {wbits}", wbits)
+        if abits is not None:
+            given["abits"] = (f"--abits {abits}", _parse_abits(abits))
         if keep_fp:
-            options["keep_fp"] = tuple(keep_fp)
+            given["keep_fp"] = (f"--keep-fp {' '.join(keep_fp)}", tuple(keep_fp))
+        for key, (flag, value) in given.items():
+            if key in options and _plain(options[key]) != _plain(value):
+                raise DiffquantError(
+                    f"{flag} and --option {key}={json.dumps(options[key])} disagree; give the setting once."
+                )
+            options[key] = value
+        options.setdefault("wbits", 8)
+        options.setdefault("abits", 8)
+        nested = options.get("calibration")
+        nested_trajectories = nested.get("trajectories") if isinstance(nested, dict) else None
+        if trajectories is not None and nested_trajectories not in (None, trajectories):
+            raise DiffquantError(
+                f"--trajectories {trajectories} and --option calibration={json.dumps(nested)} disagree; "
+                "give the setting once."
+            )
         config = make_config(method, preset, **options)
         if trajectories is not None:
             config.calibration.trajectories = trajectories
             config.validate()
         source = diffquant.load(model)
+        _check_space_for(out, source)
         calibration_set = CalibrationSet.load(calibration) if calibration else None
         quantized = diffquant.quantize(source, config, calibration_set)
-        diffquant.save(quantized, out)
+        diffquant.save(quantized, out, overwrite=overwrite)
         print_quantization_summary(quantized, out)
     except DiffquantError as error:
         _fail(error)
+
+
+def _check_space_for(out: Path, source) -> None:
+    """A quantized model is at most as large as its float original: refuse a disk that cannot hold that."""
+    from diffquant.fileio import ensure_free_space
+
+    size = sum(t.numel() * t.element_size() for t in source.denoiser.state_dict().values())
+    ensure_free_space(out.parent, size, f"the quantized model ({out})")
 
 
 @app.command("calibrate")
@@ -323,11 +361,15 @@ def calibrate_command(
     scheduler: str = typer.Option(None),
     steps: int = typer.Option(None),
     seed: int = typer.Option(None),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
 ) -> None:
     """Record calibration data along full-precision sampling trajectories and save it."""
     try:
         _set_threads(threads)
+        from diffquant.fileio import check_output
+
+        check_output(out, "calibration.json", overwrite)
         import diffquant
         from diffquant.methods import make_config
 
@@ -343,7 +385,7 @@ def calibrate_command(
                 setattr(config.calibration, key, value)
         config.calibration.validate()
         calibration = diffquant.record_calibration(diffquant.load(model), config, use_cache=False)
-        calibration.save(out)
+        calibration.save(out, overwrite=overwrite)
         typer.echo(f"recorded {len(calibration)} calibration inputs ({calibration.meta['policy']}) to {out}")
     except DiffquantError as error:
         _fail(error)
@@ -391,6 +433,7 @@ def export_command(
     out: Path = typer.Option(..., help="Output directory of the exported model."),
     compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),
     weight_only_mode: str = typer.Option("at-load", help="Weight-only layers: at-load or on-the-fly decoding."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
 ) -> None:
     """Export a quantized model to real kernels, check it against the simulation, and save it."""
@@ -398,7 +441,7 @@ def export_command(
         _set_threads(threads)
         from diffquant.runtime.deploy import export_directory
 
-        report = export_directory(model, out, backend, compile, weight_only_mode)
+        report = export_directory(model, out, backend, compile, weight_only_mode, overwrite=overwrite)
         for kernel, count in sorted(report["kernels"].items()):
             typer.echo(f"  {count:3d} x {kernel}")
         agreement = report["agreement"]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffquant.errors import DiffquantError
-from diffquant.fileio import atomic_directory
+from diffquant.fileio import atomic_directory, ensure_free_space, recover_interrupted
 
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
@@ -115,11 +115,14 @@ class CalibrationSet:
             yield CalibrationBatch(-1, float("nan"), self.num_steps, part.sample, part.timestep, part.conditioning)
 
     # persistence ----------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the set atomically; an existing `directory` that is not a calibration set (and not
+        empty) is refused unless `overwrite`."""
         directory = Path(directory)
-        with atomic_directory(directory) as scratch:
-            tensors = {"sample": self.sample, "timestep": self.timestep, "step_index": self.step_index}
-            tensors.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+        tensors = {"sample": self.sample, "timestep": self.timestep, "step_index": self.step_index}
+        tensors.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+        ensure_free_space(directory.parent, sum(t.numel() * t.element_size() for t in tensors.values()) + 65536)
+        with atomic_directory(directory, META_FILE, overwrite) as scratch:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / TENSORS_FILE))
             meta = {"num_steps": self.num_steps, "count": len(self), **self.meta}
             (scratch / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -128,6 +131,7 @@ class CalibrationSet:
     @classmethod
     def load(cls, directory: str | Path) -> CalibrationSet:
         directory = Path(directory)
+        recover_interrupted(directory)
         if not (directory / TENSORS_FILE).is_file():
             raise DiffquantError(
                 f"{directory} holds no calibration data ({TENSORS_FILE} is missing). "
@@ -138,6 +142,13 @@ class CalibrationSet:
             meta = json.loads((directory / META_FILE).read_text())
         except Exception as error:
             raise DiffquantError(f"Cannot read calibration data in {directory}: {error}. Record it again.") from error
+        absent = [key for key in ("sample", "timestep", "step_index") if key not in tensors]
+        if absent or not isinstance(meta, dict):
+            what = f"lacks the tensor '{absent[0]}'" if absent else f"has a {META_FILE} that is not a JSON object"
+            raise DiffquantError(
+                f"Calibration data in {directory} {what}; it was not written by diffquant. Record it with "
+                "`diffquant calibrate` or build a CalibrationSet(sample, timestep, step_index, ...)."
+            )
         conditioning = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("conditioning.")}
         num_steps = meta.pop("num_steps", 1)
         meta.pop("count", None)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffquant.cache import cache_dir, json_digest, model_digest
+from diffquant.cache import cache_dir, json_digest, model_digest, safe_name
 from diffquant.errors import ConfigError
 from diffquant.evaluation.agreement import psnr, ssim
 from diffquant.evaluation.feature_net import FeatureNetwork, extract_features, load_feature_network
@@ -189,7 +189,7 @@ def data_floors(protocol: EvalProtocol, scorer: Scorer | None = None) -> dict[st
 def cached_samples(model: DiffusionModel, protocol: EvalProtocol, progress: bool = True) -> torch.Tensor:
     """A model's samples under `protocol`, cached on disk by weights digest (full-precision references)."""
     digest = model_digest(model.denoiser)
-    path = cache_dir() / "samples" / f"{model.info.name}-{digest}-{protocol.key()}.npy"
+    path = cache_dir() / "samples" / f"{safe_name(model.info.name)}-{digest}-{protocol.key()}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
     images = protocol_samples(model, protocol, progress).images

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from diffquant.errors import DiffquantError
-from diffquant.fileio import atomic_directory, write_json
+from diffquant.fileio import atomic_directory, check_output, write_json
 from diffquant.quant import step_context
 from diffquant.runtime.export import DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
@@ -58,8 +58,11 @@ def export_directory(
     backend: str,
     compile: bool = False,
     weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export the quantized directory `source` to `backend`, verify it, and write `out`."""
+    check_output(out, EXPORT_FILE, overwrite)
+    _refuse_outside_links(Path(source))
     simulated = load_quantized(source)
     deployed = export_model(simulated, backend, compile=False, weight_only_mode=weight_only_mode)
     report = {
@@ -69,12 +72,23 @@ def export_directory(
         "kernels": deployed.quantization["kernels"],
         "agreement": agreement_with_simulation(simulated, deployed),
     }
-    with atomic_directory(out) as scratch:
+    with atomic_directory(out, EXPORT_FILE, overwrite) as scratch:
         for item in Path(source).iterdir():
             if item.name != EXPORT_FILE:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
         write_json(scratch / EXPORT_FILE, report)
     return report
+
+
+def _refuse_outside_links(source: Path) -> None:
+    """A symlink in a model directory must not turn into a copy of a file from elsewhere."""
+    root = source.resolve()
+    for item in source.rglob("*"):
+        if item.is_symlink() and not item.resolve().is_relative_to(root):
+            raise DiffquantError(
+                f"{item} is a symbolic link to {item.resolve()}, outside the model directory; export copies only "
+                "files inside it. Remove the link (or replace it by a copy) and export again."
+            )
 
 
 def load_exported(directory: str | Path) -> DiffusionModel:

@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffquant.errors import DiffquantError
-from diffquant.fileio import atomic_directory, write_json
+from diffquant.fileio import atomic_directory, recover_interrupted, write_json
 from diffquant.zoo.architectures import FMNIST_DIT_CONFIG, FMNIST_UNET_CONFIG, build_dit, build_unet
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -133,6 +133,7 @@ def _lookup(name: str) -> _Reference:
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A reference-model name to its shipped directory; a path is checked and returned."""
     candidate = Path(name_or_path)
+    recover_interrupted(candidate)  # a save killed between its two renames leaves the old model hidden
     if candidate.is_dir():
         return candidate
     if str(name_or_path) in REFERENCE_MODELS:
@@ -161,23 +162,38 @@ def load_model(name_or_path: str | Path) -> DiffusionModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise DiffquantError(f"{path} is not a model directory: it has no config.json.")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise DiffquantError(f"{config_file} is not a valid JSON object ({error}); restore the file.") from error
     model_class = getattr(diffusers, class_name or "", None)
     if model_class is None:
         raise DiffquantError(f"{config_file} names model class '{class_name}', which diffusers does not have.")
-    denoiser = model_class.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+    try:
+        denoiser = model_class.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as error:
+        raise DiffquantError(
+            f"{path} has no loadable {class_name} weights ({str(error).splitlines()[0][:160]}); a quantized model "
+            "directory also needs its quantization.json. Copy the directory again or re-save the model."
+        ) from error
     denoiser.eval()
     metadata_file = path / METADATA_FILE
     if metadata_file.is_file():
-        info = ModelInfo.from_json(json.loads(metadata_file.read_text()))
+        try:
+            info = ModelInfo.from_json(json.loads(metadata_file.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise DiffquantError(f"{metadata_file} is not a valid model description ({error}); restore it.") from error
     else:  # a plain diffusers directory: infer the image shape from the config
         config = denoiser.config
         size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
         info = ModelInfo(name=path.name, architecture=class_name, image_shape=(config.in_channels, size, size))
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = (
-        json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(TRAIN_SCHEDULER_CONFIG)
-    )
+    try:
+        scheduler_config = (
+            json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else dict(TRAIN_SCHEDULER_CONFIG)
+        )
+    except json.JSONDecodeError as error:
+        raise DiffquantError(f"{scheduler_file} is not valid JSON ({error}); restore it.") from error
     return DiffusionModel(denoiser, info, scheduler_config, path)
 
 
