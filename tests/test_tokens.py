@@ -233,3 +233,35 @@ def test_generator_save_load_identical(tmp_path):
     a, _ = generator.generate(6, config, seed=3)
     b, _ = loaded.generate(6, config, seed=3)
     assert torch.equal(a, b) and a.shape == (6, 1, 28, 28)
+
+
+def test_cli_compress_decompress_round_trip(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    tokenizer = _tiny_tokenizer().eval()
+    save_token_model(tokenizer, tmp_path / "tok")
+    images = (np.random.default_rng(0).random((5, 28, 28)) * 255).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    runner = CliRunner()
+    args = [
+        "compress",
+        str(tmp_path / "images.npy"),
+        "-o",
+        str(tmp_path / "x.dqt"),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    size = (tmp_path / "x.dqt").stat().st_size
+    assert f"{8 * size / (5 * 784):.4f} bpp" in result.output  # the printed rate is the file's bits
+    args = ["decompress", str(tmp_path / "x.dqt"), "-o", str(tmp_path / "y.npy"), "--tokenizer", str(tmp_path / "tok")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    decoded = np.load(tmp_path / "y.npy")
+    from diffquant.data import to_uint8, to_unit_range
+
+    expected = to_uint8(tokenizer.decode(tokenizer.encode(to_unit_range(images[:, None]))))[:, 0].numpy()
+    assert np.array_equal(decoded, expected)
