@@ -265,3 +265,63 @@ def test_cli_compress_decompress_round_trip(tmp_path):
 
     expected = to_uint8(tokenizer.decode(tokenizer.encode(to_unit_range(images[:, None]))))[:, 0].numpy()
     assert np.array_equal(decoded, expected)
+
+
+def test_weight_vq_packs_two_bits_per_weight_and_round_trips(tmp_path):
+    from diffquant.modules.codebook import CodebookLinear, apply_weight_vq, load_codebook_state, save_codebook_state
+    from diffquant.quant.codebook import CodebookSpec, CodebookWeight, quantize_weight
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 512)
+    weight = quantize_weight(layer.weight, CodebookSpec(refine_steps=0, kmeans_iters=4))
+    packed = weight.packed()
+    assert packed["indices"].dtype == torch.uint8 and packed["indices"].numel() == 512 * 128 * 2 // 8
+    restored = CodebookWeight.from_packed(packed, (512, 128))
+    assert torch.equal(restored.indices, weight.indices)
+    assert torch.equal(restored.dequantize(), weight.codebook.half().float()[weight.indices].reshape(512, 128))
+    model = torch.nn.Sequential(torch.nn.Linear(128, 512), torch.nn.GELU(), torch.nn.Linear(512, 128))
+    report = apply_weight_vq(model, CodebookSpec(refine_steps=0, kmeans_iters=4))
+    assert report["compression"] >= 12.0  # 2-bit indices + a float16 codebook vs fp32
+    assert isinstance(model[0], CodebookLinear)
+    x = torch.randn(4, 128)
+    size = save_codebook_state(model, tmp_path / "vq.safetensors")
+    assert size == report["packed_bytes"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(128, 512), torch.nn.GELU(), torch.nn.Linear(512, 128))
+    apply_weight_vq(fresh, CodebookSpec(refine_steps=0, kmeans_iters=1, seed=5))
+    load_codebook_state(fresh, tmp_path / "vq.safetensors")
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_vq4dit_candidate_refinement_lowers_output_error():
+    from diffquant.quant.codebook import CodebookSpec, quantize_weight
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64)
+    inputs = torch.randn(512, 64) * torch.linspace(0.1, 3, 64)  # uneven channels: data-aware assignment matters
+    target = inputs @ weight.t()
+
+    def error(spec, calibration):
+        return (inputs @ quantize_weight(weight, spec, calibration).dequantize().t() - target).pow(2).mean().item()
+
+    plain = error(CodebookSpec(bits_per_weight=1, refine_steps=0), None)  # k-means on the weights alone
+    weighted = error(CodebookSpec(bits_per_weight=1, refine_steps=0), inputs)  # input-moment weighted k-means
+    refined = error(CodebookSpec(bits_per_weight=1, refine_steps=150, candidates=4), inputs)
+    assert refined < weighted < 0.98 * plain
+
+
+@pytest.mark.parametrize("method", ["naive", "ptq4dm"])
+def test_token_denoiser_through_quantization_methods(method):
+    from diffquant.modules import quant_layers
+    from diffquant.tokens.quantization import quantize_token_denoiser, record_token_calibration
+
+    denoiser = _tiny_denoiser().eval()
+    sampler = TokenSamplerConfig("maskgit", 3, guidance_scale=2.0)
+    calibration = record_token_calibration(denoiser, sampler, 16)
+    assert len(calibration) == 16 * 2 * 3  # every network call, both CFG branches
+    quantized = quantize_token_denoiser(denoiser, method, calibration, wbits=8, abits=8)
+    assert len(list(quant_layers(quantized))) == 5  # qkv, proj, fc1, fc2, head
+    x, y = torch.randint(0, 17, (8, 9)), torch.arange(8)
+    reference = denoiser(x, y)
+    assert 0 < (quantized(x, y) - reference).abs().max() < 0.1 * reference.abs().max()
+    tokens = sample_tokens(quantized, 4, sampler, torch.arange(4), seed=0)
+    assert tokens.max() < 16
