@@ -325,3 +325,15 @@ def test_token_denoiser_through_quantization_methods(method):
     assert 0 < (quantized(x, y) - reference).abs().max() < 0.1 * reference.abs().max()
     tokens = sample_tokens(quantized, 4, sampler, torch.arange(4), seed=0)
     assert tokens.max() < 16
+
+
+def test_refit_rebuilds_codebook_and_fine_tunes_decoder_only():
+    from diffquant.tokens.codec import refit_tokenizer
+
+    tokenizer = _tiny_tokenizer().eval()
+    levels = torch.linspace(-0.9, 0.9, 64)[:, None, None, None]
+    images = levels * torch.ones(64, 1, 28, 28)  # flat images: a decoder can learn them from the codes
+    refit, losses = refit_tokenizer(tokenizer, images, 8, steps=40, batch_size=32, learning_rate=1e-2, pool_size=2000)
+    assert refit.codebook_size == 8
+    assert torch.equal(refit.encoder[0].weight, tokenizer.encoder[0].weight)  # encoder frozen
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # the decoder adapts to the new codebook

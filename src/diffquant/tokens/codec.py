@@ -122,3 +122,31 @@ def rate_distortion(
         "ssim": ssim(recon, images).mean().item(),
         "codes_used": float(np.unique(tokens.numpy()).size) / tokenizer.codebook_size,
     }
+
+
+def refit_tokenizer(
+    tokenizer: VQAutoencoder,
+    images: torch.Tensor,
+    codebook_size: int,
+    steps: int = 200,
+    batch_size: int = 64,
+    learning_rate: float = 3e-4,
+    pool_size: int = 40000,
+    seed: int = 0,
+) -> tuple[VQAutoencoder, list[float]]:
+    """VQ-DDM's ReFiT: re-build the codebook by k-means on encoder latents, then fine-tune the decoder
+    (encoder and codebook frozen) to the new codes. Returns the tokenizer and its loss per step."""
+    rebuilt = rebuild_codebook(tokenizer, latent_pool(tokenizer, images, pool_size, seed), codebook_size)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(rebuilt.decoder.parameters(), lr=learning_rate, betas=(0.5, 0.9))
+    losses = []
+    for _ in range(steps):
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        with torch.no_grad():
+            codes = rebuilt.quantizer.embed(rebuilt.encode(batch)).permute(0, 3, 1, 2)
+        loss = torch.nn.functional.mse_loss(rebuilt.decoder(codes), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return rebuilt.eval(), losses

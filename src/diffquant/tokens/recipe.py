@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from diffquant.data import load_fashion_mnist
 from diffquant.fileio import write_json
 from diffquant.tokens.denoiser import DenoiserConfig
-from diffquant.tokens.storage import save_token_model
+from diffquant.tokens.storage import load_token_model, save_token_model
 from diffquant.tokens.tokenizer import TokenizerConfig, VQAutoencoder
 from diffquant.tokens.training import DenoiserTraining, TokenizerTraining, train_denoiser, train_tokenizer
 
@@ -33,14 +34,23 @@ def train_reference(
     data_dir: str | Path | None = None,
     log=print,
 ) -> dict:
-    """Train both stages into run_dir/tokenizer and run_dir/denoiser; returns (and writes) a summary."""
+    """Train both stages into run_dir/tokenizer and run_dir/denoiser; returns (and writes) a summary.
+
+    A tokenizer already saved in run_dir/tokenizer is reused (resume after the first stage).
+    """
     run_dir = Path(run_dir)
     started = time.perf_counter()
     train = load_fashion_mnist("train", data_dir)
     test = load_fashion_mnist("test", data_dir)
-    tokenizer, tok_summary = train_tokenizer(tokenizer_config, train.images, tokenizer_training, test.images, log)
-    log(f"tokenizer test: {tok_summary['test']}")
-    save_token_model(tokenizer, run_dir / "tokenizer", {"training": {**asdict(tokenizer_training), **tok_summary}})
+    if (run_dir / "tokenizer" / "config.json").is_file():
+        tokenizer = load_token_model(run_dir / "tokenizer")
+        tok_summary = json.loads((run_dir / "tokenizer" / "config.json").read_text())["training"]
+        tokenizer_config = tokenizer.config
+        log(f"reusing the tokenizer in {run_dir / 'tokenizer'}")
+    else:
+        tokenizer, tok_summary = train_tokenizer(tokenizer_config, train.images, tokenizer_training, test.images, log)
+        log(f"tokenizer test: {tok_summary['test']}")
+        save_token_model(tokenizer, run_dir / "tokenizer", {"training": {**asdict(tokenizer_training), **tok_summary}})
     tokens = encode_dataset(tokenizer, train.images)
     h, w = tokens.shape[1:3]
     config = DenoiserConfig(
