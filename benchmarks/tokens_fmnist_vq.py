@@ -65,12 +65,12 @@ def part_guidance(run: Path, n: int) -> None:
 
 def part_samplers(run: Path, n: int) -> None:
     gen, scorer, rows = _generator(run), Scorer.load(), []
-    configs = [("maskgit", s) for s in (4, 8, 16)] + [("fhs", s) for s in (4, 8, 16, 49)]
-    configs += [("vqdiffusion", s) for s in (10, 25)]
-    for sampler, steps in configs:
-        config = TokenSamplerConfig(sampler, steps, guidance_scale=GUIDANCE)
+    configs = [("maskgit", 8, 1.0)] + [("maskgit", s, GUIDANCE) for s in (4, 8)]
+    configs += [("fhs", s, GUIDANCE) for s in (4, 8, 16)] + [("vqdiffusion", 10, GUIDANCE)]
+    for sampler, steps, guidance in configs:
+        config = TokenSamplerConfig(sampler, steps, guidance_scale=guidance)
         result = score_generator(gen, config, n, scorer=scorer)
-        _log(f"{sampler}-{steps}", result)
+        _log(f"{sampler}-{steps} cfg {guidance}", result)
         rows.append(result)
         write_json(OUT / "samplers.json", rows)
 
@@ -106,7 +106,7 @@ def part_quant(run: Path, n: int) -> None:
 
 def part_ladder(run: Path, n: int) -> None:
     tokenizer = load_token_model(run / "tokenizer")
-    train, test = load_fashion_mnist("train"), load_fashion_mnist("test").subset(n)
+    train, test = load_fashion_mnist("train").subset(6000, seed=1), load_fashion_mnist("test").subset(n)
     codebook_ladder(tokenizer, train.images, test.images, [2**b for b in range(4, 13)], OUT / "ladder")
 
 
