@@ -23,8 +23,9 @@ def codebook_ladder(
     coder: str = "arithmetic",
     pool_size: int = 40000,
     log: Callable[[str], None] = print,
+    rungs_dir: str | Path | None = None,
 ) -> list[dict]:
-    """One rebuilt tokenizer per K (saved under out/k<K>), scored for rate and distortion on test images."""
+    """One rebuilt tokenizer per K (saved under rungs_dir or out, as k<K>), scored for rate and distortion."""
     out = Path(out)
     pool = latent_pool(tokenizer, train_images, pool_size)
     rows = [{"rung": "trained", **rate_distortion(tokenizer, test_images, coder)}]
@@ -34,7 +35,7 @@ def codebook_ladder(
         rung = rebuild_codebook(tokenizer, pool, k, iters=10 if k <= 1024 else 6)
         row = {"rung": f"k-means {k}", **rate_distortion(rung, test_images, coder)}
         row["rebuild_s"] = time.perf_counter() - started
-        save_token_model(rung, out / f"k{k}")
+        save_token_model(rung, Path(rungs_dir or out) / f"k{k}")
         rows.append(row)
         log(str(row))
     write_json(out / "rd.json", {"coder": coder, "num_images": len(test_images), "rows": rows})
