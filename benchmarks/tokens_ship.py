@@ -50,8 +50,10 @@ def main(run: Path) -> None:
             "denoiser": sum(p.numel() for p in denoiser.parameters()),
         },
         "training": {
-            "command": "PYTHONPATH=src nice -n 10 python runs/train_fmnist_vq.py  # = diffquant tokens train "
-            "--tokenizer-minutes 22 --denoiser-minutes 30 --threads 1",
+            "command": "nice -n 10 diffquant tokens train --out runs/fmnist-vq --tokenizer-minutes 22 "
+            "--denoiser-minutes 30 --threads 1",
+            "note": "run as a script with the same settings through diffquant.tokens.recipe.train_reference; "
+            "the denoiser stage was restarted once on the saved tokenizer (the recipe reuses it)",
             "tokenizer_steps": tok_meta["steps"],
             "tokenizer_minutes": tok_meta["minutes"],
             "denoiser_steps": summary["denoiser"]["steps"],

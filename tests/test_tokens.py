@@ -337,3 +337,18 @@ def test_refit_rebuilds_codebook_and_fine_tunes_decoder_only():
     assert refit.codebook_size == 8
     assert torch.equal(refit.encoder[0].weight, tokenizer.encoder[0].weight)  # encoder frozen
     assert np.mean(losses[-5:]) < np.mean(losses[:5])  # the decoder adapts to the new codebook
+
+
+def test_cli_tokens_sample_writes_a_grid(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    denoiser = TokenDenoiser(DenoiserConfig(codebook_size=16, num_tokens=49, width=16, depth=1, heads=2))
+    TokenGenerator(_tiny_tokenizer().eval(), denoiser.eval(), "tiny").save(tmp_path / "gen")
+    args = ["tokens", "sample", "--model", str(tmp_path / "gen"), "--out", str(tmp_path / "grid.png"), "-n", "10"]
+    result = CliRunner().invoke(app, [*args, "--sampler", "fhs", "--steps", "4", "--guidance", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    bad = CliRunner().invoke(app, [*args, "--sampler", "nope"])
+    assert bad.exit_code == 2 and "Unknown token sampler" in bad.output

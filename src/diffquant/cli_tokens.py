@@ -60,7 +60,7 @@ def train_command(
     quantizer: str = typer.Option("vq", help="vq (EMA + k-means init + restarts), simvq, fsq or rvq."),
     codebook_size: int = typer.Option(256),
     tokenizer_minutes: float = typer.Option(22.0, help="Wall-time budget of the tokenizer."),
-    denoiser_minutes: float = typer.Option(40.0, help="Wall-time budget of the token denoiser."),
+    denoiser_minutes: float = typer.Option(30.0, help="Wall-time budget of the token denoiser."),
     threads: int = typer.Option(1),
     data_dir: Path = typer.Option(None, help="Fashion-MNIST IDX folder (default: the Debian package's)."),
 ) -> None:
