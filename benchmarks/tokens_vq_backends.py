@@ -1,38 +1,68 @@
-"""Own EMA VQ vs vector-quantize-pytorch 1.32.0 on the same data stream: time per step, usage, perplexity."""
-import sys, time, torch
-sys.path.append("/tmp/vqp_site")
-torch.set_num_threads(1)
-from vector_quantize_pytorch import VectorQuantize, SimVQ as LSimVQ
-from diffquant.tokens.quantizers import VectorQuantizer, VQConfig, SimVQ, usage_stats
+"""Our EMA VQ / SimVQ vs vector-quantize-pytorch on one data stream: time per step, usage, perplexity.
 
+The library is not a dependency; install it somewhere and point VQP_SITE at it, e.g.
+    pip install --target /tmp/vqp_site vector-quantize-pytorch einops einx loguru torch-einops-utils --no-deps
+    VQP_SITE=/tmp/vqp_site PYTHONPATH=src python benchmarks/tokens_vq_backends.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from diffquant.tokens.quantizers import SimVQ, VectorQuantizer, VQConfig, usage_stats
+
+sys.path.append(os.environ.get("VQP_SITE", "/tmp/vqp_site"))
+from vector_quantize_pytorch import SimVQ as LucidrainsSimVQ  # noqa: E402
+from vector_quantize_pytorch import VectorQuantize  # noqa: E402
+
+torch.set_num_threads(1)
 torch.manual_seed(0)
-centers = torch.randn(400, 32)
-def batch(g):
-    idx = torch.randint(0, 400, (6272,), generator=g)
-    return centers[idx] + 0.3 * torch.randn(6272, 32, generator=g)
-test = batch(torch.Generator().manual_seed(99))
-def run(name, make, call, steps=150):
-    g = torch.Generator().manual_seed(0); q = make(); q.train()
-    t = time.perf_counter()
+CENTERS = torch.randn(400, 32)
+
+
+def stream(generator: torch.Generator) -> torch.Tensor:
+    """6,272 vectors (a 128-image batch of 7x7 latents) around 400 cluster centres."""
+    index = torch.randint(0, 400, (6272,), generator=generator)
+    return CENTERS[index] + 0.3 * torch.randn(6272, 32, generator=generator)
+
+
+def ours(quantizer, x):
+    out = quantizer(x)
+    return out.quantized, out.indices, out.loss
+
+
+def theirs(quantizer, x):
+    quantized, indices, loss = quantizer(x[None])
+    return quantized[0], indices[0], loss
+
+
+def run(name: str, make, call, steps: int = 150) -> None:
+    generator, quantizer = torch.Generator().manual_seed(0), make().train()
+    started = time.perf_counter()
     for _ in range(steps):
-        x = batch(g).requires_grad_(True)
-        out, idx, loss = call(q, x)
-        (out.sum() + loss.sum()).backward()
-    ms = 1000 * (time.perf_counter() - t) / steps
-    q.eval()
+        x = stream(generator).requires_grad_(True)
+        quantized, _, loss = call(quantizer, x)
+        (quantized.sum() + loss.sum()).backward()
+    ms = 1000 * (time.perf_counter() - started) / steps
     with torch.no_grad():
-        _, idx, _ = call(q, test)
-    s = usage_stats(idx.reshape(-1), 256)
-    mse = ((q_embed(q, idx) - test) ** 2).mean().item() if False else float('nan')
-    print(f"{name:45s} {ms:7.1f} ms/step  usage {s['usage']:.3f}  perplexity {s['perplexity']:.1f}")
-def ours(q, x):
-    o = q(x); return o.quantized, o.indices, o.loss
-def theirs(q, x):
-    return q(x[None])[0][0], q(x[None])[1][0], q(x[None])[2] if False else torch.zeros(()) 
-def theirs(q, x):
-    out, idx, loss = q(x[None]); return out[0], idx[0], loss
-run("diffquant VectorQuantizer (EMA .99, kmeans, restart)", lambda: VectorQuantizer(VQConfig(256, 32)), ours)
-run("diffquant SimVQ", lambda: SimVQ(), ours)
-run("lucidrains VectorQuantize defaults", lambda: VectorQuantize(dim=32, codebook_size=256), theirs)
-run("lucidrains VectorQuantize decay .99 kmeans dead-code 1", lambda: VectorQuantize(dim=32, codebook_size=256, decay=0.99, kmeans_init=True, threshold_ema_dead_code=1, rotation_trick=False), theirs)
-run("lucidrains SimVQ defaults", lambda: LSimVQ(dim=32, codebook_size=256), theirs)
+        _, indices, _ = call(quantizer.eval(), stream(torch.Generator().manual_seed(99)))
+    stats = usage_stats(indices.reshape(-1), 256)
+    print(f"{name:55s} {ms:7.1f} ms/step  usage {stats['usage']:.3f}  perplexity {stats['perplexity']:.1f}")
+
+
+if __name__ == "__main__":
+    run("diffquant VectorQuantizer (EMA .99, k-means, restarts)", lambda: VectorQuantizer(VQConfig(256, 32)), ours)
+    run("diffquant SimVQ", lambda: SimVQ(), ours)
+    run("vector-quantize-pytorch VectorQuantize defaults", lambda: VectorQuantize(dim=32, codebook_size=256), theirs)
+    run(
+        "vector-quantize-pytorch decay .99 + k-means + dead-code 1",
+        lambda: VectorQuantize(
+            dim=32, codebook_size=256, decay=0.99, kmeans_init=True, threshold_ema_dead_code=1, rotation_trick=False
+        ),
+        theirs,
+    )
+    run("vector-quantize-pytorch SimVQ defaults", lambda: LucidrainsSimVQ(dim=32, codebook_size=256), theirs)
