@@ -81,12 +81,6 @@ def part_quant(run: Path, n: int) -> None:
     started = time.perf_counter()
     calibration = record_token_calibration(gen.denoiser, sampler, 64)
     print(f"calibration: {len(calibration)} calls recorded in {time.perf_counter() - started:.0f}s", flush=True)
-    table = json.loads((OUT / "samplers.json").read_text()) if (OUT / "samplers.json").is_file() else []
-    fp = next((r for r in table if r["sampler"] == asdict(sampler)), None)
-    if fp is None:  # the full-precision row from the sampler table (same sampler, seed and N) or a fresh one
-        fp = score_generator(gen, sampler, n, scorer=scorer)
-    _log("fp32", fp)
-    rows.append({"method": "fp32", **fp})
     for method, wbits, abits in (("naive", 8, 8), ("ptq4dm", 8, 8), ("naive", 4, 8)):
         started = time.perf_counter()
         denoiser = quantize_token_denoiser(gen.denoiser, method, calibration, wbits=wbits, abits=abits)
@@ -105,6 +99,14 @@ def part_quant(run: Path, n: int) -> None:
         _log(name, result)
         rows.append({"method": name, "quantize_s": seconds, "spec": asdict(spec), "size": report, **result})
         write_json(OUT / "quant.json", rows)
+    # full precision last: the sampler table (same sampler, seed and N) usually has it by now
+    table = json.loads((OUT / "samplers.json").read_text()) if (OUT / "samplers.json").is_file() else []
+    fp = next((r for r in table if r["sampler"] == asdict(sampler)), None)
+    if fp is None:  # the full-precision row from the sampler table (same sampler, seed and N) or a fresh one
+        fp = score_generator(gen, sampler, n, scorer=scorer)
+    _log("fp32", fp)
+    rows.insert(0, {"method": "fp32", **fp})
+    write_json(OUT / "quant.json", rows)
 
 
 def part_ladder(run: Path, n: int) -> None:
