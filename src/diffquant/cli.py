@@ -517,6 +517,11 @@ def models_command() -> None:
     print_model_table()
 
 
+from diffquant.cli_tokens import register as _register_token_commands  # noqa: E402
+
+_register_token_commands(app)  # `diffquant tokens ...`, `compress`, `decompress`
+
+
 def main() -> None:
     app()
 
