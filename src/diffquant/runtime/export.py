@@ -41,6 +41,12 @@ from diffquant.runtime.kernels import (
     input_supported,
     weight_supported,
 )
+from diffquant.runtime.kernels_int4 import (
+    Int4PackMMLinear,
+    PackedInt4Layer,
+    int4_weight_supported,
+    int4pack_group_size,
+)
 from diffquant.zoo.registry import DiffusionModel
 
 BACKENDS = ("fake", "onednn", "cuda")
@@ -85,11 +91,14 @@ def check_backend(backend: str) -> None:
         )
 
 
-# Weight-only layers on CPU: decode the packed weights once at load ("at-load", float weights resident)
-# or at every call ("on-the-fly", weights stay packed). benchmarks/runtime_speed.py measures both;
-# at-load is the faster on this machine class, so it is the default.
-WEIGHT_ONLY_MODES = ("at-load", "on-the-fly")
-DEFAULT_WEIGHT_ONLY_MODE = "at-load"
+# Weight-only layers: "packed" keeps <= 4-bit integer weights nibble-packed and decodes them at every
+# call into bf16 where the CPU has bf16 matrix units (fp32 elsewhere) - the default, since on such CPUs
+# it is both faster than fp32 weights decoded at load and ~1/8 of their memory (benchmarks/
+# realsize_speed.py); other weight-only layers fall back to at-load. "at-load" decodes once into fp32
+# (bit-exact with the simulation), "on-the-fly" decodes any 1/2/4/8-bit packing in fp32 per call, and
+# "int4-kernel" runs linears on PyTorch's CPU int4 GEMM (fast only for a few rows).
+WEIGHT_ONLY_MODES = ("packed", "at-load", "on-the-fly", "int4-kernel")
+DEFAULT_WEIGHT_ONLY_MODE = "packed"
 
 
 def _convert_layer(layer, backend: str, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
@@ -110,6 +119,10 @@ def _convert_layer(layer, backend: str, weight_only_mode: str = DEFAULT_WEIGHT_O
             and not layer.input_quantizer.spec.per_step
         ):
             return ScaledMMFloat8Linear(layer)
+    if backend == "onednn" and weight_only_mode == "int4-kernel" and int4pack_group_size(layer) is not None:
+        return Int4PackMMLinear(layer)
+    if weight_only_mode in ("packed", "int4-kernel") and int4_weight_supported(layer):
+        return PackedInt4Layer(layer)
     if weight_only_mode == "on-the-fly" and PackedWeightLayer.supports(layer):
         return PackedWeightLayer(layer)
     return DequantizedLayer(layer)
