@@ -7,8 +7,8 @@ Backends:
   layers run in float with their weights decoded once at load;
 * `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
   decoded to float.
-Attention matmuls stay in floating point on every backend (their operands are still fake-quantized
-when the method quantizes them).
+Attention matmuls that a method quantized (Q-Diffusion, EDA-DM) run on integer GEMMs on the onednn and
+cuda backends (`kernels_attention.py`); unquantized ones stay on the float SDPA kernel.
 
 `compile=True` wraps the result in `torch.compile`; per-step activation parameters read a shared clock
 tensor that the wrapper sets from the step context, so the graph is compiled once, not per step.
@@ -23,9 +23,11 @@ from collections import Counter
 import torch
 from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantConv2d, QuantLinear
 from diffquant.modules.surgery import quant_layers
 from diffquant.quant import FloatFormat, current_step
@@ -41,6 +43,7 @@ from diffquant.runtime.kernels import (
     input_supported,
     weight_supported,
 )
+from diffquant.runtime.kernels_attention import Int8AttnProcessor, attention_supported
 from diffquant.runtime.kernels_int4 import (
     Int4PackMMLinear,
     PackedInt4Layer,
@@ -152,6 +155,19 @@ def _chain_int8_outputs(model: nn.Module) -> None:
                 gemm.emit_codes_for(consumer)
 
 
+def _integer_attention(model: nn.Module) -> list[tuple[str, str]]:
+    """Give attention modules whose matmuls a method quantized the integer-GEMM processor; returns
+    (name, kind) of each, for the kernel count."""
+    converted = []
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(module, Attention) and isinstance(processor, QuantAttnProcessor):
+            if processor._active() and attention_supported(processor):
+                module.set_processor(Int8AttnProcessor(processor))
+                converted.append((f"{name}.processor", "attention"))
+    return converted
+
+
 def export_model(
     model: DiffusionModel,
     backend: str = "onednn",
@@ -176,6 +192,7 @@ def export_model(
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, converted)
         _fuse_activations(inner)
         _chain_int8_outputs(inner)
+        layers += _integer_attention(inner)
         # counted once every fusion is done: each converted layer names its kernel and epilogue
         kernels = Counter(f"{kind}: {inner.get_submodule(name).kernel}" for name, kind in layers)
     else:
