@@ -54,7 +54,7 @@ def test_integer_attention_agrees_with_the_simulation(builder, per_step, softmax
     processors = dict(attention_processors(quantized.denoiser))
     assert deployed.quantization["kernels"]["attention: diffquant::int8_bmm (torch._int_mm)"] == len(processors)
     inner = deployed.denoiser.inner
-    for name, simulated in processors.items():
+    for name in processors:
         real = inner.get_submodule(name)
         assert isinstance(real, Int8AttnProcessor) and (real.probs is None) == (softmax_bits is None)
     generator = torch.Generator().manual_seed(0)
@@ -82,9 +82,7 @@ def test_integer_attention_compiles_into_one_graph_and_agrees():
     deployed = export_model(quantized, "onednn", compile=True)
     batch = next(iter(calibration.batches(8)))
     with torch.no_grad():
-        explained = torch._dynamo.explain(deployed.denoiser.inner)(
-            batch.sample, batch.timesteps, **batch.conditioning
-        )
+        explained = torch._dynamo.explain(deployed.denoiser.inner)(batch.sample, batch.timesteps, **batch.conditioning)
     assert explained.graph_break_count == 0, explained.break_reasons
     for index in (0, len(calibration.steps) - 1):
         batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[index])

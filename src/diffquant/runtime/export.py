@@ -161,10 +161,10 @@ def _integer_attention(model: nn.Module) -> list[tuple[str, str]]:
     converted = []
     for name, module in model.named_modules():
         processor = getattr(module, "processor", None)
-        if isinstance(module, Attention) and isinstance(processor, QuantAttnProcessor):
-            if processor._active() and attention_supported(processor):
-                module.set_processor(Int8AttnProcessor(processor))
-                converted.append((f"{name}.processor", "attention"))
+        quantized = isinstance(module, Attention) and isinstance(processor, QuantAttnProcessor)
+        if quantized and processor._active() and attention_supported(processor):
+            module.set_processor(Int8AttnProcessor(processor))
+            converted.append((f"{name}.processor", "attention"))
     return converted
 
 
