@@ -40,6 +40,7 @@ from diffquant.runtime.kernels import (
     PackedWeightLayer,
     ScaledMMFloat8Linear,
     StepClock,
+    _InputQuantizer,
     input_supported,
     weight_supported,
 )
@@ -168,6 +169,21 @@ def _integer_attention(model: nn.Module) -> list[tuple[str, str]]:
     return converted
 
 
+def _share_step_banks(model: nn.Module) -> None:
+    """Point every per-step grid with the same calibrated timesteps at one tensor: the compiled graph
+    then finds the step's row (argmin over the bank) once per call instead of once per layer."""
+    banks: list[torch.Tensor] = []
+    for module in model.modules():
+        bank = getattr(module, "bank_timesteps", None)
+        if not isinstance(module, _InputQuantizer) or not module.per_step or bank is None:
+            continue
+        shared = next((b for b in banks if b.shape == bank.shape and torch.equal(b, bank)), None)
+        if shared is None:
+            banks.append(bank)
+        else:
+            module.bank_timesteps = shared
+
+
 def export_model(
     model: DiffusionModel,
     backend: str = "onednn",
@@ -203,6 +219,7 @@ def export_model(
     for module in inner.modules():  # after any device move: buffers must share one tensor
         if hasattr(module, "attach_clock"):
             module.attach_clock(clock.timestep)
+    _share_step_banks(inner)
     denoiser = DeployedDenoiser(inner.eval(), clock, compile)
     record = {
         **model.quantization,
