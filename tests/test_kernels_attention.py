@@ -57,6 +57,9 @@ def test_integer_attention_agrees_with_the_simulation(builder, per_step, softmax
     for name in processors:
         real = inner.get_submodule(name)
         assert isinstance(real, Int8AttnProcessor) and (real.probs is None) == (softmax_bits is None)
+    if per_step:  # one bank tensor for the whole model: the graph finds the step's row once per call
+        banks = {id(m.bank_timesteps) for m in inner.modules() if getattr(m, "per_step", False)}
+        assert len(banks) == 1
     generator = torch.Generator().manual_seed(0)
     for index in range(len(calibration.steps)):
         batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[index])
