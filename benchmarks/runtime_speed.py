@@ -100,6 +100,7 @@ def bench_model(name: str, args) -> dict:
     int8_eager = export_model(w8a8, "onednn", compile=False)
     int8_compiled = export_model(w8a8, "onednn", compile=True)
     w4_at_load = export_model(w4, "onednn", compile=True, weight_only_mode="at-load")
+    w4_packed = export_model(w4, "onednn", compile=True, weight_only_mode="packed")
     w4_on_the_fly = export_model(w4, "onednn", compile=True, weight_only_mode="on-the-fly")
     w4_on_the_fly_eager = export_model(w4, "onednn", compile=False, weight_only_mode="on-the-fly")
 
@@ -117,6 +118,7 @@ def bench_model(name: str, args) -> dict:
         "W8A8 int8 eager": call(int8_eager.denoiser),
         "W8A8 int8 compiled": call(int8_compiled.denoiser),
         "W4A16 at-load compiled": call(w4_at_load.denoiser),
+        "W4A16 packed compiled": call(w4_packed.denoiser),
         "W4A16 on-the-fly compiled": call(w4_on_the_fly.denoiser),
         "W4A16 on-the-fly eager": call(w4_on_the_fly_eager.denoiser),
     }
@@ -127,6 +129,7 @@ def bench_model(name: str, args) -> dict:
         ("fp32 compiled", source.denoiser),
         ("W8A8 int8 compiled", int8_compiled.denoiser),
         ("W4A16 at-load compiled", w4_at_load.denoiser),
+        ("W4A16 packed compiled", w4_packed.denoiser),
         ("W4A16 on-the-fly compiled", w4_on_the_fly.denoiser),
     ]:
         with measure_resources() as usage:

@@ -111,7 +111,7 @@ def test_weight_only_layers_restore_packed_weights_exactly(trained_unet, calibra
             assert isinstance(real, PackedWeightLayer)
             assert torch.equal(real.weight(), layer.dequantized_weight())
             assert real.packed.numel() == (layer.weight_codes.numel() * bits + 7) // 8
-        at_load = export_model(quantized, "onednn")
+        at_load = export_model(quantized, "onednn", weight_only_mode="at-load")
         assert all(
             isinstance(at_load.denoiser.inner.get_submodule(n), DequantizedLayer)
             for n, _ in quant_layers(quantized.denoiser)

@@ -432,7 +432,9 @@ def export_command(
     backend: str = typer.Option("onednn", help="onednn (CPU int8 on oneDNN), cuda (GPU int8/fp8) or fake."),
     out: Path = typer.Option(..., help="Output directory of the exported model."),
     compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),
-    weight_only_mode: str = typer.Option("at-load", help="Weight-only layers: at-load or on-the-fly decoding."),
+    weight_only_mode: str = typer.Option(
+        "packed", help="Weight-only layers: packed (<= 4-bit kept packed, bf16 GEMM), at-load, on-the-fly, int4-kernel."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
 ) -> None:

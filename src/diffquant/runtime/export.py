@@ -7,8 +7,8 @@ Backends:
   layers run in float with their weights decoded once at load;
 * `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
   decoded to float.
-Attention matmuls stay in floating point on every backend (their operands are still fake-quantized
-when the method quantizes them).
+Attention matmuls that a method quantized (Q-Diffusion, EDA-DM) run on integer GEMMs on the onednn and
+cuda backends (`kernels_attention.py`); unquantized ones stay on the float SDPA kernel.
 
 `compile=True` wraps the result in `torch.compile`; per-step activation parameters read a shared clock
 tensor that the wrapper sets from the step context, so the graph is compiled once, not per step.
@@ -23,9 +23,11 @@ from collections import Counter
 import torch
 from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantConv2d, QuantLinear
 from diffquant.modules.surgery import quant_layers
 from diffquant.quant import FloatFormat, current_step
@@ -38,8 +40,16 @@ from diffquant.runtime.kernels import (
     PackedWeightLayer,
     ScaledMMFloat8Linear,
     StepClock,
+    _InputQuantizer,
     input_supported,
     weight_supported,
+)
+from diffquant.runtime.kernels_attention import Int8AttnProcessor, attention_supported
+from diffquant.runtime.kernels_int4 import (
+    Int4PackMMLinear,
+    PackedInt4Layer,
+    int4_weight_supported,
+    int4pack_group_size,
 )
 from diffquant.zoo.registry import DiffusionModel
 
@@ -85,11 +95,14 @@ def check_backend(backend: str) -> None:
         )
 
 
-# Weight-only layers on CPU: decode the packed weights once at load ("at-load", float weights resident)
-# or at every call ("on-the-fly", weights stay packed). benchmarks/runtime_speed.py measures both;
-# at-load is the faster on this machine class, so it is the default.
-WEIGHT_ONLY_MODES = ("at-load", "on-the-fly")
-DEFAULT_WEIGHT_ONLY_MODE = "at-load"
+# Weight-only layers: "packed" keeps <= 4-bit integer weights nibble-packed and decodes them at every
+# call into bf16 where the CPU has bf16 matrix units (fp32 elsewhere) - the default, since on such CPUs
+# it is both faster than fp32 weights decoded at load and ~1/8 of their memory (benchmarks/
+# realsize_speed.py); other weight-only layers fall back to at-load. "at-load" decodes once into fp32
+# (bit-exact with the simulation), "on-the-fly" decodes any 1/2/4/8-bit packing in fp32 per call, and
+# "int4-kernel" runs linears on PyTorch's CPU int4 GEMM (fast only for a few rows).
+WEIGHT_ONLY_MODES = ("packed", "at-load", "on-the-fly", "int4-kernel")
+DEFAULT_WEIGHT_ONLY_MODE = "packed"
 
 
 def _convert_layer(layer, backend: str, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
@@ -110,6 +123,10 @@ def _convert_layer(layer, backend: str, weight_only_mode: str = DEFAULT_WEIGHT_O
             and not layer.input_quantizer.spec.per_step
         ):
             return ScaledMMFloat8Linear(layer)
+    if backend == "onednn" and weight_only_mode == "int4-kernel" and int4pack_group_size(layer) is not None:
+        return Int4PackMMLinear(layer)
+    if weight_only_mode in ("packed", "int4-kernel") and int4_weight_supported(layer):
+        return PackedInt4Layer(layer)
     if weight_only_mode == "on-the-fly" and PackedWeightLayer.supports(layer):
         return PackedWeightLayer(layer)
     return DequantizedLayer(layer)
@@ -139,6 +156,34 @@ def _chain_int8_outputs(model: nn.Module) -> None:
                 gemm.emit_codes_for(consumer)
 
 
+def _integer_attention(model: nn.Module) -> list[tuple[str, str]]:
+    """Give attention modules whose matmuls a method quantized the integer-GEMM processor; returns
+    (name, kind) of each, for the kernel count."""
+    converted = []
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        quantized = isinstance(module, Attention) and isinstance(processor, QuantAttnProcessor)
+        if quantized and processor._active() and attention_supported(processor):
+            module.set_processor(Int8AttnProcessor(processor))
+            converted.append((f"{name}.processor", "attention"))
+    return converted
+
+
+def _share_step_banks(model: nn.Module) -> None:
+    """Point every per-step grid with the same calibrated timesteps at one tensor: the compiled graph
+    then finds the step's row (argmin over the bank) once per call instead of once per layer."""
+    banks: list[torch.Tensor] = []
+    for module in model.modules():
+        bank = getattr(module, "bank_timesteps", None)
+        if not isinstance(module, _InputQuantizer) or not module.per_step or bank is None:
+            continue
+        shared = next((b for b in banks if b.shape == bank.shape and torch.equal(b, bank)), None)
+        if shared is None:
+            banks.append(bank)
+        else:
+            module.bank_timesteps = shared
+
+
 def export_model(
     model: DiffusionModel,
     backend: str = "onednn",
@@ -163,6 +208,7 @@ def export_model(
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, converted)
         _fuse_activations(inner)
         _chain_int8_outputs(inner)
+        layers += _integer_attention(inner)
         # counted once every fusion is done: each converted layer names its kernel and epilogue
         kernels = Counter(f"{kind}: {inner.get_submodule(name).kernel}" for name, kind in layers)
     else:
@@ -173,6 +219,7 @@ def export_model(
     for module in inner.modules():  # after any device move: buffers must share one tensor
         if hasattr(module, "attach_clock"):
             module.attach_clock(clock.timestep)
+    _share_step_banks(inner)
     denoiser = DeployedDenoiser(inner.eval(), clock, compile)
     record = {
         **model.quantization,

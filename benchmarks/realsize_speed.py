@@ -1,0 +1,589 @@
+"""Real-size CPU speed suite: diffquant's deployed forms against fp32 and the peers, side by side.
+
+    python benchmarks/realsize_speed.py                        # every model and variant, real size
+    python benchmarks/realsize_speed.py --models sd-unet --batches 1 --variants fp32-compiled diffquant-w8a8
+    python benchmarks/realsize_speed.py --tiny --no-compile    # the code path on tiny models (seconds)
+
+Models are seeded random-weight instances (speed does not depend on trained weights) built from the
+published configs: an SD-1.5 `UNet2DConditionModel` (860 M parameters, 64x64x4 latent, 77x768 text
+states), a PixArt-alpha-512 `PixArtTransformer2DModel` (~610 M, 64x64x4 latent, patch 2, 120x4096
+T5 states) and an SD3-style MMDiT stack (`SD3Transformer2DModel`, width 1536, `--mmdit-layers` joint
+blocks). Every model is called by keyword through `KeywordDenoiser`, so PixArt/SD3 take the
+`(sample, timestep, **conditioning)` convention diffquant's calibration and sampling use.
+
+Variants, all timed interleaved in one process with the same threads (medians of `--repeats`):
+fp32 eager; fp32 compiled (inductor, freezing); bf16 compiled (the reference a bf16 weight-only row
+must be read against); diffquant W8A8 per `--methods` on the onednn backend, compiled; diffquant W4
+weight-only (packed int4, decoded per call); PT2E + X86InductorQuantizer (static W8A8, compiled);
+torchao int8 dynamic (Linear only, compiled); OpenVINO through NNCF int8. A variant that cannot run
+here (a missing peer, a model diffquant cannot quantize yet) is recorded as `skipped: reason`.
+Each row also has the one-call latency at every batch, a `--steps`-step sampling loop at batch 1,
+resident weight memory, peak RSS increase of a call, disk size, and the relative error against fp32.
+Writes JSON and a markdown table (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._inductor.config as inductor_config
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results" / "realsize"
+MODELS = ("sd-unet", "pixart", "mmdit")
+VARIANTS = (
+    "fp32-eager",
+    "fp32-compiled",
+    "bf16-compiled",
+    "diffquant-w8a8",
+    "diffquant-w4",
+    "pt2e",
+    "torchao",
+    "openvino",
+)
+
+
+class Skipped(Exception):
+    """A variant that cannot run here; the message is the reason recorded in the results."""
+
+
+class KeywordDenoiser(nn.Module):
+    """Calls a diffusers denoiser by keyword from diffquant's (sample, timestep, **conditioning) call."""
+
+    def __init__(self, inner: nn.Module, sample_name: str, extra: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.sample_name = sample_name
+        self.extra = extra or {}
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **conditioning):
+        return self.inner(**{self.sample_name: sample}, timestep=timestep, **conditioning, **self.extra)
+
+
+@dataclass
+class Case:
+    """One model of the suite: the keyword-called denoiser and how to make its inputs."""
+
+    name: str
+    denoiser: nn.Module
+    latent: tuple[int, int, int]
+    conditioning: dict[str, tuple[int, ...]]
+    description: str
+    parameters: int = 0
+
+    def inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        sample = torch.randn((batch, *self.latent), generator=generator)
+        conditioning = {k: torch.randn((batch, *shape), generator=generator) for k, shape in self.conditioning.items()}
+        return sample, torch.full((batch,), 500.0), conditioning
+
+
+def build_sd_unet(tiny: bool) -> Case:
+    from diffusers import UNet2DConditionModel
+
+    if tiny:
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        text = (7, 32)
+    else:  # stable-diffusion-v1-5 unet/config.json
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        text = (77, 768)
+    size = unet.config.sample_size
+    return Case(
+        "sd-unet",
+        KeywordDenoiser(unet.eval(), "sample"),
+        (4, size, size),
+        {"encoder_hidden_states": text},
+        f"UNet2DConditionModel, SD-1.5 config, {size}x{size}x4 latent, {text[0]}x{text[1]} text",
+    )
+
+
+def build_pixart(tiny: bool) -> Case:
+    from diffusers import PixArtTransformer2DModel
+
+    heads, head_dim, layers, caption, size, tokens = (2, 16, 2, 32, 8, 7) if tiny else (16, 72, 28, 4096, 64, 120)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        cross_attention_dim=heads * head_dim,
+        caption_channels=caption,
+        sample_size=size,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    return Case(
+        "pixart",
+        KeywordDenoiser(model.eval(), "hidden_states", extra),
+        (4, size, size),
+        {"encoder_hidden_states": (tokens, caption)},
+        f"PixArtTransformer2DModel, PixArt-alpha-512 config, {layers} blocks, {(size // 2) ** 2} tokens",
+    )
+
+
+def build_mmdit(tiny: bool, layers: int) -> Case:
+    from diffusers import SD3Transformer2DModel
+
+    heads, head_dim, joint, pooled, size, tokens = (2, 16, 32, 32, 8, 7) if tiny else (24, 64, 4096, 2048, 64, 154)
+    model = SD3Transformer2DModel(
+        sample_size=size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2 if tiny else layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=joint,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=pooled,
+        pos_embed_max_size=size,
+    )
+    return Case(
+        "mmdit",
+        KeywordDenoiser(model.eval(), "hidden_states"),
+        (16, size, size),
+        {"encoder_hidden_states": (tokens, joint), "pooled_projections": (pooled,)},
+        f"SD3Transformer2DModel (MMDiT), width {heads * head_dim}, {model.config.num_layers} joint blocks",
+    )
+
+
+def build_case(name: str, args) -> Case:
+    torch.manual_seed(args.seed)
+    case = {"sd-unet": lambda: build_sd_unet(args.tiny), "pixart": lambda: build_pixart(args.tiny)}.get(
+        name, lambda: build_mmdit(args.tiny, args.mmdit_layers)
+    )()
+    case.parameters = sum(p.numel() for p in case.denoiser.parameters())
+    return case
+
+
+# --- variants -------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """A ready-to-call deployed form: `call(sample, timestep, conditioning)` returns the output tensor."""
+
+    call: Callable[..., torch.Tensor]
+    resident: nn.Module | None = None
+    freeze: bool = False
+    """compile with inductor freezing (float and peer graphs: constant-folded, prepacked weights)"""
+    setup_s: float = 0.0
+    disk_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _output(result) -> torch.Tensor:
+    return result.sample if hasattr(result, "sample") else result[0] if isinstance(result, tuple) else result
+
+
+def _module_call(module: nn.Module) -> Callable[..., torch.Tensor]:
+    def call(sample, timestep, conditioning):
+        return _output(module(sample, timestep, **conditioning))
+
+    return call
+
+
+def _compiled(module: nn.Module, compile: bool) -> nn.Module:
+    return torch.compile(module) if compile else module
+
+
+def _warm(variant: Variant, examples) -> None:
+    """Call once per input shape (compilation happens here), with freezing as the variant wants it;
+    diffquant's deployed graphs compile without it (the per-step clock must stay a live tensor)."""
+    inductor_config.freezing = variant.freeze
+    try:
+        with torch.no_grad():
+            for example in examples:
+                variant.call(*example)
+    finally:
+        inductor_config.freezing = False
+
+
+def _disk_mb(save: Callable[[Path], None]) -> float:
+    from diffquant.reporting import directory_megabytes
+
+    with tempfile.TemporaryDirectory() as scratch:
+        save(Path(scratch))
+        return directory_megabytes(scratch)
+
+
+def _diffquant_model(case: Case, tiny: bool):
+    from diffquant.zoo.registry import DiffusionModel, ModelInfo
+
+    return DiffusionModel(case.denoiser, ModelInfo(case.name, "realsize", case.latent))
+
+
+def _calibration(case: Case, count: int):
+    """A synthetic calibration set (random latents and conditioning over a spread of timesteps): speed
+    does not depend on where the ranges come from, and it avoids sampling a random-weight model."""
+    from diffquant.calibration.dataset import CalibrationSet
+
+    sample, _, conditioning = case.inputs(count, seed=1)
+    steps = torch.arange(count)
+    timesteps = torch.linspace(900, 100, count).round()
+    return CalibrationSet(sample, timesteps, steps, conditioning, num_steps=count)
+
+
+def make_diffquant(case: Case, args, method: str, wbits: int, abits: int | None) -> Variant:
+    import diffquant
+    from diffquant.runtime.export import export_model
+
+    started = time.perf_counter()
+    model = _diffquant_model(case, args.tiny)
+    try:
+        config = diffquant.methods.make_config(method, wbits=wbits, abits=abits)
+        quantized = diffquant.quantize(model, config, _calibration(case, args.calibration), progress=False)
+    except Exception as error:  # noqa: BLE001 - recorded as the reason this row is missing
+        raise Skipped(f"diffquant could not quantize this model: {type(error).__name__}: {error}") from error
+    deployed = export_model(quantized, "onednn", compile=args.compile)
+    setup = time.perf_counter() - started
+    disk = None
+    try:
+        disk = _disk_mb(lambda path: diffquant.save(quantized, path / "q"))
+    except Exception as error:  # noqa: BLE001 - saving is a separate feature; keep the timing
+        print(f"    (save failed: {type(error).__name__}: {error})", flush=True)
+    kernels = ", ".join(f"{k} x{v}" for k, v in deployed.quantization["kernels"].items())
+    return Variant(_module_call(deployed.denoiser), deployed.denoiser.inner, False, setup, disk, [kernels])
+
+
+class _FloatTimestep(nn.Module):
+    """PT2E annotates the integer timestep otherwise ('histogram_cpu not implemented for Long')."""
+
+    def __init__(self, inner: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.inner, self.names = inner, names
+
+    def forward(self, sample, timestep, *conditioning):
+        return _output(self.inner(sample, timestep.float(), **dict(zip(self.names, conditioning, strict=True))))
+
+
+def make_pt2e(case: Case, args, example) -> Variant:
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as error:
+        raise Skipped(f"torchao (PT2E) not installed: {error}; pip install 'diffquant[peers]'") from error
+    started = time.perf_counter()
+    names = list(example[2])
+    calibration = _calibration(case, args.calibration)
+    converted: dict[int, nn.Module] = {}
+    for batch in args.batches:  # an exported graph is specialized to its batch size: one per batch
+        sample, timestep, conditioning = case.inputs(batch)
+        wrapper = _FloatTimestep(copy.deepcopy(case.denoiser), names)
+        exported = torch.export.export(wrapper, (sample, timestep, *conditioning.values())).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        for item in calibration.batches(1):
+            repeat = lambda t, size=batch: t.expand(size, *t.shape[1:])  # noqa: E731
+            prepared(repeat(item.sample), repeat(item.timesteps), *[repeat(item.conditioning[n]) for n in names])
+        converted[batch] = _compiled(convert_pt2e(prepared), args.compile)
+
+    def call(sample, timestep, conditioning):
+        return converted[sample.shape[0]](sample, timestep, *conditioning.values())
+
+    notes = ["static per-tensor uint8 inputs, Linear+Conv2d (X86InductorQuantizer)"]
+    return Variant(call, None, True, time.perf_counter() - started, None, notes)
+
+
+def make_torchao(case: Case, args) -> Variant:
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as error:
+        raise Skipped(f"torchao not installed: {error}; pip install 'diffquant[peers]'") from error
+    started = time.perf_counter()
+    module = copy.deepcopy(case.denoiser)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    compiled = _compiled(module, args.compile)
+    return Variant(
+        _module_call(compiled), module, True, time.perf_counter() - started, None, ["nn.Linear only, dynamic"]
+    )
+
+
+def make_openvino(case: Case, args, example) -> Variant:
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as error:
+        raise Skipped(f"openvino/nncf not installed ({error}); pip install 'diffquant[peers]'") from error
+    started = time.perf_counter()
+    sample, timestep, conditioning = example
+    names = list(conditioning)
+    wrapper = _FloatTimestep(copy.deepcopy(case.denoiser), names)
+    calibration = _calibration(case, args.calibration)
+    items = [(b.sample, b.timesteps, *[b.conditioning[n] for n in names]) for b in calibration.batches(1)]
+    quantized = nncf.quantize(wrapper, nncf.Dataset(items), subset_size=len(items))
+    inputs = (sample, timestep, *conditioning.values())
+    ov_model = ov.convert_model(quantized, example_input=inputs)
+    threads = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(ov_model, "CPU", threads)
+
+    def call(sample, timestep, conditioning):
+        return torch.from_numpy(
+            compiled([sample.numpy(), timestep.numpy(), *[c.numpy() for c in conditioning.values()]])[0]
+        )
+
+    with tempfile.TemporaryDirectory() as scratch:
+        ov.save_model(ov_model, Path(scratch) / "model.xml")
+        from diffquant.reporting import directory_megabytes
+
+        disk = directory_megabytes(scratch)
+    return Variant(call, None, False, time.perf_counter() - started, disk, ["NNCF int8 (static), OpenVINO CPU runtime"])
+
+
+def variant_labels(name: str, args) -> list[str]:
+    """The rows a variant name stands for (diffquant-w8a8 gives one per method)."""
+    if name == "diffquant-w8a8":
+        return [f"diffquant W8A8 {method}" for method in args.methods]
+    if name == "diffquant-w4":
+        return ["diffquant W4 weight-only (packed)"]
+    return [name]
+
+
+def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
+    if name == "fp32-eager":
+        return Variant(_module_call(case.denoiser), case.denoiser)
+    if name == "fp32-compiled":
+        started = time.perf_counter()
+        module = copy.deepcopy(case.denoiser)
+        compiled = _compiled(module, args.compile)
+        return Variant(_module_call(compiled), module, True, time.perf_counter() - started)
+    if name == "bf16-compiled":
+        module = copy.deepcopy(case.denoiser).to(torch.bfloat16)
+        compiled = _compiled(module, args.compile)
+
+        def call(sample, timestep, conditioning):
+            cast = {k: v.to(torch.bfloat16) for k, v in conditioning.items()}
+            return _output(compiled(sample.to(torch.bfloat16), timestep, **cast)).float()
+
+        return Variant(call, module, True)
+    if name == "diffquant-w8a8":
+        return make_diffquant(case, args, label.rsplit(" ", 1)[1], 8, 8)
+    if name == "diffquant-w4":
+        return make_diffquant(case, args, "naive", 4, None)
+    if name == "pt2e":
+        return make_pt2e(case, args, example)
+    if name == "torchao":
+        return make_torchao(case, args)
+    if name == "openvino":
+        return make_openvino(case, args, example)
+    raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
+
+
+# --- measuring ------------------------------------------------------------------------------------
+def resident_megabytes(module: nn.Module | None) -> float | None:
+    if module is None:
+        return None
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, the variants taking turns so load changes hit them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            with torch.no_grad():
+                call()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torch.Tensor]:
+    """A `steps`-step DDIM-like loop at batch 1 (one denoiser call per step; the update is negligible)."""
+    sample, _, conditioning = case.inputs(1, seed=3)
+    timesteps = torch.linspace(999, 0, steps).round()
+
+    def run():
+        x = sample
+        for t in timesteps:
+            x = x - 0.02 * variant.call(x, t.reshape(1), conditioning)[:, : x.shape[1]]
+        return x
+
+    return run
+
+
+def bench_case(name: str, args) -> dict[str, Any]:
+    from diffquant.profiling import measure_resources
+
+    case = build_case(name, args)
+    print(f"\n== {case.name}: {case.description}, {case.parameters / 1e6:.1f} M parameters", flush=True)
+    examples = {batch: case.inputs(batch) for batch in args.batches}
+    with torch.no_grad():
+        reference = _output(case.denoiser(examples[1][0], examples[1][1], **examples[1][2])) if 1 in examples else None
+    rows: dict[str, dict[str, Any]] = {}
+    variants: dict[str, Variant] = {}
+    for variant_name in args.variants:
+        for label in variant_labels(variant_name, args):
+            try:
+                variant = make_variant(variant_name, label, case, args, examples[args.batches[0]])
+                started = time.perf_counter()
+                _warm(variant, list(examples.values()))
+                variant.setup_s += time.perf_counter() - started
+            except Skipped as reason:
+                rows[label] = {"skipped": f"skipped: {reason}"}
+                print(f"  {label}: skipped: {reason}", flush=True)
+                continue
+            except Exception as error:  # noqa: BLE001 - one broken peer must not stop the suite
+                rows[label] = {"skipped": f"failed: {type(error).__name__}: {str(error)[:300]}"}
+                print(f"  {label}: failed: {type(error).__name__}: {error}", flush=True)
+                if args.verbose:
+                    traceback.print_exc()
+                continue
+            variants[label] = variant
+            rows[label] = {"setup_s": round(variant.setup_s, 2), "notes": variant.notes, "disk_mb": variant.disk_mb}
+            print(f"  ready: {label} ({variant.setup_s:.1f} s)", flush=True)
+    for batch in args.batches:
+        calls = {label: (lambda v=v, inputs=examples[batch]: v.call(*inputs)) for label, v in variants.items()}
+        for label, seconds in interleaved(calls, args.repeats).items():
+            rows[label].setdefault("call_s", {})[str(batch)] = seconds
+    if args.steps and 1 in args.batches:
+        loops = {label: sampling_loop(v, case, args.steps) for label, v in variants.items()}
+        for label, seconds in interleaved(loops, 1).items():
+            rows[label][f"sampling_{args.steps}_steps_s"] = seconds
+    for label, variant in variants.items():
+        row = rows[label]
+        row["resident_weights_mb"] = resident_megabytes(variant.resident)
+        sample, timestep, conditioning = examples[args.batches[0]]
+        with measure_resources() as usage, torch.no_grad():
+            output = variant.call(sample, timestep, conditioning)
+        row["call_peak_increase_mb"] = round(usage.peak_increase_mb, 1)
+        if reference is not None and args.batches[0] == 1:
+            output = output.float()[:, : reference.shape[1]]
+            row["relative_error_vs_fp32"] = ((output - reference).norm() / reference.norm()).item()
+    fp32_mb = resident_megabytes(case.denoiser)
+    baseline = rows.get("fp32-compiled", {}).get("call_s") or rows.get("fp32-eager", {}).get("call_s")
+    for row in rows.values():
+        if baseline and "call_s" in row:
+            row["speedup_vs_fp32"] = {b: baseline[b] / s for b, s in row["call_s"].items()}
+        if row.get("resident_weights_mb") is not None:
+            row["resident_fraction_of_fp32"] = row["resident_weights_mb"] / fp32_mb
+    return {
+        "description": case.description,
+        "parameters": case.parameters,
+        "baseline": "fp32-compiled" if rows.get("fp32-compiled", {}).get("call_s") else "fp32-eager",
+        "rows": rows,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['threads']} thread(s), torch {machine['torch']}; "
+        f"{'tiny instances' if results['tiny'] else 'real size'}; ratios are against each model's "
+        "baseline from the same interleaved run.",
+        "",
+    ]
+    loop_key = f"sampling_{results['steps']}_steps_s"
+    for name, model in results["models"].items():
+        batches = results["batches"]
+        lines += [f"### {name}: {model['description']}, {model['parameters'] / 1e6:.0f} M parameters", ""]
+        head = [f"call s (b{b})" for b in batches] + [f"x {model['baseline']} (b{b})" for b in batches]
+        lines.append(
+            "| variant | " + " | ".join(head) + f" | {results['steps']}-step run s | resident MB | x fp32 memory "
+            "| call peak +MB | disk MB | rel. error vs fp32 | setup s | notes |"
+        )
+        lines.append("|---" * (len(head) + 9) + "|")
+        for label, row in model["rows"].items():
+            if "skipped" in row:
+                lines.append(f"| {label} | {row['skipped']} |" + " |" * (len(head) + 7))
+                continue
+            cell = lambda value, fmt="{:.2f}": "-" if value is None else fmt.format(value)  # noqa: E731
+            calls = [cell(row.get("call_s", {}).get(str(b))) for b in batches]
+            ratios = [cell(row.get("speedup_vs_fp32", {}).get(str(b)), "{:.2f}x") for b in batches]
+            lines.append(
+                f"| {label} | "
+                + " | ".join(calls + ratios)
+                + f" | {cell(row.get(loop_key))} | {cell(row.get('resident_weights_mb'), '{:.0f}')}"
+                + f" | {cell(row.get('resident_fraction_of_fp32'), '{:.3f}')}"
+                + f" | {cell(row.get('call_peak_increase_mb'), '{:.0f}')}"
+                + f" | {cell(row.get('disk_mb'), '{:.0f}')} | {cell(row.get('relative_error_vs_fp32'), '{:.4f}')}"
+                + f" | {cell(row.get('setup_s'), '{:.0f}')} | {'; '.join(row.get('notes', []))} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--methods", nargs="+", default=["naive"], help="diffquant methods for the W8A8 rows")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--steps", type=int, default=20, help="sampling-loop length (0: skip the loop)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration", type=int, default=4, help="synthetic calibration samples")
+    parser.add_argument("--mmdit-layers", type=int, default=6, help="joint blocks in the MMDiT stack (SD3: 24)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny instances: test the code path in seconds")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile everywhere")
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/realsize/<real|tiny>)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if 1 not in args.batches:
+        args.batches = [1, *args.batches]  # the error and the sampling loop are measured at batch 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
+        "tiny": args.tiny,
+        "compiled": args.compile,
+        "batches": args.batches,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "models": {name: bench_case(name, args) for name in args.models},
+    }
+    stem = Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "real")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results) + "\n")
+    print("\n" + markdown(results))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
