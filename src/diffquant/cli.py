@@ -392,10 +392,19 @@ def export_command(
     compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),
     weight_only_mode: str = typer.Option("at-load", help="Weight-only layers: at-load or on-the-fly decoding."),
     threads: int = typer.Option(None),
+    format: str = typer.Option("kernels", "--format", help="kernels (a deployed directory), gguf or diffusers."),
+    gguf_type: str = typer.Option(None, help="GGUF: block type for float linears (q8_0, q5_0, q5_1, q4_0, q4_1)."),
+    layout: str = typer.Option("auto", help="GGUF tensor names: auto, original (SD3/Flux) or diffusers."),
 ) -> None:
-    """Export a quantized model to real kernels, check it against the simulation, and save it."""
+    """Export a quantized model to real kernels (or a GGUF file / diffusers directory), check it, and save it."""
     try:
         _set_threads(threads)
+        if format != "kernels":
+            from diffquant.runtime.file_formats import export_file
+
+            for line in export_file(model, out, format, gguf_type, layout):
+                typer.echo(line)
+            return
         from diffquant.runtime.deploy import export_directory
 
         report = export_directory(model, out, backend, compile, weight_only_mode)
