@@ -139,6 +139,23 @@ def _layer_entry(layer: QuantLayer, name: str) -> BlockTensor | torch.Tensor:
     return BlockTensor(kind, codes, d.reshape(rows, -1), torch.zeros(rows, codes.shape[1]), shape)
 
 
+def _join_split(module: SplitQuantConv2d, name: str) -> BlockTensor | torch.Tensor:
+    """A split conv's halves side by side: each row is [low inputs, high inputs], so when both halves sit on
+    one GGUF grid and the low half's rows are whole blocks, the blocks simply follow each other."""
+    low, high = _layer_entry(module.low, name + ".low"), _layer_entry(module.high, name + ".high")
+    if isinstance(low, BlockTensor) and isinstance(high, BlockTensor) and low.kind == high.kind:
+        shape = (low.shape[0], low.shape[1] + high.shape[1], *low.shape[2:])
+        return BlockTensor(
+            low.kind,
+            torch.cat([low.codes, high.codes], 1),
+            torch.cat([low.d, high.d], 1),
+            torch.cat([low.m, high.m], 1),
+            shape,
+        )
+    values = [entry.dequantize() if isinstance(entry, BlockTensor) else entry for entry in (low, high)]
+    return torch.cat(values, 1).detach()
+
+
 def _round_float(values: torch.Tensor, kind: BlockType) -> BlockTensor:
     rows = values.shape[0]
     flat = values.reshape(rows, -1)
@@ -148,23 +165,22 @@ def _round_float(values: torch.Tensor, kind: BlockType) -> BlockTensor:
     )
 
 
+def float_state_names(denoiser: nn.Module) -> list[str]:
+    """The state-dict names of the denoiser's float architecture (built on the meta device)."""
+    with torch.device("meta"):
+        return list(type(denoiser).from_config(denoiser.config).state_dict())
+
+
 def diffusers_tensors(denoiser: nn.Module) -> dict[str, BlockTensor | torch.Tensor]:
     """The denoiser's float state-dict names, each with its GGUF-grid weight or its float value."""
-    with torch.device("meta"):
-        reference = type(denoiser).from_config(denoiser.config)
     tensors: dict[str, BlockTensor | torch.Tensor] = {}
-    for key in reference.state_dict():
+    for key in float_state_names(denoiser):
         module_name, _, attribute = key.rpartition(".")
         module = denoiser.get_submodule(module_name) if module_name else denoiser
         if isinstance(module, QuantLayer) and attribute == "weight":
             tensors[key] = _layer_entry(module, module_name)
         elif isinstance(module, SplitQuantConv2d):  # joined again: GGUF knows no split shortcut
-            if attribute == "weight":
-                tensors[key] = torch.cat(
-                    [module.low.dequantized_weight(), module.high.dequantized_weight()], 1
-                ).detach()
-            else:
-                tensors[key] = getattr(module.low, attribute).detach()
+            tensors[key] = _join_split(module, module_name) if attribute == "weight" else module.low.bias.detach()
         else:
             tensors[key] = getattr(module, attribute).detach()
     return tensors
