@@ -249,3 +249,34 @@ def test_grid_options_fail_clearly():
 
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def test_cli_exports_gguf_and_diffusers_formats(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    import diffquant
+    from diffquant.cli import app
+
+    model = diffquant.load("fmnist-dit")
+    prepare_model(model.denoiser, make_config("naive", wbits=4, abits=None, weight_grid="q4_0").layer_policy())
+    for _, layer in quant_layers(model.denoiser):
+        layer.freeze()
+    model.quantization = {"method": "naive", "setting": "W4A16"}
+    diffquant.save(model, tmp_path / "q4")
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["export", "--model", str(tmp_path / "q4"), "--format", "gguf", "--out", str(tmp_path / "m")]
+    )
+    assert done.exit_code == 0, done.output
+    assert "74 weights from the method's own codes" in done.output and (tmp_path / "m.gguf").is_file()
+    loaded = load_gguf_denoiser(tmp_path / "m.gguf")
+    layer = model.denoiser.transformer_blocks[0].ff.net[2]
+    assert torch.equal(loaded.transformer_blocks[0].ff.net[2].weight, layer.dequantized_weight())
+    done = runner.invoke(
+        app, ["export", "--model", str(tmp_path / "q4"), "--format", "diffusers", "--out", str(tmp_path / "d")]
+    )
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "quanto"
