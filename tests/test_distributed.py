@@ -10,8 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import diffquant
-from diffquant.distributed import distributed_evaluate, distributed_sample, shard
+from diffquant.calibration import record_trajectories
+from diffquant.distributed import distributed_evaluate, distributed_record_calibration, distributed_sample, shard
 from diffquant.evaluation import Scorer, evaluate, get_protocol
+from diffquant.methods import make_config
 from diffquant.sampling import SamplerConfig, sample
 
 SAMPLER = SamplerConfig("ddim", 4)
@@ -31,10 +33,23 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         images = distributed_sample(model, 10, SAMPLER, seed=3, batch_size=3).images
         protocol = get_protocol("smoke", num_samples=10, batch_size=4, sampler=SAMPLER)
         report = distributed_evaluate(model, protocol)
+        calibration = distributed_record_calibration(model, _calibration_config(), batch_size=2)
         if rank == 0:
-            torch.save({"images": images, "fid": report.metrics["fid"], "eval_images": report.images}, out)
+            torch.save(
+                {
+                    "images": images,
+                    "fid": report.metrics["fid"],
+                    "eval_images": report.images,
+                    "calibration": (calibration.sample, calibration.timestep, calibration.conditioning),
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
+
+
+def _calibration_config():
+    return make_config("naive", calibration={"trajectories": 5, "steps": 4, "uniform_steps": 2})
 
 
 def test_shards_cover_whole_batches_in_order():
@@ -55,6 +70,21 @@ def test_two_processes_give_the_samples_and_fid_of_one(tmp_path):
     report = evaluate(model, protocol, Scorer.load(protocol.reference), progress=False)
     assert torch.equal(gathered["eval_images"], report.images)
     assert gathered["fid"] == report.metrics["fid"]
+    single_set = record_trajectories(
+        model, 5, SamplerConfig("ddim", 4), _calibration_config().calibration.timestep_policy(model), 1234, 2, False
+    )
+    sample_, timestep, conditioning = gathered["calibration"]
+    assert torch.equal(sample_, single_set.sample) and torch.equal(timestep, single_set.timestep)
+    assert torch.equal(conditioning["class_labels"], single_set.conditioning["class_labels"])
+
+
+def test_single_process_recording_equals_the_recorder():
+    model = diffquant.load("fmnist-dit")
+    config = _calibration_config()
+    ours = distributed_record_calibration(model, config, batch_size=2)
+    policy = config.calibration.timestep_policy(model)
+    theirs = record_trajectories(model, 5, SamplerConfig("ddim", 4), policy, 1234, 2, False)
+    assert torch.equal(ours.sample, theirs.sample) and len(ours) == 2 * 5  # 2 steps x 5 trajectories
 
 
 def test_single_process_falls_back_to_plain_sampling():

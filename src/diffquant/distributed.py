@@ -1,5 +1,9 @@
 """Many processes: sampling for evaluation split across ranks (torch.distributed, gloo on CPU).
 
+Calibration recording splits the same way (`distributed_record_calibration`): each rank records the
+denoiser inputs of its whole batches of trajectories and the sets are joined in rank order, which is the
+order one process records them in.
+
 Launch with `torchrun --nproc-per-node 2 -m diffquant.distributed --model fmnist-dit` (or
 `accelerate launch`): each rank samples a contiguous run of whole batches of the protocol's seeds and
 the images are gathered in order. Because a rank's batches are exactly the batches one process would
@@ -95,6 +99,45 @@ def distributed_evaluate(model, protocol, scorer=None, reference_images: torch.T
     if reference_images is not None:
         metrics.update(agreement(result.images, reference_images))
     return EvalReport(model.info.name, protocol, metrics, result.images, result.labels)
+
+
+def distributed_record_calibration(model, config, batch_size: int = 128):
+    """`api.record_calibration` (without the disk cache) split across the process group; every rank
+    gets the whole calibration set, identical to a single-process recording."""
+    from diffquant.calibration import AllocatedSteps, CalibrationSet, record_trajectories
+
+    settings = config.calibration
+    settings.validate()
+    policy = settings.timestep_policy(model)
+    runs = max(policy.counts) if isinstance(policy, AllocatedSteps) else settings.trajectories
+    rank, world_size = world()
+    share = shard(runs, batch_size, rank, world_size)
+    local = None
+    if share.count:
+        local = record_trajectories(
+            model, runs, settings.sampler(), policy, settings.seed, batch_size, False, share.first, share.count
+        )
+    parts = [part for part in _gather_objects(local) if part is not None]
+    if not parts:
+        raise DiffquantError("No process recorded any calibration data: record more trajectories.")
+    keys = parts[0].conditioning.keys()
+    return CalibrationSet(
+        torch.cat([p.sample for p in parts]),
+        torch.cat([p.timestep for p in parts]),
+        torch.cat([p.step_index for p in parts]),
+        {key: torch.cat([p.conditioning[key] for p in parts]) for key in keys},
+        num_steps=parts[0].num_steps,
+        meta=parts[0].meta,
+    )
+
+
+def _gather_objects(local):
+    _, world_size = world()
+    if world_size == 1:
+        return [local]
+    parts = [None] * world_size
+    dist.all_gather_object(parts, local)
+    return parts
 
 
 def main(argv: list[str] | None = None) -> None:

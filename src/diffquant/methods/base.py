@@ -186,7 +186,10 @@ class MethodConfig:
 
     # plain data -------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.name, **asdict(self)}
+        payload = {"method": self.name, **asdict(self)}
+        if payload.get("weight_grid") is None:  # unset: records and cache keys stay as before the option
+            payload.pop("weight_grid", None)
+        return payload
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> MethodConfig:

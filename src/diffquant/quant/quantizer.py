@@ -90,7 +90,10 @@ class QuantSpec:
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        payload = asdict(self)
+        if payload["gguf"] is None:  # unset: saved structures stay as before the option
+            del payload["gguf"]
+        return payload
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> QuantSpec:

@@ -170,7 +170,9 @@ def sample(
                 unconditional = None
                 if batch_labels is not None and guidance != 1.0:
                     unconditional = {"class_labels": torch.full_like(batch_labels, model.info.num_classes)}
-                info = StepInfo(index, config.steps, t, model_input, conditioning, unconditional, guidance, start)
+                info = StepInfo(
+                    index, config.steps, t, model_input, conditioning, unconditional, guidance, first_index + start
+                )
                 for hook in hooks:
                     hook(info)
             with step_context(index, float(t), config.steps):  # per-step quantizers read it
