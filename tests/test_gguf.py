@@ -280,3 +280,17 @@ def test_cli_exports_gguf_and_diffusers_formats(tmp_path):
     assert done.exit_code == 0, done.output
     config = json.loads((tmp_path / "d" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "quanto"
+
+
+def test_flux_original_layout_fits_diffusers_converter_at_flux_width():
+    """diffusers' Flux converter hard-codes width 3072: check names and shapes on the meta device."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    original, _ = to_original_layout("FluxTransformer2DModel", diffusers_tensors(model))
+    assert original["single_blocks.0.linear1.weight"].shape == (3 * 3072 + 4 * 3072, 3072)
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
+    state = model.state_dict()
+    assert set(back) == set(state)
+    assert all(back[key].shape == state[key].shape for key in state)
