@@ -294,3 +294,67 @@ def test_flux_original_layout_fits_diffusers_converter_at_flux_width():
     state = model.state_dict()
     assert set(back) == set(state)
     assert all(back[key].shape == state[key].shape for key in state)
+
+
+def _tiny_sd_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def test_sd_unet_original_layout_is_the_inverse_of_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    model = _tiny_sd_unet()
+    original, _ = to_original_layout("UNet2DConditionModel", diffusers_tensors(model), dict(model.config))
+    assert "model.diffusion_model.input_blocks.3.0.op.weight" in original
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in original  # up block 0 has no attention
+    back = convert_ldm_unet_checkpoint(dict(original), dict(model.config))
+    state = model.state_dict()
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_sd_unet_gguf_loads_through_diffusers_and_matches_our_model(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    quantized = _on_grid(_tiny_sd_unet(), "q8_0")
+    quantized.save_config(tmp_path / "config")
+    report = export_gguf(quantized, tmp_path / "unet.gguf")
+    assert report.layout == "original" and report.architecture == "sd1"
+    loaded = _diffusers_load(UNet2DConditionModel, tmp_path / "unet.gguf", tmp_path / "config")
+    _assert_same_weights_of_linears(quantized, loaded)
+    generator = torch.Generator().manual_seed(2)
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([10, 600]),
+        "encoder_hidden_states": torch.randn(2, 5, 32, generator=generator),
+    }
+    with torch.no_grad():
+        ours, theirs = quantized(**inputs).sample, loaded(**inputs).sample
+    assert torch.allclose(ours, theirs, atol=2e-3, rtol=0)
+
+
+def _assert_same_weights_of_linears(ours, loaded) -> None:
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    converted = 0
+    for name, layer in quant_layers(ours):
+        theirs = loaded.get_submodule(name).weight
+        expected = layer.dequantized_weight()
+        if hasattr(theirs, "quant_type"):  # a GGUF linear: dequantized in fp16 by diffusers
+            converted += 1
+            theirs, expected = dequantize_gguf_tensor(theirs), expected.half()
+        assert torch.equal(theirs.float(), expected.float()), name
+    assert converted > 5

@@ -3,9 +3,10 @@
 Layouts:
 * `original` - the tensor names of the model's original (non-diffusers) checkpoint, as the GGUF files
   that diffusers' `from_single_file(..., quantization_config=GGUFQuantizationConfig(...))` and
-  ComfyUI-GGUF load (SD3: `joint_blocks.*`, Flux: `double_blocks.*`/`single_blocks.*`, fused QKV).
-  The mapping below is the inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`
-  and `convert_flux_transformer_checkpoint_to_diffusers` (loaders/single_file_utils.py).
+  ComfyUI-GGUF load (SD/SDXL UNet: `model.diffusion_model.input_blocks.*`, SD3: `joint_blocks.*`, Flux:
+  `double_blocks.*`/`single_blocks.*`, fused QKV). The mappings below are the inverses of diffusers'
+  `convert_ldm_unet_checkpoint`, `convert_sd3_transformer_checkpoint_to_diffusers` and
+  `convert_flux_transformer_checkpoint_to_diffusers` (loaders/single_file_utils.py).
 * `diffusers` - the model's own state-dict names (any diffusers model; diffusers' single-file loader
   takes such a file as it is for the families it knows; for the others, e.g. UNet2DModel and
   DiTTransformer2DModel, `read_gguf`/`load_gguf_denoiser` here read it back).
@@ -22,6 +23,7 @@ quantizers, per-step parameters and split-shortcut halves do not survive (split 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +198,7 @@ class Fusion:
     swap: bool = False
 
 
-def _sd3_fusions(keys: set[str]) -> list[Fusion]:
+def _sd3_fusions(keys: set[str], config: dict[str, Any]) -> list[Fusion]:
     renames = {
         "pos_embed.proj": "x_embedder.proj",
         "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
@@ -248,7 +250,7 @@ def _sd3_fusions(keys: set[str]) -> list[Fusion]:
     return fusions
 
 
-def _flux_fusions(keys: set[str]) -> list[Fusion]:
+def _flux_fusions(keys: set[str], config: dict[str, Any]) -> list[Fusion]:
     renames = {
         "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
         "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
@@ -305,7 +307,84 @@ def _flux_fusions(keys: set[str]) -> list[Fusion]:
     return fusions
 
 
-FUSIONS = {"SD3Transformer2DModel": _sd3_fusions, "FluxTransformer2DModel": _flux_fusions}
+LDM_PREFIX = "model.diffusion_model."
+_LDM_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "class_embedding.linear_1": "label_emb.0.0",
+    "class_embedding.linear_2": "label_emb.0.2",
+    "class_embedding": "label_emb",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_LDM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+
+
+def _ldm_resnet(rest: str) -> str:
+    module, _, tail = rest.partition(".")
+    return f"{_LDM_RESNET.get(module, module)}.{tail}"
+
+
+def _ldm_unet_name(key: str, per_block: int, attention_levels: set[int]) -> str | None:
+    """The original (LDM) name of a UNet2DConditionModel tensor; the inverse of diffusers'
+    convert_ldm_unet_checkpoint (input/middle/output blocks, resnet sub-layer names)."""
+    module, _, parameter = key.rpartition(".")
+    if module in _LDM_TOP:
+        return f"{_LDM_TOP[module]}.{parameter}"
+    if key.startswith("mid_block."):
+        kind, index, rest = key.removeprefix("mid_block.").split(".", 2)
+        if kind == "resnets":
+            return f"middle_block.{2 * int(index)}.{_ldm_resnet(rest)}"
+        return f"middle_block.1.{rest}"
+    match = _UNET_KEY.match(key)
+    if match is None:
+        return None
+    side, block, kind, index, rest = match.groups()
+    block, index, width = int(block), int(index), per_block + 1
+    if side == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{width * (block + 1)}.0.op.{rest.removeprefix('conv.')}"
+        layer = width * block + index + 1
+    else:
+        if kind == "upsamplers":
+            return f"output_blocks.{width * block + per_block}.{2 if block in attention_levels else 1}.{rest}"
+        layer = width * block + index
+    return f"{side.replace('down_blocks', 'input_blocks').replace('up_blocks', 'output_blocks')}.{layer}." + (
+        f"0.{_ldm_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
+    )
+
+
+def _ldm_unet_fusions(keys: set[str], config: dict[str, Any]) -> list[Fusion]:
+    per_block = config.get("layers_per_block", 2)
+    if not isinstance(per_block, int):
+        raise ConfigError(
+            "The original SD UNet layout needs one layers_per_block for all blocks; use layout='diffusers'."
+        )
+    attention_levels = {int(k.split(".")[1]) for k in keys if k.startswith("up_blocks.") and ".attentions." in k}
+    fusions = []
+    for key in sorted(keys):
+        name = _ldm_unet_name(key, per_block, attention_levels)
+        if name is not None:
+            fusions.append(Fusion(LDM_PREFIX + name, (key,)))
+    return fusions
+
+
+FUSIONS = {
+    "SD3Transformer2DModel": _sd3_fusions,
+    "FluxTransformer2DModel": _flux_fusions,
+    "UNet2DConditionModel": _ldm_unet_fusions,
+}
 
 
 def _swap_halves(entry: BlockTensor | torch.Tensor) -> BlockTensor | torch.Tensor:
@@ -338,14 +417,15 @@ def _join(parts: list[BlockTensor | torch.Tensor]) -> tuple[BlockTensor | torch.
 
 
 def to_original_layout(
-    class_name: str, tensors: dict[str, BlockTensor | torch.Tensor]
+    class_name: str, tensors: dict[str, BlockTensor | torch.Tensor], config: dict[str, Any] | None = None
 ) -> tuple[dict[str, BlockTensor | torch.Tensor], list[str]]:
     """Rename and fuse diffusers tensors into the original checkpoint layout; also the names joined in float."""
     if class_name not in FUSIONS:
         raise ConfigError(
             f"No original GGUF layout for {class_name} (known: {', '.join(FUSIONS)}); use layout='diffusers'."
         )
-    fusions = [f for f in FUSIONS[class_name](set(tensors)) if all(p in tensors for p in f.parts)]
+    fusions = FUSIONS[class_name](set(tensors), dict(config or {}))
+    fusions = [f for f in fusions if all(p in tensors for p in f.parts)]
     used = {p for f in fusions for p in f.parts}
     missing = sorted(set(tensors) - used)
     if missing:
@@ -386,7 +466,10 @@ def export_gguf(
     linears = {n + ".weight" for n, m in denoiser.named_modules() if isinstance(m, nn.Linear | QuantLayer)}
     linears -= {n + ".weight" for n, m in denoiser.named_modules() if _is_conv(m)}
     convs = {n + ".weight" for n, m in denoiser.named_modules() if _is_conv(m)}
-    report = ExportReport(str(path), layout, ARCHITECTURES.get(class_name, f"diffquant.{class_name}"))
+    architecture = ARCHITECTURES.get(class_name, f"diffquant.{class_name}")
+    if class_name == "UNet2DConditionModel":  # ComfyUI-GGUF's names for SD 1.x/2.x and SDXL UNets
+        architecture = "sdxl" if denoiser.config.get("addition_embed_type") == "text_time" else "sd1"
+    report = ExportReport(str(path), layout, architecture)
     for key, entry in list(tensors.items()):
         if isinstance(entry, BlockTensor):
             report.ours.append(key)
@@ -397,7 +480,7 @@ def export_gguf(
             tensors[key] = _round_float(entry.float(), kind)
             report.rounded.append(key)
     if layout == "original":
-        tensors, joined = to_original_layout(class_name, tensors)
+        tensors, joined = to_original_layout(class_name, tensors, dict(denoiser.config))
         report.dequantized += joined
     writer = gguf.GGUFWriter(str(path), report.architecture)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
