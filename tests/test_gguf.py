@@ -358,3 +358,20 @@ def _assert_same_weights_of_linears(ours, loaded) -> None:
             theirs, expected = dequantize_gguf_tensor(theirs), expected.half()
         assert torch.equal(theirs.float(), expected.float()), name
     assert converted > 5
+
+
+def test_split_shortcut_halves_on_one_grid_are_joined_block_by_block(tmp_path):
+    import diffquant
+    from diffquant.modules.layers import SplitQuantConv2d
+
+    model = diffquant.load("fmnist-unet")
+    config = make_config("naive", wbits=4, abits=None, weight_grid="q4_0")
+    prepare_model(model.denoiser, config.layer_policy(), {"up_blocks.2.resnets.0.conv1": 64})
+    for _, layer in quant_layers(model.denoiser):
+        layer.freeze()
+    split = model.denoiser.up_blocks[2].resnets[0].conv1
+    assert isinstance(split, SplitQuantConv2d)
+    report = export_gguf(model, tmp_path / "unet.gguf")
+    assert report.tensors["up_blocks.2.resnets.0.conv1.weight"] == "q4_0"
+    joined = torch.cat([split.low.dequantized_weight(), split.high.dequantized_weight()], 1)
+    assert torch.equal(load_gguf_denoiser(tmp_path / "unet.gguf").up_blocks[2].resnets[0].conv1.weight, joined)
