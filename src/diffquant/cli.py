@@ -411,17 +411,23 @@ def demo_command(
     method: str = typer.Option("ptq4dm", help="Quantization method."),
     wbits: int = typer.Option(8),
     abits: str = typer.Option("8"),
-    protocol: str = typer.Option("quick", help="Evaluation protocol: smoke, quick or standard."),
-    trajectories: int = typer.Option(256, help="Calibration trajectories (fewer than the paper's for speed)."),
-    out: Path = typer.Option(Path("runs/demo"), help="Where quantized models and report.json go."),
+    protocol: str = typer.Option("smoke", help="Evaluation protocol: smoke, quick or standard."),
+    samples: int = typer.Option(None, help="Override the protocol's number of samples N (>= 10)."),
+    trajectories: int = typer.Option(64, help="Calibration trajectories (fewer than the paper's for speed)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where quantized models, pictures and report.json go."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="Time compiled int8 vs compiled fp32."),
+    speed_batch: int = typer.Option(64, help="Batch of the timed denoiser calls."),
     threads: int = typer.Option(None),
 ) -> None:
-    """The main job: evaluate the shipped models, quantize them, evaluate again and print the report."""
+    """The main job: quantize the shipped models, run them on int8 kernels, print quality, size and speedup."""
     try:
         _set_threads(threads)
-        from diffquant.reporting import run_demo
+        from diffquant.demo import DemoSettings, run_demo
 
-        run_demo(model, method, wbits, _parse_abits(abits), protocol, trajectories, out)
+        settings = DemoSettings(
+            tuple(model), method, wbits, _parse_abits(abits), protocol, samples, trajectories, out, compile, speed_batch
+        )
+        run_demo(settings)
     except DiffquantError as error:
         _fail(error)
 
@@ -437,10 +443,19 @@ def export_command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
+    format: str = typer.Option("kernels", "--format", help="kernels (a deployed directory), gguf or diffusers."),
+    gguf_type: str = typer.Option(None, help="GGUF: block type for float linears (q8_0, q5_0, q5_1, q4_0, q4_1)."),
+    layout: str = typer.Option("auto", help="GGUF tensor names: auto, original (SD3/Flux) or diffusers."),
 ) -> None:
-    """Export a quantized model to real kernels, check it against the simulation, and save it."""
+    """Export a quantized model to real kernels (or a GGUF file / diffusers directory), check it, and save it."""
     try:
         _set_threads(threads)
+        if format != "kernels":
+            from diffquant.runtime.file_formats import export_file
+
+            for line in export_file(model, out, format, gguf_type, layout):
+                typer.echo(line)
+            return
         from diffquant.runtime.deploy import export_directory
 
         report = export_directory(model, out, backend, compile, weight_only_mode, overwrite=overwrite)

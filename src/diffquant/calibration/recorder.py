@@ -21,13 +21,16 @@ def record_trajectories(
     seed: int = 1234,
     batch_size: int = 128,
     progress: bool = True,
+    first_index: int = 0,
+    count: int | None = None,
 ) -> CalibrationSet:
     """Sample `num_trajectories` images with the full-precision model and keep the denoiser inputs at
     the (trajectory, step) pairs chosen by `policy`. With classifier-free guidance the conditional and
     unconditional branches are both kept (the set doubles), as Q-Diffusion does for Stable Diffusion.
 
     The seed differs from the evaluation protocol's seed by default, so calibration never sees the
-    evaluation's initial noise.
+    evaluation's initial noise. `first_index`/`count` record only trajectories first_index.. of the set
+    (one process's share, see diffquant.distributed).
     """
     sampler = sampler or SamplerConfig("ddim", 25)
     policy = policy or UniformSteps(min(25, sampler.steps))
@@ -55,7 +58,8 @@ def record_trajectories(
             for key, value in branch.items():
                 conditioning[key].append(value[index].clone())
 
-    sample(model, num_trajectories, sampler, seed=seed, batch_size=batch_size, hooks=[keep], progress=progress)
+    count = num_trajectories - first_index if count is None else count
+    sample(model, count, sampler, seed, batch_size, hooks=[keep], progress=progress, first_index=first_index)
     calibration = CalibrationSet(
         torch.cat(records["sample"]),
         torch.cat(records["timestep"]),

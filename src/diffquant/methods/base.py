@@ -12,6 +12,7 @@ from diffquant.errors import ConfigError
 from diffquant.modules import LayerOverride, LayerPolicy
 from diffquant.quant import QuantSpec
 from diffquant.quant.formats import MAX_INT_BITS, parse_format
+from diffquant.quant.gguf_blocks import BLOCK_SIZE, block_type
 from diffquant.sampling import SamplerConfig
 
 FLOAT_ACTIVATION_BITS = (16, 32)
@@ -95,6 +96,8 @@ class MethodConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     preset: str = "default"
     """Which preset the defaults came from (see PRESETS)."""
+    weight_grid: str | None = None
+    """Put weights on a GGUF block grid (q8_0, q5_0, q4_0: group 32, ggml's scale rule) for GGUF export."""
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **values: Any) -> MethodConfig:
@@ -125,6 +128,11 @@ class MethodConfig:
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
         self.calibration.validate()
+        if self.weight_grid is not None and block_type(self.weight_grid).bits != self.wbits:
+            raise ConfigError(
+                f"weight_grid {self.weight_grid} stores {block_type(self.weight_grid).bits}-bit weights: "
+                f"set wbits={block_type(self.weight_grid).bits}."
+            )
         self.weight_spec()
         self.activation_spec()
 
@@ -160,8 +168,14 @@ class MethodConfig:
         return QuantSpec(f"uint{self.softmax_bits}", symmetric=True, per_step=self.activation_per_step)
 
     def layer_policy(self, extra_overrides: tuple[LayerOverride, ...] = ()) -> LayerPolicy:
+        weight = self.weight_spec()
+        if self.weight_grid is not None:  # the method's observers yield to ggml's scale rule
+            kind = block_type(self.weight_grid)
+            weight = weight.replace(
+                format=f"int{kind.bits}", symmetric=True, granularity="group", group_size=BLOCK_SIZE, gguf=kind.name
+            )
         return LayerPolicy(
-            weight=self.weight_spec(),
+            weight=weight,
             activation=self.activation_spec(),
             attention=self.attention_spec(),
             softmax=self.softmax_spec(),
@@ -172,7 +186,10 @@ class MethodConfig:
 
     # plain data -------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.name, **asdict(self)}
+        payload = {"method": self.name, **asdict(self)}
+        if payload.get("weight_grid") is None:  # unset: records and cache keys stay as before the option
+            payload.pop("weight_grid", None)
+        return payload
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> MethodConfig:

@@ -70,7 +70,7 @@ class QuantLayer(nn.Module):
             codes = to_codes(hard, scale, zero_point, quantizer.fmt)
             self.rounding = None
         else:
-            codes = to_codes(view, scale, zero_point, quantizer.fmt)
+            codes = quantizer.rtn_codes(view)
         self._frozen_shape = self.weight.shape
         del self.weight
         self.weight_codes = codes.to(torch.int16 if quantizer.spec.bits <= 15 else torch.int32)

@@ -109,9 +109,16 @@ def _check_pattern(pattern: str, names: list[str], where: str) -> None:
 def _with_bits(spec: QuantSpec | None, bits: int | None) -> QuantSpec | None:
     if spec is None or bits is None:
         return spec
+    if spec.gguf is not None:  # another bit width on a GGUF grid is another GGUF type
+        return replace(spec, format=f"int{bits}", gguf=f"q{bits}_0")
     fmt = spec.number_format
     signed = getattr(fmt, "signed", True)
     return replace(spec, format=f"{'int' if signed else 'uint'}{bits}")
+
+
+def _row_length(model: nn.Module, name: str) -> int:
+    weight = model.get_submodule(name).weight
+    return weight[0].numel()
 
 
 def resolve_policy(
@@ -154,6 +161,8 @@ def resolve_policy(
                     weight = None
                 if override.quantize_input is False:
                     activation = None
+        if weight is not None and weight.gguf is not None and _row_length(model, name) % weight.group_size:
+            weight = None  # a row GGUF cannot cut into 32-blocks stays in float (as in ggml's converters)
         if weight is not None or activation is not None:
             layer_plans[name] = LayerPlan(weight, activation, (splits or {}).get(name, 0))
 

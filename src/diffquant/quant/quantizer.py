@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
+from diffquant.quant.codes import to_codes
 from diffquant.quant.context import current_step
 from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat, parse_format
 from diffquant.quant.functional import fake_quantize, params_from_range, scale_gradient
+from diffquant.quant.gguf_blocks import block_grid_params, check_gguf_spec, gguf_rtn_codes, gguf_rtn_values
 from diffquant.quant.granularity import Granularity, group_view, ungroup
 from diffquant.quant.observers import OBSERVERS, Observer, make_observer
 
@@ -55,9 +57,13 @@ class QuantSpec:
     lp_norm: float = 2.4
     grid: int = 80
     ema_momentum: float = 0.95
+    gguf: str | None = None
+    """Weights on a GGUF block grid (q8_0, q5_0, q4_0): group 32, ggml's scale rule and rounding."""
 
     def __post_init__(self) -> None:
         fmt = self.number_format  # validates the name
+        if self.gguf is not None:
+            check_gguf_spec(self.format, self.granularity, self.group_size, self.gguf)
         Granularity(self.granularity, self.axis, self.group_size)
         if self.observer not in OBSERVERS:
             raise ConfigError(f"Unknown observer '{self.observer}'. Choose one of: {', '.join(OBSERVERS)}.")
@@ -85,7 +91,10 @@ class QuantSpec:
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        payload = asdict(self)
+        if payload["gguf"] is None:  # unset: saved structures stay as before the option
+            del payload["gguf"]
+        return payload
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> QuantSpec:
@@ -210,6 +219,9 @@ class Quantizer(nn.Module):
             mean_magnitude = group_view(tensor.detach(), self.grouping).abs().mean(1)  # XNOR-Net scaling
             self._set_params(mean_magnitude.clamp_min(1e-8), torch.zeros_like(mean_magnitude))
             return
+        if self.spec.gguf is not None:  # the GGUF rule fixes the scale; observers do not apply
+            self._set_params(*block_grid_params(group_view(tensor.detach(), self.grouping), self.spec.gguf))
+            return
         if self.spec.per_step:
             raise ConfigError("Weights are the same at every step: a per_step weight quantizer makes no sense.")
         self.start_observing()
@@ -273,6 +285,8 @@ class Quantizer(nn.Module):
                 self._observer_for_step().update(group_view(x, self.grouping))
             return x
         view = group_view(x, self.grouping)
+        if self.spec.gguf is not None:  # ggml's round-to-nearest, exactly as the file will hold it
+            return ungroup(gguf_rtn_values(view, self.spec.gguf), x.shape, self.grouping)
         scale, zero_point = self.current_params(view)
         if self.grouping.kind == "per_tensor":  # skip the reshape round trip on the hot path
             quantized = fake_quantize(x, scale.reshape(()), zero_point.reshape(()), self.fmt)
@@ -281,6 +295,13 @@ class Quantizer(nn.Module):
         if self.drop_prob > 0:  # QDrop (Wei et al. 2022): randomly keep full-precision values
             quantized = torch.where(torch.rand_like(x) < self.drop_prob, x, quantized)
         return quantized
+
+    def rtn_codes(self, view: torch.Tensor) -> torch.Tensor:
+        """Unsigned round-to-nearest codes of a grouped view (GGUF grids round as ggml does)."""
+        if self.spec.gguf is not None:
+            return gguf_rtn_codes(view, self.spec.gguf)
+        scale, zero_point = self.current_params(view)
+        return to_codes(view, scale, zero_point, self.fmt)
 
     # --- persistence: parameters are created lazily, so loading must size them ------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):

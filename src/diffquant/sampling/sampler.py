@@ -124,11 +124,13 @@ def sample(
     labels: torch.Tensor | Sequence[int] | None = None,
     hooks: Sequence[StepHook] = (),
     progress: bool = True,
+    first_index: int = 0,
 ) -> SampleResult:
     """Generate `num_samples` images in [-1, 1]; the same seed gives identical images.
 
     The initial noise of sample i does not depend on `batch_size`: it is drawn from one generator
-    for the whole set, so two models sampled with one seed start from the same x_T.
+    for the whole set, so two models sampled with one seed start from the same x_T. `first_index`
+    makes this call samples first_index.. of a larger set (one process's share in distributed sampling).
     """
     config = config or SamplerConfig()
     config.validate()
@@ -136,7 +138,8 @@ def sample(
         raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}.")
     guidance = model.info.guidance_scale if config.guidance_scale is None else config.guidance_scale
     if labels is None:
-        labels = default_labels(model, num_samples)
+        labels = default_labels(model, first_index + num_samples)
+        labels = None if labels is None else labels[first_index:]
     elif not model.info.conditional:
         raise ConfigError(f"Model '{model.info.name}' is unconditional: it takes no class labels.")
     else:
@@ -148,7 +151,7 @@ def sample(
             )
 
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num_samples, *model.info.image_shape), generator=generator)
+    noise = torch.randn((first_index + num_samples, *model.info.image_shape), generator=generator)[first_index:]
     model.denoiser.eval()
     outputs = []
     batches = range(0, num_samples, batch_size)
@@ -159,7 +162,7 @@ def sample(
         batch_labels = None if labels is None else labels[start : start + batch_size]
         scheduler = make_scheduler(model, config)  # fresh multistep state per batch
         x = x * scheduler.init_noise_sigma
-        step_generator = torch.Generator().manual_seed(seed * 1_000_003 + start + 1)
+        step_generator = torch.Generator().manual_seed(seed * 1_000_003 + first_index + start + 1)
         for index, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(x, t)
             if hooks:
@@ -167,7 +170,9 @@ def sample(
                 unconditional = None
                 if batch_labels is not None and guidance != 1.0:
                     unconditional = {"class_labels": torch.full_like(batch_labels, model.info.num_classes)}
-                info = StepInfo(index, config.steps, t, model_input, conditioning, unconditional, guidance, start)
+                info = StepInfo(
+                    index, config.steps, t, model_input, conditioning, unconditional, guidance, first_index + start
+                )
                 for hook in hooks:
                     hook(info)
             with step_context(index, float(t), config.steps):  # per-step quantizers read it
