@@ -50,7 +50,7 @@ def _outputs(model, batch):
 def test_integer_attention_agrees_with_the_simulation(builder, per_step, softmax_bits):
     builder_model = builder()
     quantized, calibration = _quantized(builder_model, per_step, softmax_bits)
-    deployed = export_model(quantized, "onednn")
+    deployed = export_model(quantized, "onednn", integer_attention=True)
     processors = dict(attention_processors(quantized.denoiser))
     assert deployed.quantization["kernels"]["attention: diffquant::int8_bmm (torch._int_mm)"] == len(processors)
     inner = deployed.denoiser.inner
@@ -79,10 +79,16 @@ def test_integer_attention_agrees_with_the_simulation(builder, per_step, softmax
         assert (candidate - reference).pow(2).mean() < 0.25 * quantization_error
 
 
+def test_integer_attention_is_opt_in():
+    quantized, _ = _quantized(tiny_dit_model(), per_step=False)
+    kernels = export_model(quantized, "onednn").quantization["kernels"]
+    assert not any(kernel.startswith("attention") for kernel in kernels)
+
+
 def test_integer_attention_compiles_into_one_graph_and_agrees():
     model = tiny_dit_model()
     quantized, calibration = _quantized(model, per_step=True)
-    deployed = export_model(quantized, "onednn", compile=True)
+    deployed = export_model(quantized, "onednn", compile=True, integer_attention=True)
     batch = next(iter(calibration.batches(8)))
     with torch.no_grad():
         explained = torch._dynamo.explain(deployed.denoiser.inner)(batch.sample, batch.timesteps, **batch.conditioning)

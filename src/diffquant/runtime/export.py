@@ -7,8 +7,10 @@ Backends:
   layers run in float with their weights decoded once at load;
 * `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
   decoded to float.
-Attention matmuls that a method quantized (Q-Diffusion, EDA-DM) run on integer GEMMs on the onednn and
-cuda backends (`kernels_attention.py`); unquantized ones stay on the float SDPA kernel.
+Attention matmuls that a method quantized (Q-Diffusion, EDA-DM) keep their fake-quantized operands by
+default: compiled, inductor fuses that into the softmax pass and it measured faster on CPU than the
+exact integer-GEMM processor (`integer_attention=True`, `kernels_attention.py`: 0.50x at the fmnist DiT's
+attention size, 0.75x at PixArt's, both compiled, one thread); unquantized ones stay on float SDPA.
 
 `compile=True` wraps the result in `torch.compile`; per-step activation parameters read a shared clock
 tensor that the wrapper sets from the step context, so the graph is compiled once, not per step.
@@ -189,9 +191,11 @@ def export_model(
     backend: str = "onednn",
     compile: bool = False,
     weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE,
+    integer_attention: bool = False,
 ) -> DiffusionModel:
     """A copy of a quantized `model` running on `backend`'s kernels; `quantization['kernels']` says
-    how many layers run on which kernel."""
+    how many layers run on which kernel. `integer_attention` runs quantized attention matmuls on exact
+    integer GEMMs (opt-in: slower than the compiled fake-quant form on CPU, see the module docstring)."""
     check_backend(backend)
     if weight_only_mode not in WEIGHT_ONLY_MODES:
         raise DiffquantError(
@@ -208,7 +212,8 @@ def export_model(
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, converted)
         _fuse_activations(inner)
         _chain_int8_outputs(inner)
-        layers += _integer_attention(inner)
+        if integer_attention:
+            layers += _integer_attention(inner)
         # counted once every fusion is done: each converted layer names its kernel and epilogue
         kernels = Counter(f"{kind}: {inner.get_submodule(name).kernel}" for name, kind in layers)
     else:

@@ -9,6 +9,11 @@ The batched integer GEMM is one opaque custom op (`diffquant::int8_bmm`): it loo
 over the batch x heads slices, or - for small slices, where a loop of tiny calls costs more than the
 arithmetic - runs an fp32 batched GEMM on the same int8 values, which is exact as long as no partial
 sum leaves fp32's 24-bit integer range (checked on the reduction length).
+
+Opt-in (`export_model(..., integer_attention=True)`): on the CPU measured (one thread, compiled) it
+was slower than the fake-quantized form that inductor fuses into the softmax pass - 0.50x at the
+fmnist DiT's attention size, 0.75x at PixArt's - because the score matrix is memory-bound with head
+dims of 32-72 and `torch._int_mm` has no batched or fused-softmax form.
 """
 
 from __future__ import annotations
