@@ -427,7 +427,8 @@ def deployed_model(quantized: DiffusionModel) -> DiffusionModel:
         backend = "onednn"
     except DiffquantError:
         backend = "fake"
-    return export_model(quantized, backend, compile=True)
+    # weight-only layers decoded at load score exactly as the simulation (the packed bf16 path rounds to bf16)
+    return export_model(quantized, backend, compile=True, weight_only_mode="at-load")
 
 
 def _labels(model: DiffusionModel, count: int) -> torch.Tensor | None:
