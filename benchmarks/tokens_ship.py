@@ -120,13 +120,14 @@ def _card_text(card: dict) -> str:
         "FID on the shipped feature network (the continuous models' `Scorer`), fmnist-unet: FID "
         f"{UNET_FID_N5000} at N=5000.",
         "",
-        "| sampler | steps | network calls | N | FID | class accuracy | s |",
-        "|---|---|---|---|---|---|---|",
+        "| sampler | steps | CFG | network calls | N | FID | class accuracy | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in card["samplers"] or []:
         m, s = row["metrics"], row["sampler"]
         lines.append(
-            f"| {s['sampler']} | {s['steps']} | {m['network_calls']} | {m['num_samples']} | {m['fid']:.2f} | "
+            f"| {s['sampler']} | {s['steps']} | {s['guidance_scale']} | {m['network_calls']} | {m['num_samples']} | "
+            f"{m['fid']:.2f} | "
             f"{m.get('class_accuracy', float('nan')):.3f} | {m['sampling_s']:.0f} |"
         )
     lines += [
