@@ -97,9 +97,9 @@ def part_quant(
         denoiser, report = vq_token_denoiser(gen.denoiser, spec, calibration if refine else None)
         seconds = time.perf_counter() - started
         result = score_generator(TokenGenerator(gen.tokenizer, denoiser), sampler, n, scorer=scorer)
-        name = f"weight VQ 2-bit (d=4, K=256){' + VQ4DiT candidates' if refine else ''}"
-        _log(name, result)
-        rows.append({"method": name, "quantize_s": seconds, "spec": asdict(spec), "size": report, **result})
+        label = f"weight VQ 2-bit (d=4, K=256){' + VQ4DiT candidates' if refine else ''}"
+        _log(label, result)
+        rows.append({"method": label, "quantize_s": seconds, "spec": asdict(spec), "size": report, **result})
         write_json(OUT / f"{name}.json", rows)
     # full precision last: the sampler table (same sampler, seed and N) usually has it by now
     table = json.loads((OUT / "samplers.json").read_text()) if (OUT / "samplers.json").is_file() else []
