@@ -75,30 +75,32 @@ def part_samplers(run: Path, n: int) -> None:
         write_json(OUT / "samplers.json", rows)
 
 
-def part_quant(run: Path, n: int) -> None:
+def part_quant(
+    run: Path, n: int, settings=(("naive", 8, 8), ("ptq4dm", 8, 8), ("naive", 4, 8)), vq=True, name="quant"
+) -> None:
     gen, scorer, rows = _generator(run), Scorer.load(), []
     sampler = TokenSamplerConfig("maskgit", 8, guidance_scale=GUIDANCE)
     started = time.perf_counter()
     calibration = record_token_calibration(gen.denoiser, sampler, 64)
     print(f"calibration: {len(calibration)} calls recorded in {time.perf_counter() - started:.0f}s", flush=True)
-    for method, wbits, abits in (("naive", 8, 8), ("ptq4dm", 8, 8), ("naive", 4, 8)):
+    for method, wbits, abits in settings:
         started = time.perf_counter()
         denoiser = quantize_token_denoiser(gen.denoiser, method, calibration, wbits=wbits, abits=abits)
         seconds = time.perf_counter() - started
         result = score_generator(TokenGenerator(gen.tokenizer, denoiser), sampler, n, scorer=scorer)
         _log(f"{method} W{wbits}A{abits}", result)
         rows.append({"method": f"{method} W{wbits}A{abits}", "quantize_s": seconds, **result})
-        write_json(OUT / "quant.json", rows)
-    for refine in (100,):
+        write_json(OUT / f"{name}.json", rows)
+    for refine in (100,) if vq else ():
         spec = CodebookSpec(refine_steps=refine, kmeans_iters=15)
         started = time.perf_counter()
         denoiser, report = vq_token_denoiser(gen.denoiser, spec, calibration if refine else None)
         seconds = time.perf_counter() - started
         result = score_generator(TokenGenerator(gen.tokenizer, denoiser), sampler, n, scorer=scorer)
-        name = f"weight VQ 2-bit (d=4, K=256){' + VQ4DiT candidates' if refine else ''}"
-        _log(name, result)
-        rows.append({"method": name, "quantize_s": seconds, "spec": asdict(spec), "size": report, **result})
-        write_json(OUT / "quant.json", rows)
+        label = f"weight VQ 2-bit (d=4, K=256){' + VQ4DiT candidates' if refine else ''}"
+        _log(label, result)
+        rows.append({"method": label, "quantize_s": seconds, "spec": asdict(spec), "size": report, **result})
+        write_json(OUT / f"{name}.json", rows)
     # full precision last: the sampler table (same sampler, seed and N) usually has it by now
     table = json.loads((OUT / "samplers.json").read_text()) if (OUT / "samplers.json").is_file() else []
     fp = next((r for r in table if r["sampler"] == asdict(sampler)), None)
@@ -106,7 +108,7 @@ def part_quant(run: Path, n: int) -> None:
         fp = score_generator(gen, sampler, n, scorer=scorer)
     _log("fp32", fp)
     rows.insert(0, {"method": "fp32", **fp})
-    write_json(OUT / "quant.json", rows)
+    write_json(OUT / f"{name}.json", rows)
 
 
 def part_ladder(run: Path, n: int) -> None:
@@ -117,7 +119,13 @@ def part_ladder(run: Path, n: int) -> None:
     )
 
 
+def part_quant_low(run: Path, n: int) -> None:
+    """W4A8 and weight VQ in a second process (the first runs W8A8)."""
+    part_quant(run, n, settings=(("naive", 4, 8),), vq=True, name="quant_low")
+
+
 PARTS = {
+    "quant_low": part_quant_low,
     "tokenizer": part_tokenizer,
     "guidance": part_guidance,
     "samplers": part_samplers,
