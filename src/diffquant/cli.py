@@ -62,6 +62,21 @@ def train(
         from diffquant.zoo import build_reference_model
 
         run_dir = run_dir or Path("runs") / model
+        if model == "fmnist-t2i":  # a pipeline (autoencoder, text encoders, MMDiT): its own trainer
+            from diffquant.zoo.t2i import T2ITrainConfig, train_t2i
+
+            config_t2i = T2ITrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+            )
+            command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            data_t2i = load_fashion_mnist("train", data_dir)
+            facts = train_t2i(data_t2i, run_dir, config_t2i, command=command, log=typer.echo)
+            typer.echo(f"trained fmnist-t2i: {json.dumps(facts['flow'])}; pipeline in {run_dir / 'pipeline'}")
+            return
         bundle = build_reference_model(model)
         data = load_fashion_mnist("train", data_dir)
         config = TrainConfig(
