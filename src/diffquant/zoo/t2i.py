@@ -200,6 +200,8 @@ def build_vae(arch: T2IArchitecture) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=28,
         mid_block_add_attention=False,
+        scaling_factor=1.0,  # both set from the encoded training set after the autoencoder is trained
+        shift_factor=0.0,
     )
 
 
@@ -225,6 +227,10 @@ def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
+DEFAULT_GUIDANCE = 3.0
+DEFAULT_STEPS = 20
+
+
 class FmnistT2IPipeline(StableDiffusion3Pipeline):
     """`StableDiffusion3Pipeline` with this model's sampling defaults (no T5 tokens, its guidance scale)."""
 
@@ -233,10 +239,6 @@ class FmnistT2IPipeline(StableDiffusion3Pipeline):
         kwargs.setdefault("guidance_scale", DEFAULT_GUIDANCE)
         kwargs.setdefault("num_inference_steps", DEFAULT_STEPS)
         return super().__call__(*args, **kwargs)
-
-
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_STEPS = 20
 
 
 def build_pipeline(arch: T2IArchitecture | None = None, seed: int = 0) -> FmnistT2IPipeline:
@@ -270,6 +272,43 @@ def load_pipeline(path: str | Path) -> FmnistT2IPipeline:
     return pipe
 
 
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusion3Pipeline,
+    labels: torch.Tensor | list[int],
+    seed: int = 0,
+    batch_size: int = 250,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+) -> torch.Tensor:
+    """Images in [-1, 1] of shape (N, 1, 28, 28) for the canonical prompt of each label.
+
+    Batch b is drawn with the generator seeded `seed + b`, so a set is reproducible for a seed and
+    batch size whatever else ran before.
+    """
+    labels = torch.as_tensor(labels)
+    images = []
+    for index, start in enumerate(range(0, len(labels), batch_size)):
+        prompts = [prompt_for(int(label)) for label in labels[start : start + batch_size]]
+        output = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            max_sequence_length=0,
+            generator=torch.Generator().manual_seed(seed + index),
+            output_type="pt",
+        )
+        images.append(output.images * 2.0 - 1.0)  # the pipeline returns [0, 1]
+    return torch.cat(images)
+
+
+def load_reference_pipeline(name: str = "fmnist-t2i") -> FmnistT2IPipeline:
+    """The shipped reference pipeline, by name."""
+    from diffquant.zoo.registry import resolve_model_path
+
+    return load_pipeline(resolve_model_path(name))
+
+
 def save_pipeline(pipe: StableDiffusion3Pipeline, directory: str | Path) -> Path:
     """Write the pipeline atomically as a standard `StableDiffusion3Pipeline` directory."""
     directory = Path(directory)
@@ -292,7 +331,7 @@ def parameter_counts(pipe: StableDiffusion3Pipeline) -> dict[str, int]:
 class T2ITrainConfig:
     """Hyper-parameters of both training stages (autoencoder, then MMDiT + text encoders)."""
 
-    vae_steps: int = 1200
+    vae_steps: int = 600
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-4
