@@ -331,7 +331,7 @@ def parameter_counts(pipe: StableDiffusion3Pipeline) -> dict[str, int]:
 class T2ITrainConfig:
     """Hyper-parameters of both training stages (autoencoder, then MMDiT + text encoders)."""
 
-    vae_steps: int = 600
+    vae_steps: int = 1200
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-4
