@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from diffquant.data.images import ImageSet
-from diffquant.evaluation.feature_net import load_feature_network
+from diffquant.evaluation import GaussianStats, Scorer
+from diffquant.evaluation.feature_net import extract_features, load_feature_network
+from diffquant.evaluation.reference import ReferenceStats
 from diffquant.zoo.registry import WEIGHTS_DIR, resolve_model_path
 from diffquant.zoo.t2i import (
     CLASS_WORDS,
@@ -22,9 +26,11 @@ from diffquant.zoo.t2i import (
     generate,
     load_pipeline,
     load_reference_pipeline,
+    pipeline_from_checkpoints,
     random_captions,
     train_t2i,
 )
+from diffquant.zoo.t2i_ship import ship_t2i
 
 TINY = T2IArchitecture(
     text_width=16,
@@ -55,6 +61,16 @@ def _toy_data(count: int = 64) -> ImageSet:
     for index, label in enumerate(labels.tolist()):
         images[index, 0, 2 * label + 4 : 2 * label + 6, 4:24] = 1.0
     return ImageSet(images, labels, 10, "toy")
+
+
+def _toy_scorer(data: ImageSet) -> Scorer:
+    """The shipped feature network against a toy reference set (the real one takes a minute to build)."""
+    network = load_feature_network()
+    features = extract_features(network, data.images)
+    stats = ReferenceStats(
+        "toy", features.spatial, GaussianStats.of(features.pooled), GaussianStats.of(features.spatial)
+    )
+    return Scorer(network, stats)
 
 
 def test_tokenizer_round_trips_every_caption(tmp_path):
@@ -98,10 +114,8 @@ def test_tiny_pipeline_trains_loss_decreases_and_resumes_exactly(tmp_path):
         log_every=10,
         checkpoint_every=20,
     )
-    facts = train_t2i(data, tmp_path / "once", config, TINY, log=lambda _: None)
+    facts = train_t2i(data, tmp_path / "once", config, TINY, command="diffquant train --model fmnist-t2i", log=print)
     assert facts["flow"]["steps"] == 40 and facts["vae"]["steps"] == 30
-    import json
-
     for stage in ("vae_checkpoint", "checkpoint"):
         history = json.loads((tmp_path / "once" / stage / "state.json").read_text())["history"]
         assert history[-1]["loss"] < 0.9 * history[0]["loss"], (stage, history)
@@ -114,6 +128,25 @@ def test_tiny_pipeline_trains_loss_decreases_and_resumes_exactly(tmp_path):
         a, b = getattr(once, name).state_dict(), getattr(split, name).state_dict()
         assert all(torch.equal(a[key], b[key]) for key in a), name
     assert once.vae.config.scaling_factor == split.vae.config.scaling_factor
+
+    # shipping scores the run and writes a loadable pipeline directory with its card
+    payload = ship_t2i(
+        tmp_path / "once", 20, batch_size=10, data=data, target=tmp_path / "shipped", scorer=_toy_scorer(data)
+    )
+    assert set(payload["metrics"]) >= {"fid", "prompt_accuracy", "precision"}
+    assert payload["training"]["steps"] == 40 and "--steps 40" in payload["training"]["command"]
+    for name in ("README.md", "samples.png", "metrics.json", "model_index.json", "transformer", "tokenizer"):
+        assert (tmp_path / "shipped" / name).exists(), name
+    assert "prompt accuracy" in (tmp_path / "shipped" / "README.md").read_text()
+    shipped_pipe = load_pipeline(tmp_path / "shipped")
+    assert torch.equal(shipped_pipe.transformer.pos_embed.proj.weight, once.transformer.pos_embed.proj.weight)
+
+    # a run's checkpoints rebuild the same pipeline (how an unfinished run is scored)
+    restored, step = pipeline_from_checkpoints(tmp_path / "once", data)
+    assert step == 40 and restored.vae.config.shift_factor == once.vae.config.shift_factor
+    for name in ("transformer", "text_encoder", "vae"):
+        a, b = getattr(once, name).state_dict(), getattr(restored, name).state_dict()
+        assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
 def test_sampling_is_deterministic_under_a_seed_and_standard_sd3_loads_it(tmp_path):

@@ -15,6 +15,7 @@ the default.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -489,6 +490,49 @@ def encode_dataset(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 5
     return torch.cat(means), torch.cat(stds)
 
 
+def normalise_latents(vae: AutoencoderKL, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Encode the data set and set the VAE's shift/scaling factors so latents have mean 0, std 1.
+
+    The pipeline decodes `latents / scaling_factor + shift_factor`. Returns (means, stds, shift, scale).
+    """
+    means, stds = encode_dataset(vae, images)
+    sampled = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(seed))
+    shift, scale = sampled.mean().item(), 1.0 / sampled.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return means, stds, shift, scale
+
+
+def _load_stage(modules: torch.nn.Module, checkpoint_dir: Path) -> dict[str, Any]:
+    """Load a stage checkpoint's EMA weights into `modules`; returns its metadata."""
+    tensors, meta = load_checkpoint(checkpoint_dir)
+    modules.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=False)
+    return meta
+
+
+def pipeline_from_checkpoints(run_dir: str | Path, data: ImageSet) -> tuple[FmnistT2IPipeline, int]:
+    """The pipeline with the EMA weights of a (possibly unfinished) run's latest checkpoints, and its step.
+
+    Lets a run be scored or shipped while it is still training; `data` is the training set (its
+    encoding fixes the latent normalisation exactly as training did).
+    """
+    run_dir = Path(run_dir)
+    flow_meta = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    arch_fields = dict(flow_meta["architecture"])
+    arch_fields["vae_channels"] = tuple(arch_fields["vae_channels"])
+    config = T2ITrainConfig(**flow_meta["config"])
+    pipe = build_pipeline(T2IArchitecture(**arch_fields), config.seed)
+    _load_stage(torch.nn.ModuleDict({"vae": pipe.vae}), run_dir / "vae_checkpoint")
+    normalise_latents(pipe.vae, data.images, config.seed)
+    trained = torch.nn.ModuleDict(
+        {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    )
+    meta = _load_stage(trained, run_dir / "checkpoint")
+    for module in (pipe.vae, trained):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, meta["step"]
+
+
 def train_t2i(
     data: ImageSet,
     run_dir: str | Path,
@@ -521,11 +565,7 @@ def train_t2i(
         config, run_dir / "vae_checkpoint", config.seed, meta, log,
     )  # fmt: skip
     vae.requires_grad_(False)
-    means, stds = encode_dataset(vae, images)
-    sampled = means + stds * torch.randn(means.shape, generator=torch.Generator().manual_seed(config.seed))
-    # the pipeline decodes latents / scaling_factor + shift_factor: normalise to zero mean, unit std
-    shift, scale = sampled.mean().item(), 1.0 / sampled.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    means, stds, shift, scale = normalise_latents(vae, images, config.seed)
     labels = data.labels
 
     def flow_loss(generator: torch.Generator) -> torch.Tensor:

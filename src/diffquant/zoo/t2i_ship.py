@@ -10,20 +10,24 @@ from typing import Any
 
 import torch
 
+from diffquant.data.fashion_mnist import load_fashion_mnist
+from diffquant.data.images import ImageSet
 from diffquant.errors import DiffquantError
 from diffquant.evaluation import Scorer
 from diffquant.fileio import atomic_directory, write_json
 from diffquant.sampling import save_image_grid
 from diffquant.zoo.registry import WEIGHTS_DIR
+from diffquant.zoo.shipping import reproducing_command
 from diffquant.zoo.t2i import (
     CLASS_WORDS,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     StableDiffusion3Pipeline,
     generate,
-    load_pipeline,
     parameter_counts,
+    pipeline_from_checkpoints,
     prompt_for,
+    save_pipeline,
 )
 
 NAME = "fmnist-t2i"
@@ -57,21 +61,28 @@ def score_pipeline(
     return metrics
 
 
-def ship_t2i(run_dir: str | Path, num_samples: int = 1000, seed: int = 0, batch_size: int = 250) -> dict[str, Any]:
-    """Copy `run_dir/pipeline` to the shipped weights with metrics.json, samples.png and README.md."""
+def ship_t2i(
+    run_dir: str | Path,
+    num_samples: int = 1000,
+    seed: int = 0,
+    batch_size: int = 250,
+    data: ImageSet | None = None,
+    target: Path | None = None,
+    scorer: Scorer | None = None,
+) -> dict[str, Any]:
+    """Ship a run's latest checkpoints (EMA weights; the run may still be training) as WEIGHTS_DIR/fmnist-t2i.
+
+    Writes the pipeline directory with metrics.json, samples.png (10x10 grid) and README.md.
+    """
     run_dir = Path(run_dir)
-    pipeline_dir, vae_meta, flow_meta = (
-        run_dir / "pipeline",
-        run_dir / "vae_checkpoint" / "state.json",
-        run_dir / "checkpoint" / "state.json",
-    )
-    if not ((pipeline_dir / "model_index.json").is_file() and vae_meta.is_file() and flow_meta.is_file()):
-        raise DiffquantError(f"{run_dir} holds no finished fmnist-t2i run (pipeline/ and both checkpoints needed).")
+    vae_meta, flow_meta = run_dir / "vae_checkpoint" / "state.json", run_dir / "checkpoint" / "state.json"
+    if not (vae_meta.is_file() and flow_meta.is_file()):
+        raise DiffquantError(f"{run_dir} holds no fmnist-t2i checkpoints yet (vae_checkpoint/ and checkpoint/).")
     vae_training, flow_training = json.loads(vae_meta.read_text()), json.loads(flow_meta.read_text())
-    pipe = load_pipeline(pipeline_dir)
-    scorer = Scorer.load()
-    metrics = score_pipeline(pipe, num_samples, seed, batch_size, scorer=scorer)
+    pipe, step = pipeline_from_checkpoints(run_dir, data or load_fashion_mnist("train"))
+    metrics = score_pipeline(pipe, num_samples, seed, batch_size, scorer=scorer or Scorer.load())
     grid = generate(pipe, torch.arange(100) % 10, seed=0, batch_size=100)
+    history = flow_training["history"]
     payload = {
         "model": NAME,
         "parameters": parameter_counts(pipe),
@@ -87,21 +98,24 @@ def ship_t2i(run_dir: str | Path, num_samples: int = 1000, seed: int = 0, batch_
         },
         "metrics": metrics,
         "training": {
-            "command": flow_training.get("command", ""),
+            "command": reproducing_command(flow_training.get("command", ""), step),
             "architecture": flow_training.get("architecture", {}),
             "config": flow_training["config"],
             "vae_steps": vae_training["step"],
             "vae_wall_time_s": round(vae_training["wall_time_s"], 1),
             "vae_final_loss": vae_training["history"][-1]["loss"] if vae_training["history"] else None,
-            "steps": flow_training["step"],
+            "steps": step,
             "wall_time_s": round(flow_training["wall_time_s"], 1),
-            "final_loss": flow_training["history"][-1]["loss"] if flow_training["history"] else None,
+            "final_loss": history[-1]["loss"] if history else None,
+            "loss_history": history[:: max(1, len(history) // 20)],
         },
     }
-    target = WEIGHTS_DIR / NAME
+    target = target or WEIGHTS_DIR / NAME
     with atomic_directory(target) as scratch:
-        for item in pipeline_dir.iterdir():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
+        save_pipeline(pipe, scratch / "pipeline")
+        for item in (scratch / "pipeline").iterdir():
+            shutil.move(str(item), scratch / item.name)
+        (scratch / "pipeline").rmdir()
         save_image_grid(grid, scratch / GRID_FILE, columns=10)
         write_json(scratch / METRICS_FILE, payload)
         (scratch / CARD_FILE).write_text(model_card(payload))
