@@ -45,6 +45,7 @@ from diffquant.training.checkpoint import (
     unflatten_optimizer,
 )
 from diffquant.training.ema import ExponentialMovingAverage
+from diffquant.zoo.registry import resolve_model_path
 
 # ----------------------------------------------------------------------------------------------
 # Captions and tokenizer
@@ -305,8 +306,6 @@ def generate(
 
 def load_reference_pipeline(name: str = "fmnist-t2i") -> FmnistT2IPipeline:
     """The shipped reference pipeline, by name."""
-    from diffquant.zoo.registry import resolve_model_path
-
     return load_pipeline(resolve_model_path(name))
 
 
