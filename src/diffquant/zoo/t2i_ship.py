@@ -79,8 +79,12 @@ def ship_t2i(
     if not (vae_meta.is_file() and flow_meta.is_file()):
         raise DiffquantError(f"{run_dir} holds no fmnist-t2i checkpoints yet (vae_checkpoint/ and checkpoint/).")
     vae_training, flow_training = json.loads(vae_meta.read_text()), json.loads(flow_meta.read_text())
-    pipe, step = pipeline_from_checkpoints(run_dir, data or load_fashion_mnist("train"))
-    metrics = score_pipeline(pipe, num_samples, seed, batch_size, scorer=scorer or Scorer.load())
+    data = data or load_fashion_mnist("train")
+    pipe, step = pipeline_from_checkpoints(run_dir, data)
+    metrics = score_pipeline(pipe, num_samples, seed, batch_size, scorer=scorer)
+    # the data floor: N real training images scored the same way (the best any model can do at this N)
+    real = data.subset(num_samples, seed=seed)
+    floors = scorer.score(real.images, real.labels)
     grid = generate(pipe, torch.arange(100) % 10, seed=0, batch_size=100)
     history = flow_training["history"]
     payload = {
@@ -97,6 +101,7 @@ def ship_t2i(
             "reference": "fashion-mnist-test",
         },
         "metrics": metrics,
+        "floors": floors,
         "training": {
             "command": reproducing_command(flow_training.get("command", ""), step),
             "architecture": flow_training.get("architecture", {}),
@@ -124,6 +129,7 @@ def ship_t2i(
 
 def model_card(payload: dict[str, Any]) -> str:
     training, metrics, protocol = payload["training"], payload["metrics"], payload["protocol"]
+    floors = payload["floors"]
     config, params = training["config"], payload["parameters"]
     total_s = training["vae_wall_time_s"] + training["wall_time_s"]
     prompts = ", ".join(f"'{p}'" for p in protocol["prompts"])
@@ -173,14 +179,14 @@ is prompted with class i mod 10 using {prompts}. Metrics on the shipped Fashion-
 against the test set. Prompt accuracy: the share of samples the feature network's classifier assigns
 to the prompted class.
 
-| metric | value |
-|---|---|
-| FID | {metrics["fid"]:.2f} |
-| sFID | {metrics["sfid"]:.2f} |
-| IS (classifier) | {metrics["is"]:.2f} |
-| precision | {metrics["precision"]:.3f} |
-| recall | {metrics["recall"]:.3f} |
-| prompt accuracy | {metrics["prompt_accuracy"]:.3f} |
+| metric | model | floor (N real train images) |
+|---|---|---|
+| FID | {metrics["fid"]:.2f} | {floors["fid"]:.2f} |
+| sFID | {metrics["sfid"]:.2f} | {floors["sfid"]:.2f} |
+| IS (classifier) | {metrics["is"]:.2f} | {floors["is"]:.2f} |
+| precision | {metrics["precision"]:.3f} | {floors["precision"]:.3f} |
+| recall | {metrics["recall"]:.3f} | {floors["recall"]:.3f} |
+| prompt accuracy | {metrics["prompt_accuracy"]:.3f} | {floors["class_accuracy"]:.3f} (labels) |
 | sampling | {metrics["ms_per_image"]:.1f} ms/image (CPU, CFG doubles the batch) |
 
 Reproduce: `python -m diffquant.zoo.t2i_ship RUN_DIR --num-samples {protocol["num_samples"]}` (re-scores and re-ships).
