@@ -43,7 +43,7 @@ def _set_threads(threads: int | None) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., help="Reference architecture to train: fmnist-unet or fmnist-dit."),
+    model: str = typer.Option(..., help="Reference architecture to train: fmnist-unet, fmnist-dit or fmnist-t2i."),
     steps: int = typer.Option(8000, help="Total optimisation steps (resumes up to this count)."),
     run_dir: Path = typer.Option(None, help="Where checkpoints and the final model go (default runs/MODEL)."),
     batch_size: int = typer.Option(128),
