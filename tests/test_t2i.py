@@ -179,5 +179,5 @@ def test_shipped_pipeline_draws_the_prompted_class():
     images = generate(pipe, labels, seed=0, batch_size=30)
     logits = load_feature_network()(images)
     accuracy = (logits.argmax(1) == labels).float().mean().item()
-    assert accuracy >= 0.6, accuracy  # measured 0.87 on these 30 seeds; a broken encoder gives ~0.1
+    assert accuracy >= 0.6, accuracy  # measured 0.90 on these 30 seeds; a broken encoder gives ~0.1
     assert torch.equal(generate(pipe, labels[:4], seed=0, batch_size=30), generate(pipe, labels[:4], seed=0))

@@ -81,6 +81,7 @@ def ship_t2i(
     vae_training, flow_training = json.loads(vae_meta.read_text()), json.loads(flow_meta.read_text())
     data = data or load_fashion_mnist("train")
     pipe, step = pipeline_from_checkpoints(run_dir, data)
+    scorer = scorer or Scorer.load()
     metrics = score_pipeline(pipe, num_samples, seed, batch_size, scorer=scorer)
     # the data floor: N real training images scored the same way (the best any model can do at this N)
     real = data.subset(num_samples, seed=seed)
