@@ -45,7 +45,7 @@ def _set_threads(threads: int | None) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., help="Reference architecture to train: fmnist-unet or fmnist-dit."),
+    model: str = typer.Option(..., help="Reference architecture to train: fmnist-unet, fmnist-dit or fmnist-t2i."),
     steps: int = typer.Option(8000, help="Total optimisation steps (resumes up to this count)."),
     run_dir: Path = typer.Option(None, help="Where checkpoints and the final model go (default runs/MODEL)."),
     batch_size: int = typer.Option(128),
@@ -64,6 +64,21 @@ def train(
         from diffquant.zoo import build_reference_model
 
         run_dir = run_dir or Path("runs") / model
+        if model == "fmnist-t2i":  # a pipeline (autoencoder, text encoders, MMDiT): its own trainer
+            from diffquant.zoo.t2i import T2ITrainConfig, train_t2i
+
+            config_t2i = T2ITrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+            )
+            command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            data_t2i = load_fashion_mnist("train", data_dir)
+            facts = train_t2i(data_t2i, run_dir, config_t2i, command=command, log=typer.echo)
+            typer.echo(f"trained fmnist-t2i: {json.dumps(facts['flow'])}; pipeline in {run_dir / 'pipeline'}")
+            return
         bundle = build_reference_model(model)
         data = load_fashion_mnist("train", data_dir)
         config = TrainConfig(

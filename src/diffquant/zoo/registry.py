@@ -113,6 +113,13 @@ REFERENCE_MODELS: dict[str, _Reference] = {
 }
 
 
+# Reference pipelines: diffusers pipeline directories (text encoders + autoencoder + denoiser), built
+# and trained by their own module (diffquant.zoo.t2i), shipped under WEIGHTS_DIR/<name>.
+REFERENCE_PIPELINES: dict[str, str] = {
+    "fmnist-t2i": "Text-to-image SD3-style pipeline (CLIP text encoders, AutoencoderKL, MMDiT, rectified flow).",
+}
+
+
 def build_reference_model(name: str) -> DiffusionModel:
     """A freshly initialised (untrained) reference architecture, e.g. to train it."""
     reference = _lookup(name)
@@ -141,6 +148,14 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         if not (shipped / "config.json").is_file():
             raise DiffquantError(
                 f"The reference model '{name_or_path}' has no trained weights in {shipped}. "
+                f"Train them with `diffquant train --model {name_or_path}`."
+            )
+        return shipped
+    if str(name_or_path) in REFERENCE_PIPELINES:
+        shipped = WEIGHTS_DIR / str(name_or_path)
+        if not (shipped / "model_index.json").is_file():
+            raise DiffquantError(
+                f"The reference pipeline '{name_or_path}' has no trained weights in {shipped}. "
                 f"Train them with `diffquant train --model {name_or_path}`."
             )
         return shipped
