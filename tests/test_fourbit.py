@@ -147,3 +147,204 @@ def test_dynamic_group_activations_match_a_reference(shape, axis):
     assert torch.allclose(quantizer(x), _reference_dynamic_group(x, 4, 32, axis), atol=1e-6, rtol=0)
     per_token = Quantizer(QuantSpec("int4", granularity="per_token", dynamic=True))
     assert torch.allclose(per_token(x), _reference_dynamic_group(x, 4, shape[axis], axis), atol=1e-6, rtol=0)
+
+
+# --- 4-6. smoothing, low-rank layer kind, Hadamard rotation -------------------------------------------
+from torch import nn  # noqa: E402
+
+from diffquant.engines.allocation import allocate_bits, budget_for_average_bits  # noqa: E402
+from diffquant.engines.gptq import GPTQConfig, HessianAccumulator, gptq_layer  # noqa: E402
+from diffquant.engines.smoothing import (  # noqa: E402
+    channel_absmax,
+    search_smoothing,
+    smoothing_scales,
+    weight_channel_absmax,
+)
+from diffquant.modules import LowRankQuantLayer, QuantLinear  # noqa: E402
+from diffquant.quant.rotation import hadamard, rotation_matrix  # noqa: E402
+
+
+def _outlier_inputs(shape, channel_axis, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator)
+    boost = torch.ones(shape[channel_axis])
+    boost[:: max(1, shape[channel_axis] // 4)] = 30.0  # a few outlier channels, as in diffusion activations
+    view = [1] * len(shape)
+    view[channel_axis] = -1
+    return x * boost.reshape(view)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_smoothing_rotation_and_full_rank_leave_the_float_output_unchanged(conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(32, 24, 3, padding=1) if conv else nn.Linear(32, 24)
+    x = _outlier_inputs((2, 32, 5, 5) if conv else (2, 7, 32), 1 if conv else 2)
+    expected = layer(x)
+    full_rank = min(24, layer.weight[0].numel())
+    for rotate in (False, True):
+        for rank in (0, 8, full_rank):
+            wrapped = LowRankQuantLayer(layer, None, None, rank=rank, rotate=rotate)
+            smooth = smoothing_scales(channel_absmax(x, 1 if conv else 2), weight_channel_absmax(layer.weight), 0.5)
+            wrapped.decompose(layer.weight, smooth, rank)
+            assert torch.allclose(wrapped(x), expected, atol=1e-4, rtol=1e-4), (rotate, rank)
+    # rank = full: the branch alone is the (transformed) float layer and the residual vanishes
+    wrapped = LowRankQuantLayer(layer, QuantSpec("int4", granularity="per_channel"), None, rank=full_rank)
+    wrapped.decompose(layer.weight, rank=full_rank)
+    assert wrapped.residual.weight.abs().max() < 1e-5
+    assert torch.allclose(wrapped(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hadamard_rotation_is_orthogonal():
+    for size in (1, 2, 16, 64):
+        h = hadamard(size)
+        assert torch.allclose(h @ h.T, torch.eye(size, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(h.abs(), torch.full_like(h, size**-0.5))
+    for channels in (96, 24, 7):
+        r = rotation_matrix(channels)
+        assert torch.allclose(r @ r.T, torch.eye(channels), atol=1e-6)
+    with pytest.raises(ConfigError):
+        hadamard(12)
+
+
+def test_rotation_spreads_an_outlier_channel_and_lowers_a4_error():
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 32)
+    x = torch.randn(4, 16, 64)
+    x[..., 5] *= 50  # one outlier channel: per-token 4-bit scales waste their grid on it
+    target = layer(x).detach()
+    specs = (QuantSpec("int8", granularity="per_channel"), QuantSpec("int4", granularity="per_token", dynamic=True))
+    errors = {}
+    for rotate in (False, True):
+        wrapped = LowRankQuantLayer(layer, *specs, rank=0, rotate=rotate)
+        wrapped.decompose(layer.weight)
+        with torch.no_grad():
+            errors[rotate] = float((wrapped(x) - target).pow(2).mean())
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_smoothing_search_beats_no_smoothing_and_keeps_its_choice():
+    torch.manual_seed(2)
+    layer = nn.Linear(64, 48)
+    x = _outlier_inputs((4, 16, 64), 2, seed=2)
+    target = layer(x).detach()
+    specs = (
+        QuantSpec("int4", granularity="group", group_size=32),
+        QuantSpec("int4", granularity="token_group", group_size=32, dynamic=True),
+    )
+    wrapped = LowRankQuantLayer(layer, *specs, rank=4)
+    result = search_smoothing(wrapped, layer.weight, x, target, channel_absmax(x, 2), (0.25, 0.5, 0.75), rank=4)
+    assert result.alpha is not None and result.error < 0.7 * result.baseline_error
+    assert float((wrapped(x) - target).pow(2).mean()) == pytest.approx(result.error)
+
+
+def test_lora_on_the_low_rank_kind_adds_exactly_its_delta():
+    torch.manual_seed(3)
+    layer = nn.Linear(32, 16)
+    x = _outlier_inputs((3, 32), 1, seed=3)
+    wrapped = LowRankQuantLayer(layer, None, None, rank=4, rotate=True)
+    wrapped.decompose(layer.weight, smoothing_scales(channel_absmax(x, 1), weight_channel_absmax(layer.weight), 0.5))
+    down, up = torch.randn(2, 32), torch.randn(16, 2)
+    wrapped.add_lora(down, up, scale=0.5)
+    assert wrapped.rank == 6
+    expected = layer(x) + 0.5 * x @ down.T @ up.T
+    assert torch.allclose(wrapped(x), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="LoRA shapes"):
+        wrapped.add_lora(torch.randn(2, 31), up)
+
+
+# --- 7. GPTQ --------------------------------------------------------------------------------------------
+def _trained_mlp() -> tuple[nn.Sequential, torch.Tensor]:
+    """A small MLP trained for ~1 s on correlated inputs (so the input Hessian is far from diagonal)."""
+    generator = torch.Generator().manual_seed(4)
+    mixing = torch.randn(8, 64, generator=generator)
+    inputs = torch.randn(2048, 8, generator=generator) @ mixing + 0.1 * torch.randn(2048, 64, generator=generator)
+    targets = torch.sin(inputs[:, :4]).sum(1, keepdim=True)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    return model, inputs
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec("int3", granularity="per_channel"),
+        QuantSpec("int4", granularity="group", group_size=16),
+        QuantSpec("nvfp4", granularity="group", group_size=16),
+    ],
+)
+def test_gptq_beats_round_to_nearest_on_a_trained_layer(spec):
+    model, inputs = _trained_mlp()
+    float_layer = model[0]
+    target = float_layer(inputs).detach()
+    errors = {}
+    for method in ("rtn", "gptq"):
+        layer = QuantLinear(float_layer, spec, None)
+        layer.weight = nn.Parameter(float_layer.weight.detach().clone())
+        layer.calibrate_weight()
+        if method == "gptq":
+            accumulator = HessianAccumulator(layer)
+            accumulator.add(inputs[:1024])
+            gptq_layer(layer, accumulator.hessian, GPTQConfig())
+            before_freeze = layer.dequantized_weight().detach().clone()
+            assert torch.equal(before_freeze, layer.weight.detach())  # already on the grid
+            layer.freeze()
+            assert torch.equal(layer.dequantized_weight(), before_freeze)  # codes reproduce it exactly
+        with torch.no_grad():
+            errors[method] = float((layer(inputs[1024:]) - target[1024:]).pow(2).mean())
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_gptq_on_a_conv_uses_unfolded_patches():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(16, 8, 6, 6).cumsum(1)  # correlated channels
+    accumulator = HessianAccumulator(conv)
+    accumulator.add(x)
+    assert accumulator.hessian.shape == (72, 72) and accumulator.rows == 16 * 36
+    from diffquant.modules import QuantConv2d
+
+    errors = {}
+    for method in ("rtn", "gptq"):
+        layer = QuantConv2d(conv, QuantSpec("int3", granularity="per_channel"), None)
+        layer.weight = nn.Parameter(conv.weight.detach().clone())
+        layer.calibrate_weight()
+        if method == "gptq":
+            gptq_layer(layer, accumulator.hessian)
+        with torch.no_grad():
+            errors[method] = float((layer(x) - conv(x)).pow(2).mean())
+    assert errors["gptq"] < errors["rtn"]
+
+
+# --- 8. MILP bit allocation -----------------------------------------------------------------------------
+def test_milp_allocation_is_optimal_and_meets_the_budget():
+    import itertools
+
+    generator = torch.Generator().manual_seed(6)
+    layers = [f"layer{i}" for i in range(5)]
+    sizes = {name: int(s) for name, s in zip(layers, torch.randint(10, 100, (5,), generator=generator), strict=True)}
+    sensitivity = {
+        name: {bits: float(torch.rand(1, generator=generator)) * 2.0 ** (8 - bits) for bits in (2, 4, 8)}
+        for name in layers
+    }
+    budget = budget_for_average_bits(sizes, 4.5)
+    best = None
+    for combo in itertools.product((2, 4, 8), repeat=5):
+        used = sum(sizes[n] * b for n, b in zip(layers, combo, strict=True))
+        if used <= budget:
+            cost = sum(sensitivity[n][b] for n, b in zip(layers, combo, strict=True))
+            best = cost if best is None or cost < best else best
+    allocation = allocate_bits(sensitivity, sizes, budget)
+    assert allocation.total_bits <= budget
+    assert allocation.total_bits == sum(sizes[n] * allocation.bits[n] for n in layers)
+    assert allocation.cost == pytest.approx(best)
+    # exact mode: the budget is used to the last bit when some allocation does so
+    exact_budget = sum(sizes[n] * b for n, b in zip(layers, (2, 8, 4, 4, 2), strict=True))
+    exact = allocate_bits(sensitivity, sizes, exact_budget, exact=True)
+    assert exact.total_bits == exact_budget
+    with pytest.raises(DiffquantError, match="No bit allocation"):
+        allocate_bits(sensitivity, sizes, 10)

@@ -36,11 +36,13 @@ class LayerOverride:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one weight layer gets; `split` > 0 splits a concatenated input there (Q-Diffusion)."""
+    """What one weight layer gets; `split` > 0 splits a concatenated input there (Q-Diffusion);
+    `lowrank` (e.g. {"rank": 32, "rotate": False}) makes it a smoothed low-rank layer (SVDQuant)."""
 
     weight: QuantSpec | None
     input: QuantSpec | None
     split: int = 0
+    lowrank: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats import NAMED_FLOAT_FORMATS, BinaryFormat, FloatFormat, IntFormat, NumberFormat, ScaledFloatFormat
+from diffquant.quant.formats import (
+    NAMED_FLOAT_FORMATS,
+    BinaryFormat,
+    FloatFormat,
+    IntFormat,
+    NumberFormat,
+    ScaledFloatFormat,
+)
 
 MIN_SCALE = 1e-8
 
