@@ -348,3 +348,87 @@ def test_milp_allocation_is_optimal_and_meets_the_budget():
     assert exact.total_bits == exact_budget
     with pytest.raises(DiffquantError, match="No bit allocation"):
         allocate_bits(sensitivity, sizes, 10)
+
+
+# --- 3. group-wise weights for every method; save -> load -> export of the low-rank kind ---------------
+import diffquant  # noqa: E402
+from diffquant.methods import make_config  # noqa: E402
+from diffquant.modules import quant_layers  # noqa: E402
+from diffquant.runtime.export import export_model  # noqa: E402
+from tests.conftest import relative_error  # noqa: E402
+
+
+def _output(model, seed: int = 0) -> torch.Tensor:
+    from diffquant.quant import step_context
+
+    x = torch.randn((4, *model.info.image_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), step_context(0, 900, 10):
+        return model.denoiser(x, torch.full((4,), 900)).sample
+
+
+@pytest.mark.parametrize("method", ["naive", "ptq4dm", pytest.param("qdiffusion", marks=pytest.mark.slow)])
+def test_every_method_takes_group_wise_weights(method, trained_unet, calibration, tmp_path):
+    options = {"wbits": 4, "abits": 8, "weight_group_size": 32}
+    if method == "qdiffusion":
+        options["reconstruction"] = {"weight_iters": 2, "act_iters": 2, "batch_size": 8}
+        options["checkpoint_dir"] = str(tmp_path / "ckpt")
+    config = make_config(method, **options)
+    quantized = diffquant.quantize(trained_unet, config, calibration, progress=False)
+    layers = dict(quant_layers(quantized.denoiser))
+    spec = layers["down_blocks.1.resnets.0.conv2"].weight_quantizer.spec  # 32 x 3 x 3 inputs
+    assert (spec.granularity, spec.group_size) == ("group", 32)
+    assert layers["conv_in"].weight_quantizer.spec.group_size == 9  # gcd(1 x 3 x 3, 32): the group fits the layer
+    diffquant.save(quantized, tmp_path / "q")
+    reloaded = diffquant.load(tmp_path / "q")
+    assert reloaded.quantization["config"]["weight_group_size"] == 32
+    reloaded_spec = dict(quant_layers(reloaded.denoiser))["down_blocks.1.resnets.0.conv2"].weight_quantizer.spec
+    assert reloaded_spec == spec
+    assert torch.equal(_output(quantized), _output(reloaded))
+
+
+def test_group_weights_beat_per_channel_at_w3(trained_unet, calibration, held_out):
+    errors = {}
+    for group in (None, 16):
+        quantized = diffquant.quantize(
+            trained_unet, "naive", calibration, progress=False, wbits=3, abits=None, weight_group_size=group
+        )
+        errors[group] = relative_error(trained_unet, quantized, held_out)
+    assert errors[16] < errors[None], errors
+
+
+@pytest.fixture(scope="module")
+def svdquant_unet(trained_unet, calibration):
+    return diffquant.quantize(trained_unet, "svdquant", calibration, progress=False, preset="fast", rank=8)
+
+
+def test_svdquant_w4a4_is_far_better_than_naive_w4a4(trained_unet, calibration, held_out, svdquant_unet):
+    naive = diffquant.quantize(trained_unet, "naive", calibration, progress=False, wbits=4, abits=4)
+    ours, theirs = relative_error(trained_unet, svdquant_unet, held_out), relative_error(trained_unet, naive, held_out)
+    assert ours < 0.25 * theirs, (ours, theirs)
+    details = svdquant_unet.quantization["details"]
+    assert "conv_in" in details["kept_16bit"] and "time_embedding.linear_1" in details["kept_16bit"]
+    assert details["lowrank_layers"] > 0
+
+
+def test_svdquant_save_load_export_keeps_branch_smoothing_and_groups(svdquant_unet, tmp_path):
+    diffquant.save(svdquant_unet, tmp_path / "q")
+    reloaded = diffquant.load(tmp_path / "q")
+    name = "down_blocks.1.resnets.0.conv2"  # 32 input channels: groups fit as gcd(288, 64), gcd(32, 64)
+    before, after = svdquant_unet.denoiser.get_submodule(name), reloaded.denoiser.get_submodule(name)
+    assert isinstance(after, LowRankQuantLayer) and after.rank == before.rank == 8
+    smoothed = [n for n, m in svdquant_unet.denoiser.named_modules() if isinstance(m, LowRankQuantLayer)]
+    smoothed = [n for n in smoothed if not torch.all(svdquant_unet.denoiser.get_submodule(n).smooth == 1)]
+    assert smoothed  # the search chose smoothing somewhere, and the scales survive the round trip
+    for layer_name in smoothed:
+        original_scales = svdquant_unet.denoiser.get_submodule(layer_name).smooth
+        assert torch.equal(reloaded.denoiser.get_submodule(layer_name).smooth, original_scales)
+    assert torch.equal(after.lora_down, before.lora_down) and torch.equal(after.lora_up, before.lora_up)
+    weight_spec = after.residual.weight_quantizer.spec
+    input_spec = after.residual.input_quantizer.spec
+    assert (weight_spec.granularity, weight_spec.group_size, weight_spec.format) == ("group", 32, "int4")
+    assert (input_spec.granularity, input_spec.group_size, input_spec.dynamic) == ("token_group", 32, True)
+    assert torch.equal(_output(svdquant_unet), _output(reloaded))
+    exported = export_model(reloaded, "onednn" if torch.backends.mkldnn.is_available() else "fake")
+    deployed = exported.denoiser.inner.get_submodule(name)
+    assert isinstance(deployed, LowRankQuantLayer)  # the branch stays a real float matmul beside the kernel
+    assert torch.allclose(_output(exported), _output(reloaded), atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.modules.layers import QuantConv2d, QuantLayer, wrap_layer
+from diffquant.modules.layers import QuantLayer, wrap_layer
 from diffquant.quant import QuantSpec
 from diffquant.quant.rotation import rotate_input, rotate_weight, rotation_matrix
 
@@ -64,6 +64,8 @@ class LowRankQuantLayer(nn.Module):
         if rank < 0 or rank > min(weight.shape[0], weight[0].numel()):
             raise ConfigError(f"rank must be between 0 and {min(weight.shape[0], weight[0].numel())}, got {rank}.")
         self.is_conv = isinstance(original, nn.Conv2d)
+        # the branch's conv geometry lives here: runtime export swaps `residual` for a kernel module
+        self.conv_args = (original.stride, original.padding, original.dilation) if self.is_conv else ()
         self.in_channels = weight.shape[1]
         residual = copy.deepcopy(original)
         self.residual: QuantLayer = wrap_layer(residual, weight_spec, input_spec)
@@ -131,8 +133,7 @@ class LowRankQuantLayer(nn.Module):
     def branch(self, x_t: torch.Tensor) -> torch.Tensor:
         """The 16-bit low-rank path x_t D^T U^T (a conv with the residual's geometry, then a 1x1 conv)."""
         if self.is_conv:
-            conv: QuantConv2d = self.residual
-            hidden = F.conv2d(x_t, self.lora_down, None, conv.stride, conv.padding, conv.dilation)
+            hidden = F.conv2d(x_t, self.lora_down, None, *self.conv_args)
             return F.conv2d(hidden, self.lora_up[:, :, None, None])
         return F.linear(F.linear(x_t, self.lora_down), self.lora_up)
 
