@@ -432,3 +432,22 @@ def test_svdquant_save_load_export_keeps_branch_smoothing_and_groups(svdquant_un
     deployed = exported.denoiser.inner.get_submodule(name)
     assert isinstance(deployed, LowRankQuantLayer)  # the branch stays a real float matmul beside the kernel
     assert torch.allclose(_output(exported), _output(reloaded), atol=1e-5, rtol=1e-5)
+
+
+def test_nvfp4_weights_and_activations_pack_to_4_bits_and_reload_exactly(trained_unet, calibration, tmp_path):
+    from safetensors.torch import load_file
+
+    from diffquant.runtime.storage import TENSORS_FILE
+
+    options = {"weight_format": "nvfp4", "weight_group_size": 16, "abits": None}
+    with pytest.raises(ConfigError, match="keep_fp"):  # conv_in has 1 x 3 x 3 weights per row, not a block of 16
+        diffquant.quantize(trained_unet, "naive", calibration, progress=False, **options)
+    quantized = diffquant.quantize(trained_unet, "naive", calibration, progress=False, keep_fp=("conv_in",), **options)
+    layers = dict(quant_layers(quantized.denoiser))
+    assert layers["conv_out"].weight_quantizer.spec.format == "nvfp4"
+    diffquant.save(quantized, tmp_path / "q")
+    stored = load_file(str(tmp_path / "q" / TENSORS_FILE))
+    packed = sum(v.numel() for k, v in stored.items() if k.endswith(".weight_codes.packed"))
+    assert packed == sum(layer.weight_codes.numel() for layer in layers.values()) // 2
+    reloaded = diffquant.load(tmp_path / "q")
+    assert torch.equal(_output(quantized), _output(reloaded))
