@@ -451,3 +451,18 @@ def test_nvfp4_weights_and_activations_pack_to_4_bits_and_reload_exactly(trained
     assert packed == sum(layer.weight_codes.numel() for layer in layers.values()) // 2
     reloaded = diffquant.load(tmp_path / "q")
     assert torch.equal(_output(quantized), _output(reloaded))
+
+
+def test_svdquant_presets_hold_the_paper_defaults():
+    paper = make_config("svdquant", "paper")
+    assert (paper.wbits, paper.abits, paper.weight_group_size, paper.activation_group_size, paper.rank) == (
+        4, 4, 64, 64, 32,
+    )
+    assert paper.gptq and paper.gptq_damping == 0.01 and len(paper.smoothing_alphas) == 19
+    assert paper.activation_spec() == QuantSpec("int4", granularity="token_group", group_size=64, dynamic=True)
+    nvfp4 = make_config("svdquant", "nvfp4")
+    assert nvfp4.weight_spec().format == "nvfp4" and nvfp4.weight_spec().group_size == 16
+    assert nvfp4.activation_spec().format == "nvfp4" and nvfp4.activation_spec().group_size == 16
+    assert make_config("svdquant", "fast", abits=8).setting == "W4A8"
+    with pytest.raises(ConfigError, match="alphas"):
+        make_config("svdquant", "fast", smoothing_alphas=(1.5,))

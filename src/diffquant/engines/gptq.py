@@ -53,14 +53,15 @@ class HessianAccumulator:
         return x.reshape(-1, x.shape[-1])
 
     def add(self, x: torch.Tensor) -> None:
-        rows = self.gemm_rows(x.detach()).double()
-        update = rows.T @ rows
-        total = self.rows + rows.shape[0]
-        if self.hessian is None:
-            self.hessian = 2.0 * update / total
-        else:
-            self.hessian = self.hessian * (self.rows / total) + 2.0 * update / total
-        self.rows = total
+        for part in x.detach().split(8):  # a few samples at a time: unfolded conv patches are large
+            rows = self.gemm_rows(part).float()
+            update = (rows.T @ rows).double()
+            total = self.rows + rows.shape[0]
+            if self.hessian is None:
+                self.hessian = 2.0 * update / total
+            else:
+                self.hessian = self.hessian * (self.rows / total) + 2.0 * update / total
+            self.rows = total
 
 
 def _column_params(layer: QuantLayer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
