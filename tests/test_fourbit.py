@@ -466,3 +466,20 @@ def test_svdquant_presets_hold_the_paper_defaults():
     assert make_config("svdquant", "fast", abits=8).setting == "W4A8"
     with pytest.raises(ConfigError, match="alphas"):
         make_config("svdquant", "fast", smoothing_alphas=(1.5,))
+
+
+def test_svdquant_on_a_dit_keeps_the_official_skip_list_in_16_bits():
+    from diffquant.calibration import UniformSteps, record_trajectories
+    from diffquant.sampling import SamplerConfig
+    from tests.conftest import tiny_dit_model
+
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 4, SamplerConfig("ddim", 4), UniformSteps(2), seed=1, progress=False)
+    config = make_config("svdquant", "fast", rank=4, smoothing_alphas=(0.5,), calibration_samples=8, search_samples=4)
+    quantized = diffquant.quantize(model, config, calibration, progress=False)
+    kept = set(quantized.quantization["details"]["kept_16bit"])
+    assert {"pos_embed.proj", "proj_out_1", "proj_out_2"} <= kept
+    assert {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"} <= kept
+    lowrank = {n for n, m in quantized.denoiser.named_modules() if isinstance(m, LowRankQuantLayer)}
+    assert "transformer_blocks.0.attn1.to_q" in lowrank and "transformer_blocks.1.ff.net.2" in lowrank
+    assert not lowrank & kept
