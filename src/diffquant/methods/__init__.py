@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffquant.errors import ConfigError
-from diffquant.methods import edadm, naive, ptq4dm, qdiffusion, tfmq
+from diffquant.methods import edadm, naive, ptq4dm, qdiffusion, svdquant, tfmq
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 
 
@@ -28,6 +28,9 @@ METHODS: dict[str, MethodEntry] = {
     ),
     "edadm": MethodEntry(
         edadm.EDADMConfig, edadm.apply, "EDA-DM: TDAC calibration + fine-grained block reconstruction"
+    ),
+    "svdquant": MethodEntry(
+        svdquant.SVDQuantConfig, svdquant.apply, "SVDQuant: smoothing + 16-bit low-rank branch + GPTQ, W4A4 (ICLR 2025)"
     ),
 }
 

@@ -83,6 +83,9 @@ class MethodConfig:
     """Override the weight number format (e.g. 'e2m1', 'e4m3'); default int{wbits}."""
     activation_format: str | None = None
     """Override the activation number format (e.g. 'e4m3'); default int/uint{abits}."""
+    weight_group_size: int | None = None
+    """Group-wise weights: one scale per this many consecutive input (reduction) weights, e.g. 32/64/128
+    (a layer whose reduction size it does not divide uses their gcd); None = one scale per output channel."""
     attention_bits: int | None = None
     """Quantize Q, K, V at the attention matmuls with this many bits (None: float matmuls)."""
     softmax_bits: int | None = None
@@ -127,6 +130,10 @@ class MethodConfig:
                 parse_format(getattr(self, name))
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
+        if self.weight_group_size is not None and (
+            not isinstance(self.weight_group_size, int) or self.weight_group_size <= 0
+        ):
+            raise ConfigError(f"weight_group_size must be a positive integer or None, got {self.weight_group_size!r}.")
         self.calibration.validate()
         if self.weight_grid is not None and block_type(self.weight_grid).bits != self.wbits:
             raise ConfigError(
@@ -147,6 +154,10 @@ class MethodConfig:
 
     # specs (subclasses change observers, symmetry, granularity) --------------------------------
     def weight_spec(self) -> QuantSpec:
+        if self.weight_group_size is not None:
+            return QuantSpec(
+                self.weight_format or f"int{self.wbits}", granularity="group", group_size=self.weight_group_size
+            )
         return QuantSpec(self.weight_format or f"int{self.wbits}", symmetric=True, granularity="per_channel")
 
     def activation_spec(self) -> QuantSpec | None:

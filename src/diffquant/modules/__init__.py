@@ -2,6 +2,7 @@
 
 from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear, wrap_layer
+from diffquant.modules.lowrank import LowRankQuantLayer
 from diffquant.modules.policy import AttentionPlan, LayerOverride, LayerPlan, LayerPolicy, resolve_policy
 from diffquant.modules.surgery import (
     activation_quantizers,
@@ -20,6 +21,7 @@ __all__ = [
     "LayerOverride",
     "LayerPlan",
     "LayerPolicy",
+    "LowRankQuantLayer",
     "QuantAttnProcessor",
     "QuantConv2d",
     "QuantLayer",

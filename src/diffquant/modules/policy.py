@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 
 from diffquant.errors import ConfigError
 from diffquant.quant import QuantSpec
+from diffquant.quant.formats import ScaledFloatFormat
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -36,11 +38,13 @@ class LayerOverride:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one weight layer gets; `split` > 0 splits a concatenated input there (Q-Diffusion)."""
+    """What one weight layer gets; `split` > 0 splits a concatenated input there (Q-Diffusion);
+    `lowrank` (e.g. {"rank": 32, "rotate": False}) makes it a smoothed low-rank layer (SVDQuant)."""
 
     weight: QuantSpec | None
     input: QuantSpec | None
     split: int = 0
+    lowrank: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,19 @@ def _row_length(model: nn.Module, name: str) -> int:
     return weight[0].numel()
 
 
+def fit_groups(spec: QuantSpec | None, size: int, name: str) -> QuantSpec | None:
+    """A group spec whose group size divides `size` (the layer's reduction or channel count): one group
+    per row when `size` is smaller, else their gcd (block-scaled floats have a fixed block and raise)."""
+    if spec is None or spec.granularity not in ("group", "token_group") or size % spec.group_size == 0:
+        return spec
+    if isinstance(spec.number_format, ScaledFloatFormat):
+        raise ConfigError(
+            f"Layer '{name}' has {size} values per row, not a multiple of {spec.format}'s block of "
+            f"{spec.group_size}: keep it in full precision (keep_fp) or use an integer format."
+        )
+    return replace(spec, group_size=size if size < spec.group_size else math.gcd(size, spec.group_size))
+
+
 def resolve_policy(
     model: nn.Module, policy: LayerPolicy, splits: dict[str, int] | None = None
 ) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
@@ -164,7 +181,15 @@ def resolve_policy(
         if weight is not None and weight.gguf is not None and _row_length(model, name) % weight.group_size:
             weight = None  # a row GGUF cannot cut into 32-blocks stays in float (as in ggml's converters)
         if weight is not None or activation is not None:
-            layer_plans[name] = LayerPlan(weight, activation, (splits or {}).get(name, 0))
+            module = model.get_submodule(name)
+            split = (splits or {}).get(name, 0)
+            reduction = module.weight[0].numel() if not split else module.weight[0, :split].numel()
+            if split and reduction != module.weight[0, split:].numel():
+                reduction = math.gcd(reduction, module.weight[0, split:].numel())
+            weight = fit_groups(weight, reduction, name)
+            channels = module.weight.shape[1]
+            activation = fit_groups(activation, math.gcd(split, channels - split) if split else channels, name)
+            layer_plans[name] = LayerPlan(weight, activation, split)
 
     attention_plans: dict[str, AttentionPlan] = {}
     if policy.attention is not None or policy.softmax is not None:

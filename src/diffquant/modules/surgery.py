@@ -9,6 +9,7 @@ from torch import nn
 
 from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantLayer, SplitQuantConv2d, wrap_layer
+from diffquant.modules.lowrank import LowRankQuantLayer
 from diffquant.modules.policy import AttentionPlan, LayerPlan
 from diffquant.quant import Quantizer, QuantSpec
 
@@ -23,7 +24,9 @@ def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[
     for name, plan in layers.items():
         parent, child = _parent(model, name)
         original = getattr(parent, child)
-        if plan.split:
+        if plan.lowrank is not None:
+            setattr(parent, child, LowRankQuantLayer(original, plan.weight, plan.input, **plan.lowrank))
+        elif plan.split:
             setattr(parent, child, SplitQuantConv2d(original, plan.split, plan.weight, plan.input))
         else:
             setattr(parent, child, wrap_layer(original, plan.weight, plan.input))
@@ -43,8 +46,10 @@ def export_plans(model: nn.Module) -> dict:
 
     split_modules = {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantConv2d)}
     layers = {name: plan(module.low, module.split) for name, module in split_modules.items()}
+    lowrank_modules = {n: m for n, m in model.named_modules() if isinstance(m, LowRankQuantLayer)}
+    layers.update({name: {**plan(module.residual), **module.plan_fields()} for name, module in lowrank_modules.items()})
     for name, layer in quant_layers(model):
-        if name.rpartition(".")[0] not in split_modules:
+        if name.rpartition(".")[0] not in split_modules and name.rpartition(".")[0] not in lowrank_modules:
             layers[name] = plan(layer)
     attention = {
         name.removesuffix(".processor"): {
@@ -60,7 +65,7 @@ def import_plans(model: nn.Module, structure: dict) -> None:
     """Rebuild the structure written by `export_plans` on a full-precision copy of the model."""
     spec = lambda value: QuantSpec.from_json(value) if value else None  # noqa: E731
     layers = {
-        name: LayerPlan(spec(p["weight"]), spec(p["input"]), p.get("split", 0))
+        name: LayerPlan(spec(p["weight"]), spec(p["input"]), p.get("split", 0), p.get("lowrank"))
         for name, p in structure["layers"].items()
     }
     attention = {

@@ -7,6 +7,7 @@ from diffquant.quant.formats import (
     BinaryFormat,
     FloatFormat,
     IntFormat,
+    ScaledFloatFormat,
     int_format_for_bits,
     parse_format,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "PercentileObserver",
     "QuantSpec",
     "Quantizer",
+    "ScaledFloatFormat",
     "StepState",
     "current_step",
     "fake_quantize",

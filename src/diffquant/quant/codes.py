@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat
+from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat, ScaledFloatFormat
 from diffquant.quant.functional import float_round, int_codes
 
 
@@ -43,6 +43,8 @@ def bits_to_float(bits: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 
 def to_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat) -> torch.Tensor:
     """Unsigned int64 codes of `x` (scales broadcast against `x`)."""
+    if isinstance(fmt, ScaledFloatFormat):  # element codes; the block scales are stored beside them
+        fmt = fmt.element
     if isinstance(fmt, IntFormat):
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         return (int_codes(x, scale, zero_point, fmt) - fmt.qmin).to(torch.int64)
@@ -55,6 +57,8 @@ def from_codes(
     codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat
 ) -> torch.Tensor:
     """Dequantized float32 values of unsigned codes."""
+    if isinstance(fmt, ScaledFloatFormat):
+        fmt = fmt.element
     if isinstance(fmt, IntFormat):
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         return ((codes.to(torch.float32) + fmt.qmin) - zero_point) * scale

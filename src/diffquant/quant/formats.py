@@ -113,7 +113,33 @@ class BinaryFormat:
         return 1
 
 
-NumberFormat = IntFormat | FloatFormat | BinaryFormat
+@dataclass(frozen=True)
+class ScaledFloatFormat:
+    """A block-scaled float format: `block` consecutive `element` values share one encoded scale.
+
+    `scale_encoding` "e8m0" is the OCP MX v1.0 shared scale (a power of two, 8-bit biased exponent);
+    "e4m3" is NVIDIA's NVFP4 block scale (an E4M3 number times one fp32 scale per tensor).
+    """
+
+    element: FloatFormat
+    block: int
+    scale_encoding: str
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def storage_bits(self) -> int:
+        return self.element.storage_bits
+
+    @property
+    def max_value(self) -> float:
+        return self.element.max_value
+
+
+NumberFormat = IntFormat | FloatFormat | BinaryFormat | ScaledFloatFormat
 
 NAMED_FLOAT_FORMATS: dict[str, FloatFormat] = {
     "e4m3": FloatFormat(4, 3, special="fn"),  # = torch.float8_e4m3fn, max 448
@@ -123,15 +149,26 @@ NAMED_FLOAT_FORMATS: dict[str, FloatFormat] = {
     "e2m1": FloatFormat(2, 1),  # OCP MX FP4 / NVFP4 element, max 6
     "e3m0": FloatFormat(3, 0),  # powers of two, max 16
 }
+SCALED_FLOAT_FORMATS: dict[str, ScaledFloatFormat] = {
+    "nvfp4": ScaledFloatFormat(NAMED_FLOAT_FORMATS["e2m1"], 16, "e4m3", "nvfp4"),  # NVIDIA NVFP4
+    "mxfp4": ScaledFloatFormat(NAMED_FLOAT_FORMATS["e2m1"], 32, "e8m0", "mxfp4"),  # OCP MX v1.0
+    "mxfp6_e3m2": ScaledFloatFormat(NAMED_FLOAT_FORMATS["e3m2"], 32, "e8m0", "mxfp6_e3m2"),
+    "mxfp6_e2m3": ScaledFloatFormat(NAMED_FLOAT_FORMATS["e2m3"], 32, "e8m0", "mxfp6_e2m3"),
+    "mxfp8": ScaledFloatFormat(NAMED_FLOAT_FORMATS["e4m3"], 32, "e8m0", "mxfp8"),  # MXFP8 E4M3
+    "mxfp8_e5m2": ScaledFloatFormat(NAMED_FLOAT_FORMATS["e5m2"], 32, "e8m0", "mxfp8_e5m2"),
+}
 _INT_PATTERN = re.compile(r"^(u?)int(\d+)$")
 _FLOAT_PATTERN = re.compile(r"^e(\d)m(\d+)$")
 
 
 def parse_format(name: str) -> NumberFormat:
-    """'int8', 'uint4', 'e4m3', 'e2m1', 'e3m4' (any ExMy, all codes finite), or 'binary'."""
+    """'int8', 'uint4', 'e4m3', 'e2m1', 'e3m4' (any ExMy, all codes finite), 'binary', or a block-scaled
+    float: nvfp4, mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8, mxfp8_e5m2."""
     key = name.strip().lower()
     if key == "binary":
         return BinaryFormat()
+    if key in SCALED_FLOAT_FORMATS:
+        return SCALED_FLOAT_FORMATS[key]
     if key in NAMED_FLOAT_FORMATS:
         return NAMED_FLOAT_FORMATS[key]
     if match := _INT_PATTERN.match(key):
@@ -140,7 +177,7 @@ def parse_format(name: str) -> NumberFormat:
         return FloatFormat(int(match.group(1)), int(match.group(2)))
     raise ConfigError(
         f"Unknown number format '{name}'. Use intN/uintN (N = 1..16), an ExMy float such as "
-        f"{', '.join(NAMED_FLOAT_FORMATS)}, or 'binary'."
+        f"{', '.join(NAMED_FLOAT_FORMATS)}, a block-scaled float ({', '.join(SCALED_FLOAT_FORMATS)}) or 'binary'."
     )
 
 

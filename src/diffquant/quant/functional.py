@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat
+from diffquant.quant.formats import (
+    NAMED_FLOAT_FORMATS,
+    BinaryFormat,
+    FloatFormat,
+    IntFormat,
+    NumberFormat,
+    ScaledFloatFormat,
+)
 
 MIN_SCALE = 1e-8
 
@@ -66,7 +73,9 @@ def fake_quantize_binary(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat
 ) -> torch.Tensor:
-    """Dispatch on the format."""
+    """Dispatch on the format (a block-scaled float rounds its elements with the decoded block scale)."""
+    if isinstance(fmt, ScaledFloatFormat):
+        fmt = fmt.element
     if isinstance(fmt, IntFormat):
         return fake_quantize_int(x, scale, zero_point if zero_point is not None else torch.zeros_like(scale), fmt)
     if isinstance(fmt, FloatFormat):
@@ -83,6 +92,9 @@ def params_from_range(
     integer grids stretch [min(low, 0), max(high, 0)] over all codes so zero stays exact.
     """
     low, high = low.float(), high.float()
+    if isinstance(fmt, ScaledFloatFormat):
+        absmax = torch.maximum(low.abs(), high.abs())
+        return block_scales(absmax, fmt), torch.zeros_like(absmax)
     if isinstance(fmt, BinaryFormat):
         raise ValueError("binary scales come from the mean magnitude, not a range")
     if isinstance(fmt, FloatFormat):
@@ -98,3 +110,39 @@ def params_from_range(
     scale = ((high - low) / (fmt.qmax - fmt.qmin)).clamp_min(MIN_SCALE)
     zero_point = torch.clamp(fmt.qmin - torch.round(low / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point
+
+
+E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT = -127, 127  # OCP MX v1.0: codes 0..254 = 2^(code-127), 255 = NaN
+
+
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """Exact floor(log2(x)) for positive finite x (from the binary exponent, no log rounding)."""
+    _, exponent = torch.frexp(x)
+    return (exponent - 1).to(x.dtype)
+
+
+def nvfp4_tensor_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """NVFP4's per-tensor fp32 scale: amax / (6 * 448), so the largest block scale is E4M3's max."""
+    top = absmax.max()
+    e4m3 = NAMED_FLOAT_FORMATS["e4m3"]
+    scale = top / (6.0 * e4m3.max_value)
+    return torch.where(top > 0, scale, torch.ones_like(scale))
+
+
+def block_scales(absmax: torch.Tensor, fmt: ScaledFloatFormat) -> torch.Tensor:
+    """Decoded per-block scales of a block-scaled float format from each block's absolute maximum.
+
+    MX (OCP v1.0, sec. 6.3): X = 2^(floor(log2(amax)) - emax_elem), clamped to E8M0's range; an all-zero
+    block gets the smallest scale 2^-127. NVFP4: s = round_e4m3(amax / 6 / t) * t with t the tensor scale;
+    a block scale that would round to zero becomes E4M3's smallest subnormal (its values then still
+    round to the nearest representable number instead of all to zero).
+    """
+    absmax = absmax.float()
+    if fmt.scale_encoding == "e8m0":
+        exponent = floor_log2(absmax.clamp_min(2.0**E8M0_MIN_EXPONENT)) - fmt.element.max_exponent
+        exponent = torch.where(absmax > 0, exponent, torch.full_like(exponent, E8M0_MIN_EXPONENT))
+        return torch.exp2(exponent.clamp(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT))
+    e4m3 = NAMED_FLOAT_FORMATS["e4m3"]
+    tensor_scale = nvfp4_tensor_scale(absmax)
+    encoded = float_round(absmax / fmt.element.max_value / tensor_scale, e4m3).clamp_min(e4m3.smallest_subnormal)
+    return encoded * tensor_scale

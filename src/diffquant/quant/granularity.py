@@ -12,14 +12,15 @@ import torch
 
 from diffquant.errors import ConfigError
 
-KINDS = ("per_tensor", "per_channel", "per_token", "group")
+KINDS = ("per_tensor", "per_channel", "per_token", "group", "token_group")
 
 
 @dataclass(frozen=True)
 class Granularity:
     """per_tensor; per_channel along `axis`; per_token (one scale per row over the last/channel axis);
     group: `group_size` consecutive input channels per scale (on weights: along the flattened
-    reduction dimension of the layer, as in the GEMM it feeds)."""
+    reduction dimension of the layer, as in the GEMM it feeds); token_group: `group_size` consecutive
+    channels of one token per scale (activations; SVDQuant's dynamic per-token group-64 inputs)."""
 
     kind: str = "per_tensor"
     axis: int = 0
@@ -28,12 +29,14 @@ class Granularity:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"Unknown granularity '{self.kind}'. Choose one of: {', '.join(KINDS)}.")
-        if self.kind == "group" and (self.group_size is None or self.group_size <= 0):
+        if self.kind in ("group", "token_group") and (self.group_size is None or self.group_size <= 0):
             raise ConfigError(f"Group granularity needs a positive group_size, got {self.group_size}.")
 
     def describe(self) -> str:
         if self.kind == "group":
             return f"group{self.group_size}"
+        if self.kind == "token_group":
+            return f"token_group{self.group_size}"
         if self.kind == "per_channel":
             return f"per_channel(axis={self.axis})"
         return self.kind
@@ -58,6 +61,14 @@ def group_view(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
         return x.movedim(granularity.axis, 0).reshape(x.shape[granularity.axis], -1)
     if kind == "per_token":
         return x.movedim(_token_axis(x), -1).reshape(-1, x.shape[_token_axis(x)])
+    if kind == "token_group":
+        channels = x.shape[_token_axis(x)]
+        if channels % granularity.group_size:
+            raise ConfigError(
+                f"Activation group size {granularity.group_size} does not divide the {channels} channels of an "
+                f"input of shape {tuple(x.shape)}; choose a divisor or per_token."
+            )
+        return x.movedim(_token_axis(x), -1).reshape(-1, granularity.group_size)
     flat = x.reshape(x.shape[0], -1)  # weights: (out, in * kernel)
     size = granularity.group_size
     if flat.shape[1] % size:
@@ -89,7 +100,7 @@ def num_groups(shape: torch.Size | tuple[int, ...], granularity: Granularity) ->
         return 1
     if kind == "per_channel":
         return shape[granularity.axis]
-    if kind == "per_token":
+    if kind in ("per_token", "token_group"):
         return None
     total = 1
     for dim in shape:

@@ -24,7 +24,7 @@ from torch import nn
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.quant.codes import to_codes
 from diffquant.quant.context import current_step
-from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+from diffquant.quant.formats import BinaryFormat, FloatFormat, IntFormat, NumberFormat, ScaledFloatFormat, parse_format
 from diffquant.quant.functional import fake_quantize, params_from_range, scale_gradient
 from diffquant.quant.gguf_blocks import block_grid_params, check_gguf_spec, gguf_rtn_codes, gguf_rtn_values
 from diffquant.quant.granularity import Granularity, group_view, ungroup
@@ -40,7 +40,7 @@ class QuantSpec:
     symmetric: bool = True
     """Integer grids: zero-point 0 (True) or an affine zero-point (False)."""
     granularity: str = "per_tensor"
-    """per_tensor, per_channel, per_token or group."""
+    """per_tensor, per_channel, per_token, group (weights) or token_group (dynamic activations)."""
     axis: int = 0
     """Channel axis for per_channel."""
     group_size: int | None = None
@@ -74,6 +74,15 @@ class QuantSpec:
             )
         if self.dynamic and self.per_step:
             raise ConfigError("A dynamic quantizer computes its range per call; it cannot also be per_step.")
+        if self.granularity == "token_group" and not self.dynamic:
+            raise ConfigError("token_group scales depend on the tokens of each call: set dynamic=True.")
+        if isinstance(fmt, ScaledFloatFormat) and (
+            self.granularity not in ("group", "token_group") or self.group_size != fmt.block
+        ):
+            raise ConfigError(
+                f"{fmt.name} shares one scale per {fmt.block} values: use granularity='group' (weights) or "
+                f"'token_group' (dynamic activations) with group_size={fmt.block}."
+            )
 
     @property
     def number_format(self) -> NumberFormat:
@@ -364,4 +373,4 @@ def require_valid_step_sizes(model: nn.Module, where: str) -> None:
 
 
 def is_float_format(spec: QuantSpec) -> bool:
-    return isinstance(spec.number_format, FloatFormat)
+    return isinstance(spec.number_format, FloatFormat | ScaledFloatFormat)

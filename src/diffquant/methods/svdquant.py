@@ -1,0 +1,212 @@
+"""SVDQuant (Li et al., ICLR 2025): absorb 4-bit outliers with a 16-bit low-rank branch.
+
+Algorithm (deepcompressor's defaults; `paper` preset INT4, `nvfp4` preset NVFP4, `fast` for CPUs):
+  1. keep the sensitive layers in 16 bits: embeddings, time projections and norm modulation (every
+     layer whose input depends only on timestep/conditioning), shortcuts, down/up-samplers, the
+     input and output projections; attention matmuls stay in floating point;
+  2. weights: INT4 symmetric, one scale per 64 input weights (NVFP4: E2M1, group 16, E4M3 scales);
+     activations: dynamic, one scale per token and group of 64 channels, computed at run time;
+  3. per layer, smoothing x/s, W diag(s) with s = max|X|^a / max|W|^(1-a), a searched on a grid (and
+     "no smoothing") by the layer's output error with both operands quantized and the branch on;
+  4. the SVD of the smoothed weight gives a rank-32 branch U D kept in 16 bits; the 4-bit grid holds
+     only the residual R = W diag(s) - U D;
+  5. GPTQ rounds the residual (damping 0.01, blocks of 128) on the Hessian of its real inputs.
+Parameters do not depend on the sampling step. The low-rank branch adds (out + in) x rank 16-bit
+values per layer; `details["branch_bits_per_weight"]` reports that cost on the quantized layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from diffquant.calibration import CalibrationSet, call_denoiser, feed_calibration
+from diffquant.engines.gptq import GPTQConfig, HessianAccumulator, gptq_layer
+from diffquant.engines.smoothing import channel_absmax, search_smoothing
+from diffquant.errors import ConfigError
+from diffquant.methods.base import CalibrationConfig, MethodConfig
+from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
+from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
+from diffquant.modules.structure import input_and_output_layers, temporal_layers
+from diffquant.quant import QuantSpec
+
+PAPER_ALPHAS = tuple(round(i / 20, 2) for i in range(1, 20))  # deepcompressor: num_grids 20
+SKIPPED_NAME_PATTERNS = ("*shortcut*", "*samplers*", "*proj_in*", "*proj_out*", "*pos_embed*", "*emb*")
+"""SVDQuant's skip list by name: shortcuts, down/up-samplers, transformer proj in/out, embeddings."""
+
+
+@dataclass
+class SVDQuantConfig(MethodConfig):
+    name = "svdquant"
+    PRESETS = {
+        "paper": {"calibration": {"trajectories": 128, "policy": "all"}},
+        "nvfp4": {
+            "weight_format": "nvfp4",
+            "activation_format": "nvfp4",
+            "weight_group_size": 16,
+            "activation_group_size": 16,
+            "calibration": {"trajectories": 128, "policy": "all"},
+        },
+        "fast": {
+            "smoothing_alphas": (0.25, 0.4, 0.5, 0.6, 0.75),
+            "calibration_samples": 128,
+            "search_samples": 32,
+            "calibration": {"trajectories": 32, "policy": "uniform", "uniform_steps": 10},
+        },
+    }
+    wbits: int = 4
+    abits: int | None = 4
+    weight_group_size: int | None = 64
+    """Weights per scale along the input dimension (paper: 64 for INT4, 16 for NVFP4)."""
+    activation_group_size: int = 64
+    """Channels per dynamic activation scale, per token (paper: 64 for INT4, 16 for NVFP4)."""
+    rank: int = 32
+    """Rank of the 16-bit low-rank branch (capped at each layer's smaller dimension)."""
+    smoothing_alphas: tuple[float, ...] = PAPER_ALPHAS
+    """Migration strengths tried per layer (plus no smoothing); empty = no smoothing."""
+    rotate: bool = False
+    """Hadamard-rotate the layer input as well (QuaRot-style; not in the paper)."""
+    gptq: bool = True
+    """Round the residual with GPTQ (else round to nearest)."""
+    gptq_damping: float = 0.01
+    gptq_block_size: int = 128
+    keep_sensitive: bool = True
+    """Keep the official skip list in 16 bits (see the module docstring)."""
+    calibration_samples: int = 512
+    """Calibration entries used for activation ranges and GPTQ Hessians."""
+    search_samples: int = 64
+    """Calibration entries whose layer inputs score the smoothing candidates."""
+    weight_observer: str = "lp"
+    """Weight range search: lp (shrink grid, the paper's range search) or minmax."""
+    calibration: CalibrationConfig = field(
+        default_factory=lambda: CalibrationConfig(trajectories=128, policy="uniform", uniform_steps=25)
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank < 0 or self.activation_group_size <= 0:
+            raise ConfigError("svdquant: rank must be >= 0 and activation_group_size positive.")
+        if any(not 0.0 <= a <= 1.0 for a in self.smoothing_alphas):
+            raise ConfigError(f"svdquant: smoothing alphas must lie in [0, 1], got {self.smoothing_alphas}.")
+        if self.calibration_samples <= 0 or self.search_samples <= 0:
+            raise ConfigError("svdquant: calibration_samples and search_samples must be positive.")
+        if self.weight_observer not in ("lp", "minmax"):
+            raise ConfigError("svdquant: weight_observer must be lp or minmax.")
+        GPTQConfig(self.gptq_damping, self.gptq_block_size).validate()
+
+    def weight_spec(self) -> QuantSpec:
+        # shrink grid up to 20 % (deepcompressor: max_shrink 0.2), Lp error
+        return super().weight_spec().replace(observer=self.weight_observer, grid=20)
+
+    def activation_spec(self) -> QuantSpec | None:
+        if self.weight_only:
+            return None
+        fmt = self.activation_format or f"int{self.abits}"
+        return QuantSpec(fmt, granularity="token_group", group_size=self.activation_group_size, dynamic=True)
+
+
+def sensitive_layers(denoiser: nn.Module, batch) -> list[str]:
+    """The layers SVDQuant keeps in 16 bits, found by structure (time/conditioning-only inputs, first and
+    last layers) and by name (shortcuts, samplers, projections in/out, embeddings)."""
+    first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, batch))
+    temporal = temporal_layers(denoiser, lambda s: denoiser(s, batch.timesteps, **batch.conditioning), batch.sample)
+    names = [n for n, m in denoiser.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
+    by_name = [n for n in names if any(pattern_matches(p, n) for p in SKIPPED_NAME_PATTERNS)]
+    return sorted({first, last, *temporal, *by_name})
+
+
+def _subset(calibration: CalibrationSet, size: int, seed: int) -> CalibrationSet:
+    if size >= len(calibration):
+        return calibration
+    index = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(seed))[:size]
+    return calibration.subset(index.sort().values)
+
+
+def _record_inputs(
+    denoiser: nn.Module, modules: dict[str, nn.Module], data: CalibrationSet, config: SVDQuantConfig, progress: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer: the per-channel max |x| over `data`, and a sample of about `search_samples` inputs
+    spread over the sampling steps."""
+    absmax: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    batches = max(1, len(data.steps))
+    per_batch = max(1, math.ceil(config.search_samples / batches))
+
+    def hook(name: str, module: nn.Module):
+        def grab(_module, args):
+            x = args[0].detach()
+            amax = channel_absmax(x, 1 if isinstance(module, nn.Conv2d) else x.ndim - 1)
+            absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
+            kept[name].append(x[:per_batch].clone())
+
+        return grab
+
+    handles = [module.register_forward_pre_hook(hook(name, module)) for name, module in modules.items()]
+    try:
+        feed_calibration(denoiser, data, config.batch_size, "svdquant: record inputs", progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return absmax, {name: torch.cat(parts)[: config.search_samples] for name, parts in kept.items()}
+
+
+def _accumulate_hessians(
+    denoiser: nn.Module, layers: dict[str, LowRankQuantLayer], data: CalibrationSet, config: SVDQuantConfig, progress
+) -> dict[str, HessianAccumulator]:
+    """H = 2 X^T X of every residual's real inputs (smoothed, earlier layers already quantized)."""
+    accumulators = {name: HessianAccumulator(layer.residual) for name, layer in layers.items()}
+    handles = [
+        layer.residual.register_forward_pre_hook(lambda _m, args, a=accumulators[name]: a.add(args[0]))
+        for name, layer in layers.items()
+    ]
+    try:
+        feed_calibration(denoiser, data, config.batch_size, "svdquant: GPTQ Hessians", progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConfig, progress: bool = True) -> dict:
+    batch = next(calibration.batches(min(8, config.batch_size)))
+    skipped = sensitive_layers(denoiser, batch) if config.keep_sensitive else []
+    policy = config.layer_policy()
+    policy = replace(policy, keep_fp=tuple(dict.fromkeys((*policy.keep_fp, *skipped))))
+    plans, attention = resolve_policy(denoiser, policy)
+    originals = {name: denoiser.get_submodule(name) for name in plans}
+    weights = {name: module.weight.detach().clone() for name, module in originals.items()}
+    data = _subset(calibration, config.calibration_samples, config.calibration.seed)
+    absmax, inputs = _record_inputs(denoiser, originals, data, config, progress)
+    targets = {name: originals[name](inputs[name]).detach() for name in plans}
+
+    ranks = {name: min(config.rank, w.shape[0], w[0].numel()) for name, w in weights.items()}
+    lowrank_plans = {
+        name: replace(plan, lowrank={"rank": ranks[name], "rotate": config.rotate}) for name, plan in plans.items()
+    }
+    apply_plans(denoiser, lowrank_plans, attention)
+    layers: dict[str, LowRankQuantLayer] = {name: denoiser.get_submodule(name) for name in plans}
+    chosen: dict[str, float | None] = {}
+    gains: list[float] = []
+    for name, layer in layers.items():
+        result = search_smoothing(
+            layer, weights[name], inputs[name], targets[name], absmax[name], config.smoothing_alphas, ranks[name]
+        )
+        chosen[name] = result.alpha
+        gains.append(result.error / max(result.baseline_error, 1e-30))
+    if config.gptq:
+        accumulators = _accumulate_hessians(denoiser, layers, data, config, progress)
+        gptq = GPTQConfig(config.gptq_damping, config.gptq_block_size)
+        for name, layer in layers.items():
+            gptq_layer(layer.residual, accumulators[name].hessian, gptq)
+    quantized_weights = sum(w.numel() for w in weights.values())
+    branch_values = sum(layer.lora_up.numel() + layer.lora_down.numel() for layer in layers.values())
+    return {
+        "kept_16bit": skipped,
+        "lowrank_layers": len(layers),
+        "smoothing_alphas": chosen,
+        "smoothing_error_ratio_mean": round(sum(gains) / max(1, len(gains)), 4),
+        "branch_bits_per_weight": round(16 * branch_values / max(1, quantized_weights), 3),
+    }

@@ -1,0 +1,150 @@
+"""The smoothed low-rank layer kind (SVDQuant, Li et al. 2025): y = Q(x_t) Q(R)^T + x_t D^T U^T.
+
+With x_t = (x / s) H - the input divided by per-channel smoothing scales s and optionally rotated by an
+orthogonal Hadamard H - and W_t = (W diag(s)) H the weight transformed the same way, the layer keeps
+a 16-bit low-rank branch U D (rank r, from the SVD of W_t) beside the quantized residual R = W_t - U D.
+Without quantizers the output equals the float layer's for every s, H and r.
+
+The residual is an ordinary `QuantLinear`/`QuantConv2d` child (`residual`), so freezing, packing,
+saving and runtime export treat it like any other layer; the container adds the input transform and
+the branch, which runs as a real float matmul after export.
+
+The same kind carries a user's LoRA on a quantized model: `add_lora(down, up, scale)` maps the
+adapter into the transformed input space (D' = down diag(s) H) and concatenates it to the branch, as
+Nunchaku does, without touching the quantized residual.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffquant.errors import ConfigError, DiffquantError
+from diffquant.modules.layers import QuantLayer, wrap_layer
+from diffquant.quant import QuantSpec
+from diffquant.quant.rotation import rotate_input, rotate_weight, rotation_matrix
+
+
+def transform_weight(weight: torch.Tensor, smooth: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """W diag(s) H on the input-channel axis (what the layer's transformed input x_t multiplies)."""
+    shape = (1, -1) + (1,) * (weight.ndim - 2)
+    scaled = weight * smooth.reshape(shape).to(weight.dtype)
+    return rotate_weight(scaled, rotation) if rotation is not None else scaled
+
+
+def low_rank_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (out, r), down (r, in...)) with up @ down the best rank-r approximation of the flattened weight."""
+    flat = weight.reshape(weight.shape[0], -1).double()
+    u, singular, vh = torch.linalg.svd(flat, full_matrices=False)
+    up = (u[:, :rank] * singular[:rank]).float()
+    down = vh[:rank].float().reshape(rank, *weight.shape[1:])
+    return up, down
+
+
+class LowRankQuantLayer(nn.Module):
+    """A linear or conv layer as smoothing/rotation + quantized residual + 16-bit low-rank branch."""
+
+    kind = "lowrank"
+
+    def __init__(
+        self,
+        original: nn.Linear | nn.Conv2d,
+        weight_spec: QuantSpec | None,
+        input_spec: QuantSpec | None,
+        rank: int = 0,
+        rotate: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(original, nn.Conv2d) and original.groups != 1:
+            raise ConfigError("The low-rank layer kind needs a conv with groups=1; keep grouped convs plain.")
+        weight = original.weight.detach()
+        if rank < 0 or rank > min(weight.shape[0], weight[0].numel()):
+            raise ConfigError(f"rank must be between 0 and {min(weight.shape[0], weight[0].numel())}, got {rank}.")
+        self.is_conv = isinstance(original, nn.Conv2d)
+        # the branch's conv geometry lives here: runtime export swaps `residual` for a kernel module
+        self.conv_args = (original.stride, original.padding, original.dilation) if self.is_conv else ()
+        self.in_channels = weight.shape[1]
+        residual = copy.deepcopy(original)
+        self.residual: QuantLayer = wrap_layer(residual, weight_spec, input_spec)
+        self.register_buffer("smooth", torch.ones(self.in_channels))
+        self.register_buffer("rotation", rotation_matrix(self.in_channels) if rotate else None)
+        # an empty branch of the right shape: `decompose` fills it (loading a saved model overwrites it)
+        self.lora_down = nn.Parameter(torch.zeros(rank, *weight.shape[1:]), requires_grad=False)
+        self.lora_up = nn.Parameter(torch.zeros(weight.shape[0], rank), requires_grad=False)
+        if rotate:  # the residual multiplies the rotated input
+            self.residual.weight = nn.Parameter(transform_weight(weight, self.smooth, self.rotation))
+
+    @property
+    def rank(self) -> int:
+        return self.lora_up.shape[1]
+
+    @property
+    def rotate(self) -> bool:
+        return self.rotation is not None
+
+    # building -----------------------------------------------------------------------------------
+    def decompose(self, weight: torch.Tensor, smooth: torch.Tensor | None = None, rank: int | None = None) -> None:
+        """Set smoothing scales and a rank-r SVD branch from the float `weight`; the residual gets the rest.
+
+        The weight quantizer is recalibrated on the new residual.
+        """
+        if self.residual.frozen:
+            raise DiffquantError("This low-rank layer is frozen (its residual holds codes); decompose before freeze.")
+        rank = self.rank if rank is None else rank
+        if smooth is not None:
+            if smooth.shape != (self.in_channels,) or not torch.all(smooth > 0):
+                raise ConfigError(f"smooth must hold {self.in_channels} positive scales.")
+            self.smooth = smooth.detach().float().clone()
+        transformed = transform_weight(weight.detach().float(), self.smooth, self.rotation)
+        if rank:
+            up, down = low_rank_split(transformed, rank)
+        else:
+            up, down = torch.zeros(weight.shape[0], 0), torch.zeros(0, *weight.shape[1:])
+        self.lora_up = nn.Parameter(up, requires_grad=False)
+        self.lora_down = nn.Parameter(down, requires_grad=False)
+        residual = transformed - (up @ down.reshape(rank, transformed[0].numel())).reshape(transformed.shape)
+        self.residual.weight = nn.Parameter(residual.to(weight.dtype))
+        self.residual.calibrate_weight()
+
+    def add_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0) -> None:
+        """Add a LoRA delta `scale * up @ down` (down: (r, in, ...) on the original input) to the branch."""
+        if down.shape[1:] != self.lora_down.shape[1:] or up.shape != (self.lora_up.shape[0], down.shape[0]):
+            raise ConfigError(
+                f"LoRA shapes {tuple(down.shape)} / {tuple(up.shape)} do not fit this layer "
+                f"(down: (r, {', '.join(map(str, self.lora_down.shape[1:]))}), up: ({self.lora_up.shape[0]}, r))."
+            )
+        mapped = transform_weight(down.detach().float(), self.smooth, self.rotation)
+        self.lora_down = nn.Parameter(torch.cat([self.lora_down.detach(), mapped]), requires_grad=False)
+        scaled_up = scale * up.detach().float()
+        self.lora_up = nn.Parameter(torch.cat([self.lora_up.detach(), scaled_up], 1), requires_grad=False)
+
+    # running ------------------------------------------------------------------------------------
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x_t = (x / s) H along the channel axis."""
+        axis = 1 if self.is_conv else x.ndim - 1
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        x = x / self.smooth.reshape(shape).to(x.dtype)
+        return rotate_input(x, self.rotation, axis) if self.rotation is not None else x
+
+    def branch(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The 16-bit low-rank path x_t D^T U^T (a conv with the residual's geometry, then a 1x1 conv)."""
+        if self.is_conv:
+            hidden = F.conv2d(x_t, self.lora_down, None, *self.conv_args)
+            return F.conv2d(hidden, self.lora_up[:, :, None, None])
+        return F.linear(F.linear(x_t, self.lora_down), self.lora_up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_t = self.transform_input(x)
+        out = self.residual(x_t)
+        return out + self.branch(x_t) if self.rank else out
+
+    # plan serialisation (surgery.export_plans / import_plans) ---------------------------------------
+    def plan_fields(self) -> dict:
+        return {"lowrank": {"rank": self.rank, "rotate": self.rotate}}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, rotate={self.rotate}"
