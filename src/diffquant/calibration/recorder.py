@@ -9,8 +9,8 @@ import torch
 from diffquant.calibration.dataset import CalibrationSet
 from diffquant.calibration.policies import TimestepPolicy, UniformSteps
 from diffquant.errors import ConfigError
+from diffquant.model import DiffusionModel
 from diffquant.sampling import SamplerConfig, StepInfo, make_scheduler, sample
-from diffquant.zoo.registry import DiffusionModel
 
 
 def record_trajectories(

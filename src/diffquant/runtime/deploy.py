@@ -16,10 +16,10 @@ import torch
 
 from diffquant.errors import DiffquantError
 from diffquant.fileio import atomic_directory, write_json
+from diffquant.model import DiffusionModel
 from diffquant.quant import step_context
 from diffquant.runtime.export import DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
-from diffquant.zoo.registry import DiffusionModel
 
 EXPORT_FILE = "export.json"
 

@@ -26,6 +26,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.model import DiffusionModel
 from diffquant.modules.layers import QuantConv2d, QuantLinear
 from diffquant.modules.surgery import quant_layers
 from diffquant.quant import FloatFormat, current_step
@@ -41,7 +42,6 @@ from diffquant.runtime.kernels import (
     input_supported,
     weight_supported,
 )
-from diffquant.zoo.registry import DiffusionModel
 
 BACKENDS = ("fake", "onednn", "cuda")
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from diffquant.errors import DiffquantError
 from diffquant.fileio import atomic_directory, write_json
+from diffquant.model import METADATA_FILE, DiffusionModel, ModelInfo
 from diffquant.modules.surgery import export_plans, import_plans, quant_layers
 from diffquant.quant import pack_codes, unpack_codes
-from diffquant.zoo.registry import METADATA_FILE, DiffusionModel, ModelInfo
 
 QUANTIZATION_FILE = "quantization.json"
 TENSORS_FILE = "quantized.safetensors"
@@ -115,6 +115,6 @@ def load_quantized(directory: str | Path) -> DiffusionModel:
 
 
 def _version() -> str:
-    from diffquant import __version__
+    from diffquant.version import __version__
 
     return __version__

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from diffquant.data.images import to_uint8
 from diffquant.errors import ConfigError
 from diffquant.fileio import atomic_file
+from diffquant.model import DiffusionModel
 from diffquant.quant.context import step_context
-from diffquant.zoo.registry import DiffusionModel
 
 # name -> (scheduler class, overrides of the training noise schedule for sampling)
 SCHEDULERS: dict[str, tuple[type, dict]] = {
