@@ -42,8 +42,14 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
+def _known(denoiser: nn.Module) -> bool:
+    return any(klass.__name__ in BY_CLASS for klass in type(denoiser).__mro__)
+
+
 def adapter_for(denoiser: nn.Module) -> FamilyAdapter:
     """The family adapter of a denoiser (its class or nearest known base class), else a generic one."""
+    while not _known(denoiser) and isinstance(getattr(denoiser, "inner", None), nn.Module):
+        denoiser = denoiser.inner  # a deployment wrapper (runtime.export.DeployedDenoiser) around the model
     for klass in type(denoiser).__mro__:
         if klass.__name__ in BY_CLASS:
             return BY_CLASS[klass.__name__]

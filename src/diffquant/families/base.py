@@ -18,6 +18,11 @@ Conditioning = dict[str, Any]
 """Keyword inputs besides the sample and timestep: tensors with a batch dimension, or dicts of them."""
 
 
+def select_rows(conditioning: Conditioning, index: torch.Tensor | slice) -> Conditioning:
+    """The rows `index` of every tensor in (nested) conditioning."""
+    return {k: select_rows(v, index) if isinstance(v, dict) else v[index] for k, v in conditioning.items()}
+
+
 def class_names(module: nn.Module) -> set[str]:
     """The names of a module's class and its bases (so a subclass matches its family's blocks)."""
     return {klass.__name__ for klass in type(module).__mro__}

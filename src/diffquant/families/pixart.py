@@ -19,7 +19,8 @@ class PixArtAdapter(FamilyAdapter):
     def extra_inputs(self, denoiser: nn.Module, sample: torch.Tensor, conditioning: Conditioning) -> Conditioning:
         if "added_cond_kwargs" in conditioning:
             return {}
-        if denoiser.use_additional_conditions:  # 1024px PixArt-alpha: the pipeline's resolution ids
+        model = getattr(denoiser, "inner", denoiser)  # through a deployment wrapper
+        if model.use_additional_conditions:  # 1024px PixArt-alpha: the pipeline's resolution ids
             height, width = sample.shape[-2:]
             scale = 8  # VAE downsampling of the pipelines PixArt ships with
             resolution = torch.tensor([[height * scale, width * scale]], dtype=sample.dtype).repeat(sample.shape[0], 1)

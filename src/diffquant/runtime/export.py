@@ -59,11 +59,11 @@ class DeployedDenoiser(nn.Module):
     def config(self):
         return self.inner.config
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
+    def forward(self, *args, **kwargs):  # passes keywords through: families call by keyword
         step = current_step()
         if step is not None:
             self.clock.set(step.timestep)
-        return self._call(sample, timestep, *args, **kwargs)
+        return self._call(*args, **kwargs)
 
 
 def check_backend(backend: str) -> None:
