@@ -13,6 +13,7 @@ from diffquant.calibration import AllocatedSteps, CalibrationSet, record_traject
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
+from diffquant.pipelines import is_pipeline, model_from_pipeline, record_pipeline_calibration, save_pipeline
 from diffquant.profiling import measure_resources
 from diffquant.runtime import load_quantized, save_quantized
 from diffquant.zoo import DiffusionModel, load_model
@@ -42,18 +43,24 @@ def record_calibration(
 
 
 def quantize(
-    model: DiffusionModel,
+    model: DiffusionModel | Any,
     config: MethodConfig | str,
     calibration: CalibrationSet | None = None,
     progress: bool = True,
     inplace: bool = False,
+    prompts: list[str] | str | Path | None = None,
     **options: Any,
 ) -> DiffusionModel:
     """Quantize `model` with a method's config (or a method name plus options) and return the result.
 
-    Without `calibration`, the data is recorded from `model` as the config's calibration settings say.
+    `model` may be a diffusers `DiffusionPipeline` (or a model loaded from a pipeline directory): its
+    denoiser is quantized and the result keeps the pipeline. Without `calibration`, the data is
+    recorded from `model` as the config's calibration settings say - for a pipeline, by running the
+    pipeline itself on `prompts` (a list, or a file with one prompt per line), both CFG branches.
     The returned model's layers hold frozen integer codes; `save` writes it, `load` reads it back.
     """
+    if is_pipeline(model):
+        model = model_from_pipeline(model)
     if isinstance(config, str):
         config = make_config(config, **options)
     elif options:
@@ -68,13 +75,19 @@ def quantize(
     recording_time = 0.0
     if calibration is None:
         started = time.perf_counter()
-        calibration = record_calibration(model, config, progress)
+        if model.pipeline is not None:
+            if prompts is None:
+                raise ConfigError("Quantizing a pipeline records calibration data from prompts: pass prompts=[...].")
+            settings = config.calibration
+            calibration = record_pipeline_calibration(model, prompts, settings.steps, seed=settings.seed)
+        else:
+            calibration = record_calibration(model, config, progress)
         recording_time = time.perf_counter() - started
     elif not isinstance(calibration, CalibrationSet):
         raise ConfigError(f"calibration must be a CalibrationSet, got {type(calibration).__name__}.")
     calibration.validate()
 
-    quantized = model if inplace else copy.deepcopy(model)
+    quantized = model if inplace else copy.deepcopy(model)  # a pipeline's copy shares the copied denoiser
     with measure_resources() as usage:
         details = entry.apply(quantized.denoiser, calibration, config, progress) or {}
         for _, layer in quant_layers(quantized.denoiser):
@@ -99,6 +112,8 @@ def save(model: DiffusionModel, directory: str | Path) -> Path:
     """Save a quantized model directory (packed weights; atomic)."""
     if model.quantization is None:
         raise DiffquantError("save() writes quantized models; use diffquant.zoo.save_model for float ones.")
+    if model.pipeline is not None:
+        return save_pipeline(model, directory)
     return save_quantized(model, directory)
 
 

@@ -21,6 +21,7 @@ from diffquant.model import (
     load_float_directory,
     save_float_directory,
 )
+from diffquant.pipelines import is_pipeline_directory, load_pipeline
 from diffquant.runtime.deploy import EXPORT_FILE, load_exported
 from diffquant.runtime.storage import is_quantized_directory, load_quantized
 from diffquant.zoo.architectures import FMNIST_DIT_CONFIG, FMNIST_UNET_CONFIG, build_dit, build_unet
@@ -103,6 +104,8 @@ def load_model(name_or_path: str | Path) -> DiffusionModel:
     path = resolve_model_path(name_or_path)
     if (path / EXPORT_FILE).is_file():  # an exported directory: rebuilt on its backend
         return load_exported(path)
+    if is_pipeline_directory(path):  # a diffusers pipeline, float or with quantized components
+        return load_pipeline(path)
     if is_quantized_directory(path):  # a quantized directory: the runtime layer rebuilds it
         return load_quantized(path)
     return load_float_directory(path)
