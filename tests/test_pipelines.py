@@ -11,6 +11,7 @@ import torch
 import diffquant
 from diffquant.errors import ConfigError
 from diffquant.methods import make_config
+from diffquant.modules import quant_layers
 from diffquant.pipelines import generate, model_from_pipeline, record_pipeline_calibration
 from tests.pipeline_models import tiny_sd3_pipeline
 
@@ -42,8 +43,12 @@ def test_quantized_pipeline_saves_in_diffusers_layout_and_reloads_identically(pi
     config = make_config(
         "tfmq", wbits=8, abits=8, calibration={"steps": 3}, reconstruction={"weight_iters": 2, "act_iters": 1}
     )
-    quantized = diffquant.quantize(pipeline, config, progress=False, prompts=PROMPTS)
+    quantized = diffquant.quantize(
+        pipeline, config, progress=False, prompts=PROMPTS, components=("denoiser", "text_encoder")
+    )
     assert quantized.pipeline.transformer is quantized.denoiser
+    assert quantized.quantization["components"]["text_encoder"]["layers"] > 0
+    assert not any(True for _ in quant_layers(pipeline.text_encoder))  # the original pipeline is untouched
     first = generate(quantized, PROMPTS[:2], steps=3, guidance_scale=3.0, seed=5)
     fp = generate(model_from_pipeline(pipeline), PROMPTS[:2], steps=3, guidance_scale=3.0, seed=5)
     assert first.shape == (2, 1, 16, 16) and not torch.equal(first, fp)
@@ -53,10 +58,12 @@ def test_quantized_pipeline_saves_in_diffusers_layout_and_reloads_identically(pi
     index = json.loads((tmp_path / "q" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     assert (tmp_path / "q" / "vae" / "diffusion_pytorch_model.safetensors").is_file()  # untouched: diffusers layout
-    assert (tmp_path / "q" / "text_encoder" / "config.json").is_file()
+    assert (tmp_path / "q" / "text_encoder_2" / "model.safetensors").is_file()
+    assert (tmp_path / "q" / "text_encoder" / "quantized_component.json").is_file()
     assert (tmp_path / "q" / "transformer" / "quantization.json").is_file()
 
     reloaded = diffquant.load(tmp_path / "q")
     assert reloaded.pipeline is not None and reloaded.quantization["method"] == "tfmq"
     again = generate(reloaded, PROMPTS[:2], steps=3, guidance_scale=3.0, seed=5)
     assert torch.equal(first, again)
+    assert any(True for _ in quant_layers(reloaded.pipeline.text_encoder))

@@ -13,7 +13,13 @@ from diffquant.calibration import AllocatedSteps, CalibrationSet, record_traject
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
-from diffquant.pipelines import is_pipeline, model_from_pipeline, record_pipeline_calibration, save_pipeline
+from diffquant.pipelines import (
+    is_pipeline,
+    model_from_pipeline,
+    quantize_component,
+    record_pipeline_calibration,
+    save_pipeline,
+)
 from diffquant.profiling import measure_resources
 from diffquant.runtime import load_quantized, save_quantized
 from diffquant.zoo import DiffusionModel, load_model
@@ -49,6 +55,7 @@ def quantize(
     progress: bool = True,
     inplace: bool = False,
     prompts: list[str] | str | Path | None = None,
+    components: tuple[str, ...] = ("denoiser",),
     **options: Any,
 ) -> DiffusionModel:
     """Quantize `model` with a method's config (or a method name plus options) and return the result.
@@ -57,6 +64,8 @@ def quantize(
     denoiser is quantized and the result keeps the pipeline. Without `calibration`, the data is
     recorded from `model` as the config's calibration settings say - for a pipeline, by running the
     pipeline itself on `prompts` (a list, or a file with one prompt per line), both CFG branches.
+    `components` names what is quantized: "denoiser" (the method), plus e.g. "text_encoder" (weight-only
+    round-to-nearest at the method's weight bits).
     The returned model's layers hold frozen integer codes; `save` writes it, `load` reads it back.
     """
     if is_pipeline(model):
@@ -93,6 +102,13 @@ def quantize(
         for _, layer in quant_layers(quantized.denoiser):
             layer.freeze()
     quantized.denoiser.eval()
+    extra = {}
+    for name in components:
+        if name == "denoiser":
+            continue
+        if quantized.pipeline is None:
+            raise ConfigError(f"Component '{name}' needs a pipeline; a bare denoiser has only 'denoiser'.")
+        extra[name] = quantize_component(quantized.pipeline, name, config.wbits)
     quantized.quantization = {
         "method": config.name,
         "setting": config.setting,
@@ -104,6 +120,7 @@ def quantize(
         "calibration_peak_rss_mb": round(usage.peak_rss_mb, 1),
         "calibration_peak_increase_mb": round(usage.peak_increase_mb, 1),
         "details": details,
+        **({"components": extra} if extra else {}),
     }
     return quantized
 

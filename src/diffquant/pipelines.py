@@ -7,6 +7,7 @@ is the pipeline; `quantize` swaps the quantized denoiser into it. On disk:
     model_index.json            diffusers' own (loads the untouched components as usual)
     scheduler/ vae/ text_encoder/ tokenizer/ ...   written by each component's save_pretrained
     transformer/ (or unet/)     a diffquant quantized directory (packed weights + quantization.json)
+    text_encoder/ (optional)    weight-only quantized: its config.json + quantized_component.json + packed weights
     diffquant_pipeline.json     which components are quantized, and what the pipeline generates
 """
 
@@ -20,16 +21,24 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
 from diffquant.calibration import CalibrationSet, flatten_conditioning, unflatten_conditioning
+from diffquant.engines import prepare_model
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.families import adapter_for
 from diffquant.fileio import atomic_directory, write_json
 from diffquant.model import DiffusionModel, ModelInfo
+from diffquant.modules import LayerPolicy, quant_layers
+from diffquant.modules.surgery import export_plans, import_plans
+from diffquant.quant import QuantSpec, pack_codes, unpack_codes
 from diffquant.quant.context import _CURRENT, StepState
 from diffquant.runtime.storage import load_quantized, save_quantized
 
 PIPELINE_FILE = "diffquant_pipeline.json"
+COMPONENT_FILE = "quantized_component.json"
+COMPONENT_TENSORS = "quantized_component.safetensors"
 DENOISER_COMPONENTS = ("transformer", "unet")
 
 
@@ -199,18 +208,69 @@ def save_pipeline(model: DiffusionModel, directory: str | Path) -> Path:
     if model.quantization is None:
         raise DiffquantError("save() writes quantized pipelines; quantize the pipeline first.")
     quantized_name = denoiser_component(pipeline)
+    extra = list((model.quantization or {}).get("components", {}))
     directory = Path(directory)
     with atomic_directory(directory) as scratch:
         for name, component in pipeline.components.items():
             if component is None or name == quantized_name:
                 continue
-            component.save_pretrained(scratch / name)
+            if name in extra:
+                _save_component(component, scratch / name)
+            else:
+                component.save_pretrained(scratch / name)
         save_quantized(model, scratch / quantized_name)
         index = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in pipeline.config.items()}
         index["_class_name"] = type(pipeline).__name__
         write_json(scratch / "model_index.json", index)
-        write_json(scratch / PIPELINE_FILE, {"quantized_components": [quantized_name], "info": model.info.to_json()})
+        record = {"quantized_components": [quantized_name], "weight_only_components": extra}
+        write_json(scratch / PIPELINE_FILE, {**record, "info": model.info.to_json()})
     return directory
+
+
+def quantize_component(pipeline: Any, name: str, wbits: int) -> dict[str, Any]:
+    """Round-to-nearest per-channel weight-only quantization of a pipeline component (e.g. a text encoder:
+    its activations are token embeddings, calibrated by nothing diffquant records, so they stay in float)."""
+    component = getattr(pipeline, name, None)
+    if not isinstance(component, torch.nn.Module) or name in DENOISER_COMPONENTS:
+        modules = [k for k, v in pipeline.components.items() if isinstance(v, torch.nn.Module)]
+        raise ConfigError(f"'{name}' is not a quantizable extra component; choose from: {', '.join(modules)}.")
+    prepare_model(component, LayerPolicy(weight=QuantSpec(f"int{wbits}", granularity="per_channel"), activation=None))
+    for _, layer in quant_layers(component):
+        layer.freeze()
+    return {"wbits": wbits, "layers": sum(1 for _ in quant_layers(component))}
+
+
+def _save_component(component: torch.nn.Module, directory: Path) -> None:
+    directory.mkdir(parents=True)
+    component.config.save_pretrained(directory)
+    tensors, packed = {}, {}
+    layers = dict(quant_layers(component))
+    for key, value in component.state_dict().items():
+        if key.endswith(".weight_codes"):
+            bits = layers[key.removesuffix(".weight_codes")].weight_quantizer.spec.bits
+            tensors[key + ".packed"] = pack_codes(value.to(torch.int64), bits)
+            packed[key] = {"bits": bits, "shape": list(value.shape), "dtype": str(value.dtype).split(".")[1]}
+        else:
+            tensors[key] = value.detach().contiguous()
+    save_file(tensors, str(directory / COMPONENT_TENSORS))
+    record = {"class": type(component).__name__, "structure": export_plans(component), "packed": packed}
+    write_json(directory / COMPONENT_FILE, record)
+
+
+def _load_component(directory: Path) -> torch.nn.Module:
+    record = json.loads((directory / COMPONENT_FILE).read_text())
+    component_class = getattr(transformers, record["class"], None) or getattr(diffusers, record["class"], None)
+    if component_class is None:
+        raise DiffquantError(f"{directory}/{COMPONENT_FILE} names an unknown class '{record['class']}'.")
+    component = component_class(component_class.config_class.from_pretrained(directory))
+    import_plans(component, record["structure"])
+    tensors = load_file(str(directory / COMPONENT_TENSORS))
+    for key, entry in record["packed"].items():
+        count = int(torch.tensor(entry["shape"]).prod())
+        codes = unpack_codes(tensors.pop(key + ".packed"), entry["bits"], count).reshape(entry["shape"])
+        tensors[key] = codes.to(getattr(torch, entry["dtype"]))
+    component.load_state_dict(tensors, strict=True)
+    return component.eval()
 
 
 def is_pipeline_directory(path: str | Path) -> bool:
@@ -228,8 +288,10 @@ def load_pipeline(directory: str | Path) -> DiffusionModel:
     marker = directory / PIPELINE_FILE
     record = json.loads(marker.read_text()) if marker.is_file() else {"quantized_components": []}
     quantized = {name: load_quantized(directory / name) for name in record["quantized_components"]}
+    given = {k: m.denoiser for k, m in quantized.items()}
+    given.update({name: _load_component(directory / name) for name in record.get("weight_only_components", [])})
     missing = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    pipeline = pipeline_class.from_pretrained(directory, **missing, **{k: m.denoiser for k, m in quantized.items()})
+    pipeline = pipeline_class.from_pretrained(directory, **missing, **given)
     name = denoiser_component(pipeline)
     if name in quantized:
         model = quantized[name]
