@@ -271,3 +271,18 @@ def test_matrix_fast(family, method, setting, tmp_path):
 @pytest.mark.parametrize(("family", "method", "setting"), SLOW_ROWS)
 def test_matrix_slow(family, method, setting, tmp_path):
     _check_row(matrix_row(family, method, setting, tmp_path / "q"))
+
+
+def test_export_directory_checks_agreement_on_a_text_conditioned_family(tmp_path):
+    from diffquant.runtime.deploy import export_directory
+
+    model = family_model("flux")
+    quantized = diffquant.quantize(model, "naive", family_inputs(model), progress=False, wbits=8, abits=8)
+    diffquant.save(quantized, tmp_path / "q")
+    report = export_directory(tmp_path / "q", tmp_path / "int8", "onednn")
+    assert report["agreement"]["relative_mse"] < 1e-3
+    deployed = diffquant.load(tmp_path / "int8")
+    fresh = family_inputs(model, per_step=2, seed=7)
+    from tests.family_models import outputs, relative_mse
+
+    assert relative_mse(outputs(quantized, fresh), outputs(deployed, fresh)) < 1e-3
