@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,20 @@ def test_quantized_pipeline_saves_in_diffusers_layout_and_reloads_identically(pi
     again = generate(reloaded, PROMPTS[:2], steps=3, guidance_scale=3.0, seed=5)
     assert torch.equal(first, again)
     assert any(True for _ in quant_layers(reloaded.pipeline.text_encoder))
+
+
+def test_float_pipeline_directory_loads_and_samples_from_the_command_line(pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    pipeline.save_pretrained(tmp_path / "p")
+    model = diffquant.load(tmp_path / "p")
+    assert model.pipeline is not None and model.quantization is None and model.adapter.name == "sd3"
+    runner = CliRunner()
+    args = ["sample", "--model", str(tmp_path / "p"), "-n", "2", "--steps", "2", "--out", str(tmp_path / "s")]
+    assert "--prompt" in runner.invoke(app, args).output
+    result = runner.invoke(app, [*args, "--prompt", "a shirt", "--prompt", "a bag"])
+    assert result.exit_code == 0, result.output
+    images = np.load(tmp_path / "s" / "samples.npz")["images"]
+    assert images.shape == (2, 1, 16, 16)
