@@ -85,6 +85,27 @@ def test_import_graph_has_no_cycle():
             assert not any(e.startswith("diffquant.zoo") for e in edges), name
 
 
+STANDALONE_IMPORTS = """
+import importlib, pkgutil, sys
+import diffquant
+names = sorted(m.name for m in pkgutil.walk_packages(diffquant.__path__, "diffquant."))
+for name in names:
+    for loaded in [m for m in sys.modules if m == "diffquant" or m.startswith("diffquant.")]:
+        del sys.modules[loaded]
+    importlib.import_module(name)  # each module first, in a clean diffquant namespace
+print(len(names))
+"""
+
+
+@pytest.mark.slow
+def test_every_module_imports_first_without_a_cycle():
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", STANDALONE_IMPORTS], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 80
+
+
 def test_bottom_layers_import_alone_in_a_fresh_interpreter():
     code = "import diffquant.runtime.storage, diffquant.model, diffquant.families, diffquant.sampling"
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,7 +21,6 @@ from typing import Any
 
 import diffusers
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from diffquant.calibration import CalibrationSet, flatten_conditioning, unflatten_conditioning
@@ -258,6 +257,8 @@ def _save_component(component: torch.nn.Module, directory: Path) -> None:
 
 
 def _load_component(directory: Path) -> torch.nn.Module:
+    import transformers  # text encoders of diffusers pipelines (the `pipelines` extra)
+
     record = json.loads((directory / COMPONENT_FILE).read_text())
     component_class = getattr(transformers, record["class"], None) or getattr(diffusers, record["class"], None)
     if component_class is None:
