@@ -138,6 +138,11 @@ class FamilyAdapter:
         }
 
 
+def repeated_blocks(model_class: type, fallback: tuple[str, ...]) -> tuple[str, ...]:
+    """diffusers' own list of a model class's repeated blocks (`_repeated_blocks`), else `fallback`."""
+    return tuple(getattr(model_class, "_repeated_blocks", None) or fallback)
+
+
 def text_embeddings(batch: int, tokens: int, width: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn((batch, tokens, width), generator=generator)
 

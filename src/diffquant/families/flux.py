@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from diffquant.families.base import Conditioning, FamilyAdapter, square_side, text_embeddings
+from diffquant.families.base import Conditioning, FamilyAdapter, repeated_blocks, square_side, text_embeddings
 
 DEFAULT_LATENT_SIDE = 128  # FluxPipeline's default_sample_size: 1024 px through the 8x VAE
 
@@ -41,7 +42,7 @@ class FluxAdapter(FamilyAdapter):
     name = "flux"
     model_classes = ("FluxTransformer2DModel",)
     conditioning = ("encoder_hidden_states", "pooled_projections", "guidance")
-    blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    blocks = repeated_blocks(FluxTransformer2DModel, ("FluxTransformerBlock", "FluxSingleTransformerBlock"))
     image_stream = {"FluxTransformerBlock": 1, "FluxSingleTransformerBlock": 1}
     flow_matching = True
     timestep_scale = 1e-3

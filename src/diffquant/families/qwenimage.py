@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import QwenImageTransformer2DModel
 from torch import nn
 
-from diffquant.families.base import Conditioning, FamilyAdapter, square_side, text_embeddings
+from diffquant.families.base import Conditioning, FamilyAdapter, repeated_blocks, square_side, text_embeddings
 from diffquant.families.flux import pack_2x2, unpack_2x2
 
 
@@ -16,7 +17,7 @@ class QwenImageAdapter(FamilyAdapter):
     name = "qwenimage"
     model_classes = ("QwenImageTransformer2DModel",)
     conditioning = ("encoder_hidden_states", "encoder_hidden_states_mask")
-    blocks = ("QwenImageTransformerBlock",)
+    blocks = repeated_blocks(QwenImageTransformer2DModel, ("QwenImageTransformerBlock",))
     image_stream = {"QwenImageTransformerBlock": 1}
     flow_matching = True
     timestep_scale = 1e-3

@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import WanTransformer3DModel
 from torch import nn
 
-from diffquant.families.base import Conditioning, FamilyAdapter, text_embeddings
+from diffquant.families.base import Conditioning, FamilyAdapter, repeated_blocks, text_embeddings
 
 
 class WanAdapter(FamilyAdapter):
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
     conditioning = ("encoder_hidden_states", "encoder_hidden_states_image")
-    blocks = ("WanTransformerBlock",)
+    blocks = repeated_blocks(WanTransformer3DModel, ("WanTransformerBlock",))
     flow_matching = True
     conditional_inputs = True
 
