@@ -9,7 +9,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from diffquant.data.fashion_mnist import default_fashion_mnist_dir
-from diffquant.zoo.registry import DiffusionModel, ModelInfo
+from diffquant.model import DDPM_LINEAR_SCHEDULE, DiffusionModel, ModelInfo
 
 torch.set_num_threads(int(os.environ.get("DIFFQUANT_TEST_THREADS", "1")))
 
@@ -33,7 +33,7 @@ def tiny_unet_model(seed: int = 0, size: int = 8) -> DiffusionModel:
         norm_num_groups=8,
         attention_head_dim=16,
     )
-    return DiffusionModel(unet.eval(), ModelInfo("tiny-unet", "unet", (1, size, size)))
+    return DiffusionModel(unet.eval(), ModelInfo("tiny-unet", "unet", (1, size, size)), dict(DDPM_LINEAR_SCHEDULE))
 
 
 def tiny_dit_model(seed: int = 0, size: int = 8) -> DiffusionModel:
@@ -50,7 +50,8 @@ def tiny_dit_model(seed: int = 0, size: int = 8) -> DiffusionModel:
         num_embeds_ada_norm=10,
         norm_num_groups=1,
     )
-    return DiffusionModel(dit.eval(), ModelInfo("tiny-dit", "dit", (1, size, size), num_classes=10, guidance_scale=2.0))
+    info = ModelInfo("tiny-dit", "dit", (1, size, size), num_classes=10, guidance_scale=2.0)
+    return DiffusionModel(dit.eval(), info, dict(DDPM_LINEAR_SCHEDULE))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import diffquant
 from diffquant.calibration import CalibrationSet, SkewNormalSteps, UniformSteps, record_trajectories
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import make_config
+from diffquant.model import DDPM_LINEAR_SCHEDULE
 from diffquant.modules import QuantAttnProcessor, attention_processors, quant_layers
 from diffquant.quant import step_context
 from diffquant.runtime.storage import TENSORS_FILE
@@ -224,7 +225,7 @@ def test_extra_architecture_unet2dcondition_with_cross_attention(tmp_path):
         attention_head_dim=8,
         norm_num_groups=8,
     ).eval()
-    model = DiffusionModel(unet, ModelInfo("cond-unet", "UNet2DConditionModel", (2, 8, 8)))
+    model = DiffusionModel(unet, ModelInfo("cond-unet", "UNet2DConditionModel", (2, 8, 8)), dict(DDPM_LINEAR_SCHEDULE))
     generator = torch.Generator().manual_seed(1)
     count = 24
     calibration = CalibrationSet(

@@ -6,9 +6,9 @@ quantized = diffquant.quantize(model, "ptq4dm", wbits=4, abits=8)
 diffquant.save(quantized, "fmnist-unet-w4a8")
 """
 
-__version__ = "0.1.0"
+import logging as _logging
 
-import logging as _logging  # noqa: E402
+from diffquant.version import __version__
 
 # Optional peer libraries (torchao) log import-time noise through diffusers and torch on CPU-only
 # machines (missing CUDA .so files, enum registrations); it says nothing about diffquant's work.

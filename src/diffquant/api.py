@@ -16,6 +16,13 @@ from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
 from diffquant.modules.policy import resolve_policy
+from diffquant.pipelines import (
+    is_pipeline,
+    model_from_pipeline,
+    quantize_component,
+    record_pipeline_calibration,
+    save_pipeline,
+)
 from diffquant.profiling import measure_resources
 from diffquant.quant import require_valid_step_sizes
 from diffquant.runtime import load_quantized, save_quantized
@@ -71,18 +78,27 @@ def _cache_has_room(path: Path, model: DiffusionModel, settings) -> bool:
 
 
 def quantize(
-    model: DiffusionModel,
+    model: DiffusionModel | Any,
     config: MethodConfig | str,
     calibration: CalibrationSet | None = None,
     progress: bool = True,
     inplace: bool = False,
+    prompts: list[str] | str | Path | None = None,
+    components: tuple[str, ...] = ("denoiser",),
     **options: Any,
 ) -> DiffusionModel:
     """Quantize `model` with a method's config (or a method name plus options) and return the result.
 
-    Without `calibration`, the data is recorded from `model` as the config's calibration settings say.
+    `model` may be a diffusers `DiffusionPipeline` (or a model loaded from a pipeline directory): its
+    denoiser is quantized and the result keeps the pipeline. Without `calibration`, the data is
+    recorded from `model` as the config's calibration settings say - for a pipeline, by running the
+    pipeline itself on `prompts` (a list, or a file with one prompt per line), both CFG branches.
+    `components` names what is quantized: "denoiser" (the method), plus e.g. "text_encoder" (weight-only
+    round-to-nearest at the method's weight bits).
     The returned model's layers hold frozen integer codes; `save` writes it, `load` reads it back.
     """
+    if is_pipeline(model):
+        model = model_from_pipeline(model)
     if isinstance(config, str):
         config = make_config(config, **options)
     elif options:
@@ -99,14 +115,20 @@ def quantize(
     recording_time = 0.0
     if calibration is None:
         started = time.perf_counter()
-        calibration = record_calibration(model, config, progress)
+        if model.pipeline is not None:
+            if prompts is None:
+                raise ConfigError("Quantizing a pipeline records calibration data from prompts: pass prompts=[...].")
+            settings = config.calibration
+            calibration = record_pipeline_calibration(model, prompts, settings.steps, seed=settings.seed)
+        else:
+            calibration = record_calibration(model, config, progress)
         recording_time = time.perf_counter() - started
     elif not isinstance(calibration, CalibrationSet):
         raise ConfigError(f"calibration must be a CalibrationSet, got {type(calibration).__name__}.")
     calibration.validate()
     validate_for_model(calibration, model)
 
-    quantized = model if inplace else copy.deepcopy(model)
+    quantized = model if inplace else copy.deepcopy(model)  # a pipeline's copy shares the copied denoiser
     with measure_resources() as usage:
         details = entry.apply(quantized.denoiser, calibration, config, progress) or {}
         require_valid_step_sizes(quantized.denoiser, f"Quantizing with '{config.name}'")
@@ -114,6 +136,13 @@ def quantize(
             layer.freeze()
     quantized.denoiser.eval()
     guard_inputs(quantized.denoiser)
+    extra = {}
+    for name in components:
+        if name == "denoiser":
+            continue
+        if quantized.pipeline is None:
+            raise ConfigError(f"Component '{name}' needs a pipeline; a bare denoiser has only 'denoiser'.")
+        extra[name] = quantize_component(quantized.pipeline, name, config.wbits)
     quantized.quantization = {
         "method": config.name,
         "setting": config.setting,
@@ -125,6 +154,7 @@ def quantize(
         "calibration_peak_rss_mb": round(usage.peak_rss_mb, 1),
         "calibration_peak_increase_mb": round(usage.peak_increase_mb, 1),
         "details": details,
+        **({"components": extra} if extra else {}),
     }
     return quantized
 
@@ -134,6 +164,8 @@ def save(model: DiffusionModel, directory: str | Path, overwrite: bool = False) 
     quantized model (and not empty) is refused unless `overwrite=True`."""
     if model.quantization is None:
         raise DiffquantError("save() writes quantized models; use diffquant.zoo.save_model for float ones.")
+    if model.pipeline is not None:
+        return save_pipeline(model, directory, overwrite=overwrite)
     return save_quantized(model, directory, overwrite=overwrite)
 
 

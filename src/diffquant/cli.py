@@ -156,6 +156,7 @@ def sample_command(
     steps: int = typer.Option(50),
     guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
     label: list[int] = typer.Option(None, help="Class label(s) for a conditional model, repeated to fill N."),
+    prompt: list[str] = typer.Option(None, help="Prompt(s) for a pipeline directory, repeated to fill N."),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64),
     backend: str = typer.Option(None, help="Run a quantized model on real kernels: onednn (CPU int8) or cuda."),
@@ -165,20 +166,30 @@ def sample_command(
     """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
     try:
         _set_threads(threads)
-        from diffquant.sampling import sample, save_image_grid, save_samples
+        from diffquant.sampling import SampleResult, sample, save_image_grid, save_samples
 
         bundle = _load(model, backend, compile)
         labels = None
         if label:
             labels = [label[i % len(label)] for i in range(num_samples)]
-        result = sample(
-            bundle,
-            num_samples,
-            _sampler_config(scheduler, steps, guidance),
-            seed=seed,
-            batch_size=batch_size,
-            labels=labels,
-        )
+        if bundle.pipeline is not None:  # a pipeline runs itself: its scheduler, text encoders and decoder
+            from diffquant.pipelines import generate
+
+            if not prompt:
+                raise DiffquantError(f"{model} is a pipeline: give --prompt (repeat it for several prompts).")
+            prompts = [prompt[i % len(prompt)] for i in range(num_samples)]
+            scale = 4.0 if guidance is None else guidance
+            images = generate(bundle, prompts, steps, scale, seed) * 2 - 1
+            result = SampleResult(images, None, _sampler_config("flow-euler", steps, scale), seed)
+        else:
+            result = sample(
+                bundle,
+                num_samples,
+                _sampler_config(scheduler, steps, guidance),
+                seed=seed,
+                batch_size=batch_size,
+                labels=labels,
+            )
         out.mkdir(parents=True, exist_ok=True)
         save_image_grid(result.images, out / "samples.png")
         save_samples(result, out / "samples.npz")

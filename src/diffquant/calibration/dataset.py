@@ -1,9 +1,9 @@
 """Calibration data: denoiser inputs recorded along full-precision sampling trajectories.
 
 A `CalibrationSet` holds N denoiser calls: the input x_t, the timestep, the sampling-step index and
-any conditioning keyword arguments (class labels, encoder hidden states, ...), with the classifier-
-free-guidance branch recorded as its own entry. It is saved as safetensors + JSON and reused across
-methods.
+any conditioning keyword arguments (class labels, encoder hidden states, SDXL's nested
+`added_cond_kwargs`, ...), with the classifier-free-guidance branch recorded as its own entry. It is
+saved as safetensors + JSON and reused across methods.
 """
 
 from __future__ import annotations
@@ -18,10 +18,43 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffquant.errors import DiffquantError
+from diffquant.families.base import select_rows
 from diffquant.fileio import atomic_directory, ensure_free_space, recover_interrupted
 
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
+
+Conditioning = dict[str, Any]
+"""Keyword inputs of the denoiser: batched tensors, or dicts of them (SDXL's `added_cond_kwargs`)."""
+
+
+def flatten_conditioning(conditioning: Conditioning, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested conditioning as flat dotted keys ("added_cond_kwargs.text_embeds")."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in conditioning.items():
+        if isinstance(value, dict):
+            flat.update(flatten_conditioning(value, f"{prefix}{key}."))
+        elif torch.is_tensor(value):
+            flat[f"{prefix}{key}"] = value
+        else:
+            raise DiffquantError(
+                f"Conditioning '{prefix}{key}' is a {type(value).__name__}; calibration data holds batched tensors "
+                "(or dicts of them). Leave constant inputs to the model family's adapter."
+            )
+    return flat
+
+
+def unflatten_conditioning(flat: dict[str, torch.Tensor]) -> Conditioning:
+    nested: Conditioning = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
 
 
 @dataclass
@@ -33,9 +66,9 @@ class CalibrationBatch:
     num_steps: int
     sample: torch.Tensor
     timesteps: torch.Tensor
-    conditioning: dict[str, torch.Tensor]
+    conditioning: Conditioning
 
-    def model_inputs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    def model_inputs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], Conditioning]:
         return (self.sample, self.timesteps), self.conditioning
 
     @property
@@ -50,7 +83,7 @@ class CalibrationSet:
     sample: torch.Tensor
     timestep: torch.Tensor
     step_index: torch.Tensor
-    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    conditioning: Conditioning = field(default_factory=dict)
     num_steps: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -65,7 +98,7 @@ class CalibrationSet:
         if count == 0:
             raise DiffquantError("The calibration set is empty: record at least one sample.")
         tensors = {"sample": self.sample, "timestep": self.timestep, "step_index": self.step_index}
-        tensors.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+        tensors.update({f"conditioning.{k}": v for k, v in flatten_conditioning(self.conditioning).items()})
         for name, tensor in tensors.items():
             if tensor.shape[0] != count:
                 raise DiffquantError(
@@ -94,7 +127,7 @@ class CalibrationSet:
                     num_steps=self.num_steps,
                     sample=self.sample[chosen],
                     timesteps=self.timestep[chosen],
-                    conditioning={k: v[chosen] for k, v in self.conditioning.items()},
+                    conditioning=select_rows(self.conditioning, chosen),
                 )
 
     def subset(self, index: torch.Tensor) -> CalibrationSet:
@@ -102,7 +135,7 @@ class CalibrationSet:
             self.sample[index],
             self.timestep[index],
             self.step_index[index],
-            {k: v[index] for k, v in self.conditioning.items()},
+            select_rows(self.conditioning, index),
             self.num_steps,
             dict(self.meta),
         )
@@ -120,7 +153,7 @@ class CalibrationSet:
         empty) is refused unless `overwrite`."""
         directory = Path(directory)
         tensors = {"sample": self.sample, "timestep": self.timestep, "step_index": self.step_index}
-        tensors.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+        tensors.update({f"conditioning.{k}": v for k, v in flatten_conditioning(self.conditioning).items()})
         ensure_free_space(directory.parent, sum(t.numel() * t.element_size() for t in tensors.values()) + 65536)
         with atomic_directory(directory, META_FILE, overwrite) as scratch:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(scratch / TENSORS_FILE))
@@ -149,7 +182,8 @@ class CalibrationSet:
                 f"Calibration data in {directory} {what}; it was not written by diffquant. Record it with "
                 "`diffquant calibrate` or build a CalibrationSet(sample, timestep, step_index, ...)."
             )
-        conditioning = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("conditioning.")}
+        flat = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("conditioning.")}
+        conditioning = unflatten_conditioning(flat)
         num_steps = meta.pop("num_steps", 1)
         meta.pop("count", None)
         return cls(tensors["sample"], tensors["timestep"], tensors["step_index"], conditioning, num_steps, meta)

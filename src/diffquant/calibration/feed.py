@@ -8,14 +8,14 @@ import torch
 from tqdm.auto import tqdm
 
 from diffquant.calibration.dataset import CalibrationBatch, CalibrationSet
+from diffquant.families import denoise
 from diffquant.quant import step_context
 
 
 def call_denoiser(denoiser: torch.nn.Module, batch: CalibrationBatch) -> torch.Tensor:
-    """One denoiser call on a calibration batch, inside its step context."""
+    """One denoiser call on a calibration batch, by keyword through its family adapter, inside its step context."""
     with step_context(batch.step_index, batch.timestep, batch.num_steps):
-        output = denoiser(batch.sample, batch.timesteps, **batch.conditioning)
-    return output.sample if hasattr(output, "sample") else output[0]
+        return denoise(denoiser, batch.sample, batch.timesteps, batch.conditioning)
 
 
 @torch.no_grad()

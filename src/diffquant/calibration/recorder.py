@@ -6,11 +6,11 @@ from collections import defaultdict
 
 import torch
 
-from diffquant.calibration.dataset import CalibrationSet
+from diffquant.calibration.dataset import CalibrationSet, flatten_conditioning, unflatten_conditioning
 from diffquant.calibration.policies import TimestepPolicy, UniformSteps
 from diffquant.errors import ConfigError
+from diffquant.model import DiffusionModel
 from diffquant.sampling import SamplerConfig, StepInfo, make_scheduler, sample
-from diffquant.zoo.registry import DiffusionModel
 
 
 def record_trajectories(
@@ -55,7 +55,7 @@ def record_trajectories(
             records["sample"].append(info.sample[index].clone())
             records["timestep"].append(info.timestep.expand(len(rows)).clone())
             records["step_index"].append(torch.full((len(rows),), info.index, dtype=torch.long))
-            for key, value in branch.items():
+            for key, value in flatten_conditioning(branch).items():
                 conditioning[key].append(value[index].clone())
 
     count = num_trajectories - first_index if count is None else count
@@ -64,7 +64,7 @@ def record_trajectories(
         torch.cat(records["sample"]),
         torch.cat(records["timestep"]),
         torch.cat(records["step_index"]),
-        {k: torch.cat(v) for k, v in conditioning.items()},
+        unflatten_conditioning({k: torch.cat(v) for k, v in conditioning.items()}),
         num_steps=sampler.steps,
         meta={
             "model": model.info.name,

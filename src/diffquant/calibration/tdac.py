@@ -12,8 +12,8 @@ import torch
 
 from diffquant.calibration.policies import AllocatedSteps
 from diffquant.errors import ConfigError
+from diffquant.model import DiffusionModel
 from diffquant.sampling import SamplerConfig, sample
-from diffquant.zoo.registry import DiffusionModel
 
 
 def default_feature_module(denoiser: torch.nn.Module) -> str:

@@ -17,20 +17,20 @@ from torch import nn
 from diffquant.calibration import CalibrationSet, call_denoiser
 from diffquant.engines.store import TensorStore
 from diffquant.errors import DiffquantError
+from diffquant.families import adapter_for
 
 
 class _StopForward(Exception):
     """Raised by a hook once the unit of interest has run."""
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    if torch.is_tensor(output):
-        return output
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
-    if hasattr(output, "sample"):
-        return output.sample
-    raise DiffquantError(f"cannot reconstruct a module whose output is {type(output).__name__}")
+def unit_output(model: nn.Module, module: nn.Module, output: Any) -> torch.Tensor:
+    """The image-stream tensor of a unit's output, as `model`'s family adapter defines it (a joint
+    block returns (text, image) streams; the image stream is what the unit must reproduce)."""
+    try:
+        return adapter_for(model).block_output(module, output)
+    except TypeError as error:
+        raise DiffquantError(f"cannot reconstruct a module whose output is {type(output).__name__}") from error
 
 
 @dataclass
@@ -56,15 +56,19 @@ class UnitData:
         self.store.close()
 
 
-def _split_inputs(args: tuple, kwargs: dict) -> tuple[dict[str, torch.Tensor], dict[int, Any], dict[str, Any]]:
+def _split_inputs(
+    args: tuple, kwargs: dict, batch: int
+) -> tuple[dict[str, torch.Tensor], dict[int, Any], dict[str, Any]]:
+    """Batched tensors become cached rows; anything else (rotary tables, None, flags) is a constant."""
     tensors, constant_args, constant_kwargs = {}, {}, {}
+    batched = lambda value: torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch  # noqa: E731
     for i, value in enumerate(args):
-        if torch.is_tensor(value):
+        if batched(value):
             tensors[f"in.{i}"] = value.detach()
         else:
             constant_args[i] = value
     for key, value in kwargs.items():
-        if torch.is_tensor(value):
+        if batched(value):
             tensors[f"in.{key}"] = value.detach()
         else:
             constant_kwargs[key] = value
@@ -88,14 +92,14 @@ def capture_unit(
     captured: dict[str, Any] = {}
 
     def grab_inputs(_module, args, kwargs):
-        captured["inputs"] = _split_inputs(args, kwargs)
+        captured["inputs"] = _split_inputs(args, kwargs, captured["batch"])
         raise _StopForward
 
     def grab_fp_inputs(_module, args, kwargs):
-        captured["inputs"] = _split_inputs(args, kwargs)
+        captured["inputs"] = _split_inputs(args, kwargs, captured["batch"])
 
-    def grab_output(_module, _args, output):
-        captured["out"] = _first_tensor(output).detach()
+    def grab_output(module, _args, output):
+        captured["out"] = unit_output(full_precision, module, output).detach()
         raise _StopForward
 
     def grab_layer(name):
@@ -109,6 +113,7 @@ def capture_unit(
     try:
         for batch in calibration.batches(batch_size):
             captured.clear()
+            captured["batch"] = batch.size
             if asym:
                 handle = q_unit.register_forward_pre_hook(grab_inputs, with_kwargs=True)
                 try:

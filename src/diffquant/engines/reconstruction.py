@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffquant.calibration import CalibrationSet
-from diffquant.engines.capture import UnitData, _first_tensor, capture_unit
+from diffquant.engines.capture import UnitData, capture_unit, unit_output
 from diffquant.engines.units import ReconstructionUnit
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.fileio import atomic_directory
@@ -273,9 +273,9 @@ class Reconstructor:
                 args, kwargs = data.call_inputs(rows)
                 if step is not None:
                     with step_context(step, data.timesteps[step], self.calibration.num_steps):
-                        output = _first_tensor(module(*args, **kwargs))
+                        output = unit_output(self.model, module, module(*args, **kwargs))
                 else:
-                    output = _first_tensor(module(*args, **kwargs))
+                    output = unit_output(self.model, module, module(*args, **kwargs))
                 loss = lp_loss(output, rows["out"], p)
                 for name, value in layer_outputs.items():
                     loss = loss + self.config.layer_loss_weight * lp_loss(value, rows[f"layer.{name}"], p)

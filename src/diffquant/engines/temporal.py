@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffquant.calibration import CalibrationSet
+from diffquant.calibration import CalibrationSet, flatten_conditioning, select_rows, unflatten_conditioning
 from diffquant.engines.reconstruction import Reconstructor, lp_loss
 from diffquant.engines.store import TensorStore
+from diffquant.families import denoise
 from diffquant.modules.layers import QuantLayer
 from diffquant.modules.surgery import set_activation_quantization
 from diffquant.quant.adaround import TemperatureDecay
@@ -38,12 +39,12 @@ def _collect(model: nn.Module, layers: list[str], run) -> dict[str, torch.Tensor
 def _probe_sample(model: nn.Module, fp: nn.Module, calibration: CalibrationSet, layers: list[str]) -> torch.Tensor:
     """The smallest spatial input (8x8) if it reproduces the temporal features, else a full-size one."""
     full = calibration.sample[:2]
-    t, cond = calibration.timestep[:2], {k: v[:2] for k, v in calibration.conditioning.items()}
+    t, cond = calibration.timestep[:2], select_rows(calibration.conditioning, slice(0, 2))
     with torch.no_grad():
-        reference = _collect(fp, layers, lambda: fp(full, t, **cond))
+        reference = _collect(fp, layers, lambda: denoise(fp, full, t, cond))
         tiny = torch.zeros(2, full.shape[1], 8, 8)
         try:
-            candidate = _collect(fp, layers, lambda: fp(tiny, t, **cond))
+            candidate = _collect(fp, layers, lambda: denoise(fp, tiny, t, cond))
         except Exception:  # the architecture needs its native resolution
             return torch.zeros_like(full[:1])
     if all(torch.allclose(reference[n], candidate[n], atol=1e-6) for n in layers):
@@ -64,9 +65,11 @@ def reconstruct_temporal(reconstructor: Reconstructor, layers: list[str]) -> Non
         for start in range(0, len(calibration), config.capture_batch_size):
             index = torch.arange(start, min(start + config.capture_batch_size, len(calibration)))
             t = calibration.timestep[index]
-            cond = {k: v[index] for k, v in calibration.conditioning.items()}
-            targets = _collect(fp, layers, lambda t=t, cond=cond: fp(probe.expand(len(t), -1, -1, -1), t, **cond))
-            store.append({"t": t, **{f"c.{k}": v for k, v in cond.items()}, **{f"out.{n}": targets[n] for n in layers}})
+            cond = select_rows(calibration.conditioning, index)
+            sample = probe.expand(len(t), *probe.shape[1:])
+            targets = _collect(fp, layers, lambda t=t, cond=cond, sample=sample: denoise(fp, sample, t, cond))
+            flat = flatten_conditioning(cond)
+            store.append({"t": t, **{f"c.{k}": v for k, v in flat.items()}, **{f"out.{n}": targets[n] for n in layers}})
 
     trainable = [
         module
@@ -90,9 +93,10 @@ def reconstruct_temporal(reconstructor: Reconstructor, layers: list[str]) -> Non
             disable=not reconstructor.progress_bar,
         ):
             rows = store.rows(torch.randperm(len(store), generator=generator)[: config.batch_size])
-            cond = {k[2:]: v for k, v in rows.items() if k.startswith("c.")}
+            cond = unflatten_conditioning({k[2:]: v for k, v in rows.items() if k.startswith("c.")})
             t = rows["t"]
-            outputs = _collect(model, layers, lambda t=t, cond=cond: model(probe.expand(len(t), -1, -1, -1), t, **cond))
+            sample = probe.expand(len(t), *probe.shape[1:])
+            outputs = _collect(model, layers, lambda t=t, cond=cond, sample=sample: denoise(model, sample, t, cond))
             loss = sum(lp_loss(outputs[n], rows[f"out.{n}"], config.weight_p) for n in layers)
             if iteration >= config.warmup * config.weight_iters:
                 beta = decay(iteration)

@@ -1,7 +1,8 @@
 """Reconstruction units discovered from the diffusers module tree (BRECQ-style scopes).
 
-Blocks: ResNet blocks, attention modules, transformer blocks (DiT and cross-attention). Every
-quantized layer outside a block is reconstructed alone. Units are listed in execution order.
+Blocks are the repeated blocks the model's family adapter declares (ResNet blocks and attention for
+UNets, transformer blocks for DiTs, joint blocks for SD3/Flux, ...). Every quantized layer outside a
+block is reconstructed alone. Units are listed in execution order.
 """
 
 from __future__ import annotations
@@ -10,16 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from diffquant.errors import ConfigError
+from diffquant.families import adapter_for
 from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
 from diffquant.modules.policy import pattern_matches
-
-BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock, Attention)
 
 
 @dataclass
@@ -50,12 +47,7 @@ def discover_units(
     `block_patterns` restricts which blocks are used (others dissolve into lone layers); a pattern
     matching no block is an error. Layers in `exclude_layers` (e.g. TFMQ's temporal layers) are left out.
     """
-    blocks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BLOCK_TYPES) and name:
-            if any(name.startswith(other + ".") for other in blocks):
-                continue  # an attention inside a transformer block belongs to that block
-            blocks[name] = module
+    blocks = dict(adapter_for(model).find_blocks(model))  # an attention inside a block belongs to it
     if block_patterns is not None:
         for pattern in block_patterns:
             if not any(pattern_matches(pattern, name) for name in blocks):

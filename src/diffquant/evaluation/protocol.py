@@ -33,8 +33,8 @@ from diffquant.evaluation.reference import (
     reference_stats,
     subsample,
 )
+from diffquant.model import DiffusionModel
 from diffquant.sampling import SamplerConfig, sample
-from diffquant.zoo.registry import DiffusionModel
 
 
 @dataclass(frozen=True)

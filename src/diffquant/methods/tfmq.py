@@ -21,6 +21,7 @@ from torch import nn
 
 from diffquant.calibration import CalibrationSet, UniformSteps
 from diffquant.engines import calibrate_ranges, discover_units, prepare_model, probe, reconstruct_temporal
+from diffquant.families import denoise
 from diffquant.methods.base import CalibrationConfig
 from diffquant.methods.reconstruction_base import (
     ReconstructionMethodConfig,
@@ -71,7 +72,8 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: TFMQConfig, 
     full_precision = full_precision_copy(denoiser)
     run = probe(denoiser, calibration)
     batch = next(calibration.batches(4))
-    temporal = temporal_layers(denoiser, lambda s: denoiser(s, batch.timesteps, **batch.conditioning), batch.sample)
+    with_sample = lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning)  # noqa: E731
+    temporal = temporal_layers(denoiser, with_sample, batch.sample)
     edges = _edge_overrides(denoiser, run, temporal) if config.keep_edges_fp else ()
     prepare_model(denoiser, config.layer_policy(extra_overrides=edges))
 

@@ -1,30 +1,44 @@
-"""Quantized attention matmuls for diffusers' `Attention`: QK^T and softmax(QK^T)V.
+"""Quantized attention matmuls, QK^T and softmax(QK^T)V, around a model's own attention processor.
 
-`QuantAttnProcessor` is an attention processor and an nn.Module, so its quantizers live in the
-model's state dict. It follows diffusers' AttnProcessor2_0 step for step; when its matmul quantizers
-are all disabled it calls the same fused SDPA kernel, otherwise it computes the attention explicitly
-with quantized Q, K (for QK^T), post-softmax probabilities and V (for PV), as Q-Diffusion does.
+`QuantAttnProcessor` wraps the processor an attention module already has (AttnProcessor2_0, SD3's
+JointAttnProcessor2_0, FluxAttnProcessor, Wan's, ...), so joint and dual-stream attention keep their
+own projections, norms and rotary embeddings. With every matmul quantizer off it calls that processor
+untouched (bit-identical outputs). Otherwise, for the duration of the call, it replaces
+`torch.nn.functional.scaled_dot_product_attention` - which diffusers' processors and its native
+attention dispatch call - by an explicit attention with quantized Q, K (for QK^T), post-softmax
+probabilities and V (for PV), as Q-Diffusion does. It is an nn.Module, so its quantizers live in the
+model's state dict.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
+from diffquant.errors import DiffquantError
 from diffquant.quant import Quantizer, QuantSpec
 
 
 class QuantAttnProcessor(nn.Module):
     kind = "attention"
 
-    def __init__(self, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None) -> None:
+    def __init__(self, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None, inner: Any = None) -> None:
         super().__init__()
         make = lambda spec: Quantizer(spec) if spec is not None else None  # noqa: E731
         self.query_quantizer = make(operand_spec)
         self.key_quantizer = make(operand_spec)
         self.value_quantizer = make(operand_spec)
         self.probs_quantizer = make(probs_spec)
+        # the model's own processor; kept out of the module tree so the state dict has only quantizers
+        object.__setattr__(self, "inner", inner if inner is not None else AttnProcessor2_0())
 
     def quantizers(self) -> list[Quantizer]:
         return [q for q in (self.query_quantizer, self.key_quantizer, self.value_quantizer, self.probs_quantizer) if q]
@@ -36,61 +50,66 @@ class QuantAttnProcessor(nn.Module):
     def _apply(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
         return quantizer(x) if quantizer is not None else x
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        # an explicit signature: diffusers inspects it to decide which keyword arguments to pass
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self._active():
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        with self._quantized_sdpa() as calls:
+            output = self.inner(attn, hidden_states, *args, **kwargs)
+        if not calls:
+            raise DiffquantError(
+                f"{type(self.inner).__name__} computed attention without scaled_dot_product_attention (another "
+                "attention backend?), so its matmuls cannot be quantized. Use diffusers' native backend."
+            )
+        return output
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    @contextmanager
+    def _quantized_sdpa(self):
+        original = F.scaled_dot_product_attention
+        calls: list[int] = []
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            calls.append(1)
+            return self._attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
 
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        torch.nn.functional.scaled_dot_product_attention = attention
+        try:
+            yield calls
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
 
-        if self._active():
-            query = self._apply(self.query_quantizer, query)
-            key = self._apply(self.key_quantizer, key)
-            value = self._apply(self.value_quantizer, value)
-            scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = self._apply(self.probs_quantizer, scores.softmax(dim=-1))
-            hidden_states = torch.matmul(probs, value)
-        else:
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+    def _attention(self, query, key, value, mask, is_causal, scale, enable_gqa) -> torch.Tensor:
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            repeat = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+        query = self._apply(self.query_quantizer, query)
+        key = self._apply(self.key_quantizer, key)
+        value = self._apply(self.value_quantizer, value)
+        scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if is_causal:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = self._apply(self.probs_quantizer, scores.softmax(dim=-1))
+        return torch.matmul(probs, value)
 
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+
+@cache
+def _wrapper_class(inner_class: type) -> type:
+    """A QuantAttnProcessor subclass whose `__call__` shows `inner_class.__call__`'s signature:
+    diffusers reads it to decide which keyword arguments the processor accepts."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return nn.Module.__call__(self, attn, hidden_states, *args, **kwargs)
+
+    signature = inspect.signature(inner_class.__call__)
+    __call__.__signature__ = signature
+    return type(f"Quant{inner_class.__name__}", (QuantAttnProcessor,), {"__call__": __call__})
+
+
+def wrap_processor(inner: Any, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None) -> QuantAttnProcessor:
+    """Quantized matmuls around `inner`, an attention module's own processor (a wrapper is unwrapped first)."""
+    if isinstance(inner, QuantAttnProcessor):
+        inner = inner.inner
+    return _wrapper_class(type(inner))(operand_spec, probs_spec, inner)

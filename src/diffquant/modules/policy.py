@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -146,7 +147,12 @@ def resolve_policy(
     `splits` maps conv names to the channel where their concatenated input splits (split shortcut).
     """
     weight_layers = [n for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
-    attention_modules = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    attention_modules = [
+        n
+        for n, m in model.named_modules()
+        # linear attention (Sana's ReLU kernel) has no softmax(QK^T)V matmuls to quantize
+        if isinstance(m, (Attention, AttentionModuleMixin)) and "LinearAttn" not in type(m.processor).__name__
+    ]
     names = weight_layers + attention_modules
     if not weight_layers:
         raise ConfigError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layers to quantize.")

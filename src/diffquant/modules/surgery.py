@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.modules.attention import QuantAttnProcessor, wrap_processor
 from diffquant.modules.layers import QuantLayer, SplitQuantConv2d, wrap_layer
 from diffquant.modules.lowrank import LowRankQuantLayer
 from diffquant.modules.policy import AttentionPlan, LayerPlan
@@ -31,7 +31,8 @@ def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[
         else:
             setattr(parent, child, wrap_layer(original, plan.weight, plan.input))
     for name, plan in attention.items():
-        model.get_submodule(name).set_processor(QuantAttnProcessor(plan.operands, plan.probs))
+        module = model.get_submodule(name)  # wrap the module's own processor: joint attention keeps working
+        module.set_processor(wrap_processor(module.processor, plan.operands, plan.probs))
 
 
 def export_plans(model: nn.Module) -> dict:

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from diffquant.errors import DiffquantError
+from diffquant.families import denoise
 from diffquant.fileio import atomic_directory, check_output, write_json
+from diffquant.model import DiffusionModel
 from diffquant.quant import step_context
 from diffquant.runtime.export import DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
-from diffquant.zoo.registry import DiffusionModel
 
 EXPORT_FILE = "export.json"
 
@@ -28,7 +29,12 @@ def probe_inputs(model: DiffusionModel, count: int = 8, seed: int = 0) -> list[t
     """(step index, timestep, args, kwargs) of denoiser calls at a few timesteps, for agreement checks."""
     generator = torch.Generator().manual_seed(seed)
     calls = []
+    adapter = model.adapter
     for index, timestep in enumerate((900.0, 500.0, 100.0)):
+        if adapter.name not in ("unet2d", "dit"):  # text-conditioned or packed families: the adapter's inputs
+            x, _, kwargs = adapter.example_inputs(model.denoiser, count, generator)
+            calls.append((index, float(timestep), (x, torch.full((count,), timestep)), kwargs))
+            continue
         x = torch.randn((count, *model.info.image_shape), generator=generator)
         t = torch.full((count,), int(timestep))
         kwargs = {}
@@ -44,8 +50,8 @@ def agreement_with_simulation(simulated: DiffusionModel, deployed: DiffusionMode
     worst, errors, norms = 0.0, 0.0, 0.0
     for index, timestep, args, kwargs in probe_inputs(simulated):
         with step_context(index, timestep, 50):
-            reference = simulated.denoiser(*args, **kwargs).sample
-            candidate = deployed.denoiser(*args, **kwargs).sample
+            reference = denoise(simulated.denoiser, *args, kwargs)  # by keyword, through the family adapter
+            candidate = denoise(deployed.denoiser, *args, kwargs)
         worst = max(worst, ((candidate - reference).abs().max() / reference.abs().max()).item())
         errors += (candidate - reference).pow(2).sum().item()
         norms += reference.pow(2).sum().item()

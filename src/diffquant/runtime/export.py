@@ -29,6 +29,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.model import DiffusionModel
 from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantConv2d, QuantLinear
 from diffquant.modules.surgery import quant_layers
@@ -53,7 +54,6 @@ from diffquant.runtime.kernels_int4 import (
     int4_weight_supported,
     int4pack_group_size,
 )
-from diffquant.zoo.registry import DiffusionModel
 
 BACKENDS = ("fake", "onednn", "cuda")
 
@@ -71,11 +71,11 @@ class DeployedDenoiser(nn.Module):
     def config(self):
         return self.inner.config
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
+    def forward(self, *args, **kwargs):  # passes keywords through: families call by keyword
         step = current_step()
         if step is not None:
             self.clock.set(step.timestep)
-        return self._call(sample, timestep, *args, **kwargs)
+        return self._call(*args, **kwargs)
 
 
 def check_backend(backend: str) -> None:

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from diffquant.errors import DiffquantError
 from diffquant.fileio import atomic_directory, ensure_free_space, write_json
+from diffquant.model import METADATA_FILE, DiffusionModel, ModelInfo
 from diffquant.modules.surgery import export_plans, import_plans, quant_layers
 from diffquant.quant import group_view, invalid_step_sizes, pack_codes, require_valid_step_sizes, unpack_codes
-from diffquant.zoo.registry import METADATA_FILE, DiffusionModel, ModelInfo
 
 QUANTIZATION_FILE = "quantization.json"
 TENSORS_FILE = "quantized.safetensors"
@@ -238,6 +238,6 @@ def guard_inputs(denoiser: torch.nn.Module) -> None:
 
 
 def _version() -> str:
-    from diffquant import __version__
+    from diffquant.version import __version__
 
     return __version__

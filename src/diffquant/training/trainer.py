@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from diffquant.data.images import ImageSet
 from diffquant.errors import ConfigError
+from diffquant.model import DiffusionModel
+from diffquant.model import save_float_directory as save_model
 from diffquant.training.checkpoint import (
     flatten_optimizer,
     load_checkpoint,
@@ -22,7 +24,6 @@ from diffquant.training.checkpoint import (
     unflatten_optimizer,
 )
 from diffquant.training.ema import ExponentialMovingAverage
-from diffquant.zoo.registry import DiffusionModel, save_model
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""A tiny random StableDiffusion3Pipeline (MMDiT, AutoencoderKL, two CLIP text encoders, a locally built
+CLIP tokenizer): nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+
+def local_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (no merges) built from scratch."""
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(string.ascii_lowercase + string.digits + ",.")
+    tokens = ["<|startoftext|>", "<|endoftext|>", "!"] + symbols + [s + "</w>" for s in symbols]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    vocab, merges = str(directory / "vocab.json"), str(directory / "merges.txt")
+    return CLIPTokenizer(vocab, merges, model_max_length=16, pad_token="!")
+
+
+def _clip(seed: int, vocab: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_pipeline(scratch: Path, seed: int = 0) -> StableDiffusion3Pipeline:
+    tokenizer = local_tokenizer(scratch / "tokenizer")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+        pos_embed_max_size=8,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
+        shift_factor=0.0, scaling_factor=1.0,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_clip(seed + 1, len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip(seed + 2, len(tokenizer)),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
