@@ -241,9 +241,12 @@ def _disk_mb(save: Callable[[Path], None]) -> float:
 
 
 def _diffquant_model(case: Case, tiny: bool):
-    from diffquant.zoo.registry import DiffusionModel, ModelInfo
+    from diffquant.families import adapter_for
+    from diffquant.model import DDPM_LINEAR_SCHEDULE, DiffusionModel, ModelInfo
 
-    return DiffusionModel(case.denoiser, ModelInfo(case.name, "realsize", case.latent))
+    # speed does not depend on the schedule: DDPM's linear betas where the family does not imply one
+    schedule = None if adapter_for(case.denoiser).flow_matching else dict(DDPM_LINEAR_SCHEDULE)
+    return DiffusionModel(case.denoiser, ModelInfo(case.name, "realsize", case.latent), schedule)
 
 
 def _calibration(case: Case, count: int):

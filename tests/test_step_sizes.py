@@ -11,8 +11,8 @@ from diffusers import UNet2DModel
 import diffquant
 from diffquant.errors import DiffquantError
 from diffquant.methods import make_config
+from diffquant.model import DDPM_LINEAR_SCHEDULE, DiffusionModel, ModelInfo
 from diffquant.quant import Quantizer, QuantSpec, invalid_step_sizes, require_valid_step_sizes
-from diffquant.zoo.registry import DiffusionModel, ModelInfo
 
 
 def _learnable_quantizer(initial_scale: float) -> Quantizer:
@@ -81,7 +81,7 @@ def _attention_unet() -> DiffusionModel:
         norm_num_groups=8,
         attention_head_dim=16,
     )
-    return DiffusionModel(unet.eval(), ModelInfo("attn256-unet", "unet", (1, 16, 16)))
+    return DiffusionModel(unet.eval(), ModelInfo("attn256-unet", "unet", (1, 16, 16)), dict(DDPM_LINEAR_SCHEDULE))
 
 
 def _psnr_against(reference: DiffusionModel, candidate: DiffusionModel) -> float:
