@@ -127,7 +127,13 @@ def family_model(name: str, seed: int = 0):
     denoiser = build_family(name, seed)
     adapter = adapter_for(denoiser)
     schedule = None if adapter.flow_matching else dict(DDPM_LINEAR_SCHEDULE)
-    info = ModelInfo(f"tiny-{name}", adapter.name, adapter.latent_shape(denoiser.config), dataset="random")
+    info = ModelInfo(
+        f"tiny-{name}",
+        adapter.name,
+        adapter.latent_shape(denoiser.config),
+        num_classes=adapter.num_classes(denoiser.config),
+        dataset="random",
+    )
     return DiffusionModel(denoiser, info, schedule)
 
 

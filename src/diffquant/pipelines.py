@@ -62,7 +62,9 @@ def model_from_pipeline(pipeline: Any, name: str | None = None) -> DiffusionMode
         image_shape=adapter.latent_shape(denoiser.config),
         dataset="",
     )
-    return DiffusionModel(denoiser, info, dict(pipeline.scheduler.config), None, None, pipeline)
+    # the class name travels with the config, so the schedule rebuilds as the pipeline's own scheduler
+    schedule = {"_class_name": type(pipeline.scheduler).__name__, **dict(pipeline.scheduler.config)}
+    return DiffusionModel(denoiser, info, schedule, None, None, pipeline)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import torch
 
 from diffquant.calibration.dataset import CalibrationSet
 from diffquant.errors import DiffquantError
-from diffquant.zoo.registry import DiffusionModel
+from diffquant.model import DiffusionModel
 
 OUTLIER_FACTOR = 1e3
 """A value further from the median than this many times the robust spread of the set is refused."""
@@ -63,12 +63,27 @@ def _check_shape(calibration: CalibrationSet, model: DiffusionModel) -> None:
     expected = tuple(model.info.image_shape)
     if not sample.is_floating_point():
         raise DiffquantError(f"Calibration 'sample' must be floating point, got {sample.dtype}.")
+    packed = tuple(model.adapter.pack(torch.zeros(1, *expected)).shape[1:])
+    if packed != expected:  # token-packed families (Flux, Qwen-Image) take any number of tokens
+        if sample.ndim != len(packed) + 1 or sample.shape[-1] != packed[-1]:
+            raise DiffquantError(
+                f"Calibration samples have shape {tuple(sample.shape[1:])} but '{model.info.name}' takes packed "
+                f"tokens of {packed[-1]} features; record the set on this model."
+            )
+        return
     channels = _expected_channels(model) or expected[0]
     if sample.ndim == len(expected) + 1 and sample.shape[1] != channels:
         raise DiffquantError(
             f"Calibration samples have {sample.shape[1]} channels but '{model.info.name}' takes {channels} "
             f"(samples of shape {expected}); record the set on this model."
         )
+    if sample.ndim != len(expected) + 1:
+        raise DiffquantError(
+            f"Calibration samples have shape {tuple(sample.shape[1:])} but '{model.info.name}' takes "
+            f"{len(expected)}-dimensional samples like {expected}; record the set on this model."
+        )
+    if getattr(model.denoiser.config, "sample_size", None) is None:  # the config fixes no size (Wan video)
+        return
     if tuple(sample.shape[1:]) != expected:
         raise DiffquantError(
             f"Calibration samples have shape {tuple(sample.shape[1:])} but '{model.info.name}' generates "
@@ -121,11 +136,14 @@ def _check_conditioning(calibration: CalibrationSet, model: DiffusionModel) -> N
 
 def _check_timesteps(calibration: CalibrationSet, model: DiffusionModel) -> None:
     horizon = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    # flow-matching schedulers use t = 1000 * sigma, so the pure-noise end t = num_train_timesteps is valid
+    flow = model.adapter.flow_matching or "FlowMatch" in str(model.scheduler_config.get("_class_name", ""))
+    last = horizon if flow else horizon - 1
     timestep = calibration.timestep
     low, high = float(timestep.min()), float(timestep.max())
-    if low < 0 or high > horizon - 1:
+    if low < 0 or high > last:
         raise DiffquantError(
-            f"Calibration timesteps span [{low:g}, {high:g}] but '{model.info.name}' is trained on 0-{horizon - 1} "
+            f"Calibration timesteps span [{low:g}, {high:g}] but '{model.info.name}' is trained on 0-{last} "
             "(num_train_timesteps of its scheduler); record the set with this model's scheduler."
         )
     steps = calibration.step_index
