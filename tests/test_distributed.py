@@ -69,7 +69,8 @@ def test_two_processes_give_the_samples_and_fid_of_one(tmp_path):
     protocol = get_protocol("smoke", num_samples=10, batch_size=4, sampler=SAMPLER)
     report = evaluate(model, protocol, Scorer.load(protocol.reference), progress=False)
     assert torch.equal(gathered["eval_images"], report.images)
-    assert gathered["fid"] == report.metrics["fid"]
+    # the images are bit-identical; FID's matrix square root differs in the 8th digit with the BLAS thread count
+    assert gathered["fid"] == pytest.approx(report.metrics["fid"], rel=1e-6)
     single_set = record_trajectories(
         model, 5, SamplerConfig("ddim", 4), _calibration_config().calibration.timestep_policy(model), 1234, 2, False
     )

@@ -48,6 +48,8 @@ class FamilyAdapter:
     """The denoiser takes the scheduler's timestep times this (Flux and Qwen-Image take t / 1000)."""
     conditional_inputs: ClassVar[bool] = False
     """Sampling needs conditioning (text embeddings) that only the user or a pipeline can give."""
+    takes_return_dict: ClassVar[bool] = True
+    """forward() has diffusers' `return_dict` switch (plain nn.Modules usually do not)."""
 
     # calling -------------------------------------------------------------------------------------
     def extra_inputs(self, denoiser: nn.Module, sample: torch.Tensor, conditioning: Conditioning) -> Conditioning:
@@ -64,7 +66,7 @@ class FamilyAdapter:
             timestep = timestep.float() * self.timestep_scale
         kwargs = {self.sample_arg: sample, self.timestep_arg: timestep, **conditioning}
         kwargs.update(self.extra_inputs(denoiser, sample, conditioning))
-        output = denoiser(**kwargs, return_dict=False)
+        output = denoiser(**kwargs, return_dict=False) if self.takes_return_dict else denoiser(**kwargs)
         return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
 
     # shapes --------------------------------------------------------------------------------------

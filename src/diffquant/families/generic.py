@@ -37,5 +37,6 @@ def generic_adapter(denoiser: nn.Module) -> FamilyAdapter:
         "timestep_arg": timestep,
         "conditioning": tuple(p for p in parameters if p not in NOT_INPUTS | {sample, timestep}),
         "blocks": hinted + ATTENTION_CLASSES,
+        "takes_return_dict": "return_dict" in parameters,
     }
     return type(f"Generic{family}Adapter", (FamilyAdapter,), attributes)()

@@ -26,10 +26,11 @@ class DenoiserCallAdapter(nn.Module):
 
     def __init__(self, denoiser: TokenDenoiser):
         super().__init__()
-        self.inner = denoiser
+        # not named `inner`: adapter_for would look through it to the token denoiser's own signature
+        self.token_denoiser = denoiser
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None):
-        return (self.inner(sample, class_labels),)
+        return (self.token_denoiser(sample, class_labels),)
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def quantize_token_denoiser(
     get_method(config.name).apply(adapter, calibration, config, progress)
     for _, layer in quant_layers(adapter):
         layer.freeze()
-    return adapter.inner.eval()
+    return adapter.token_denoiser.eval()
 
 
 def vq_token_denoiser(
