@@ -91,7 +91,7 @@ import diffquant
 names = sorted(m.name for m in pkgutil.walk_packages(diffquant.__path__, "diffquant."))
 for name in names:
     for loaded in [m for m in sys.modules if m == "diffquant" or m.startswith("diffquant.")]:
-        if loaded != "diffquant.runtime.kernels":  # registers torch ops: once per process
+        if loaded not in ("diffquant.runtime.kernels", "diffquant.runtime.kernels_attention"):  # torch ops: once
             del sys.modules[loaded]
     importlib.import_module(name)  # each module first, in a clean diffquant namespace
 print(len(names))
