@@ -155,9 +155,11 @@ def arithmetic_decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
         high = low + span * hi // model.total - 1
         low = low + span * lo // model.total
         while True:
-            if high < _HALF:
-                pass
-            elif low >= _HALF:
+            if high < _HALF:  # interval in the lower half: only the shift below is needed
+                low, high = 2 * low, 2 * high + 1
+                value = (value << 1) | next_bit()
+                continue
+            if low >= _HALF:
                 low -= _HALF
                 high -= _HALF
                 value -= _HALF
