@@ -21,6 +21,17 @@ from diffquant.training.ema import ExponentialMovingAverage
 Log = Callable[[str], None]
 
 
+def _start_step(optimizer, training, step: int, started: float, log, what: str) -> bool:
+    """Set this step's learning rate; False once the run's time budget is spent."""
+    if training.max_minutes is not None and time.perf_counter() - started > 60 * training.max_minutes:
+        log(f"{what}: time budget reached at step {step}")
+        return False
+    fraction = _time_fraction(started, training.max_minutes)
+    for group in optimizer.param_groups:
+        group["lr"] = _lr_at(step, training.steps, training.learning_rate, training.warmup, fraction)
+    return True
+
+
 def _lr_at(step: int, total: int, peak: float, warmup: int, time_fraction: float = 0.0) -> float:
     """Linear warm-up then cosine decay to 10% of the peak, over steps or the wall-time budget if sooner."""
     if step < warmup:
@@ -79,18 +90,9 @@ def train_tokenizer(
     history: list[dict] = []
     step = 0
     for step in range(training.steps):
-        if training.max_minutes is not None and time.perf_counter() - started > 60 * training.max_minutes:
-            log(f"tokenizer: time budget reached at step {step}")
+        if not _start_step(optimizer, training, step, started, log, "tokenizer"):
             break
         model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(
-                step,
-                training.steps,
-                training.learning_rate,
-                training.warmup,
-                _time_fraction(started, training.max_minutes),
-            )
         batch = images[torch.randint(0, len(images), (training.batch_size,), generator=generator)]
         recon, out = model(batch)
         loss = F.mse_loss(recon, batch) + out.loss
@@ -169,18 +171,9 @@ def train_denoiser(
     history: list[dict] = []
     step = 0
     for step in range(training.steps):
-        if training.max_minutes is not None and time.perf_counter() - started > 60 * training.max_minutes:
-            log(f"denoiser: time budget reached at step {step}")
+        if not _start_step(optimizer, training, step, started, log, "denoiser"):
             break
         model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(
-                step,
-                training.steps,
-                training.learning_rate,
-                training.warmup,
-                _time_fraction(started, training.max_minutes),
-            )
         index = torch.randint(0, len(tokens), (training.batch_size,), generator=generator)
         x0, y = tokens[index], labels[index].clone()
         y[torch.rand(len(y), generator=generator) < training.label_drop] = config.null_class
