@@ -92,7 +92,8 @@ def quantize(
     `model` may be a diffusers `DiffusionPipeline` (or a model loaded from a pipeline directory): its
     denoiser is quantized and the result keeps the pipeline. Without `calibration`, the data is
     recorded from `model` as the config's calibration settings say - for a pipeline, by running the
-    pipeline itself on `prompts` (a list, or a file with one prompt per line), both CFG branches.
+    pipeline itself on `prompts` (a list, or a file with one prompt per line), both CFG branches; a
+    reference pipeline with class prompts (fmnist-t2i) records the method's own calibration set from them.
     `components` names what is quantized: "denoiser" (the method), plus e.g. "text_encoder" (weight-only
     round-to-nearest at the method's weight bits).
     The returned model's layers hold frozen integer codes; `save` writes it, `load` reads it back.
@@ -115,7 +116,7 @@ def quantize(
     recording_time = 0.0
     if calibration is None:
         started = time.perf_counter()
-        if model.pipeline is not None:
+        if model.pipeline is not None and (prompts is not None or not model.info.class_prompts):
             if prompts is None:
                 raise ConfigError("Quantizing a pipeline records calibration data from prompts: pass prompts=[...].")
             settings = config.calibration

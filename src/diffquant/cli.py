@@ -166,30 +166,24 @@ def sample_command(
     """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
     try:
         _set_threads(threads)
-        from diffquant.sampling import SampleResult, sample, save_image_grid, save_samples
+        from diffquant.sampling import sample, save_image_grid, save_samples
 
         bundle = _load(model, backend, compile)
         labels = None
         if label:
             labels = [label[i % len(label)] for i in range(num_samples)]
-        if bundle.pipeline is not None:  # a pipeline runs itself: its scheduler, text encoders and decoder
-            from diffquant.pipelines import generate
-
-            if not prompt:
-                raise DiffquantError(f"{model} is a pipeline: give --prompt (repeat it for several prompts).")
-            prompts = [prompt[i % len(prompt)] for i in range(num_samples)]
-            scale = 4.0 if guidance is None else guidance
-            images = generate(bundle, prompts, steps, scale, seed) * 2 - 1
-            result = SampleResult(images, None, _sampler_config("flow-euler", steps, scale), seed)
-        else:
-            result = sample(
-                bundle,
-                num_samples,
-                _sampler_config(scheduler, steps, guidance),
-                seed=seed,
-                batch_size=batch_size,
-                labels=labels,
-            )
+        if bundle.pipeline is not None and not (prompt or bundle.info.class_prompts):
+            raise DiffquantError(f"{model} is a pipeline: give --prompt (repeat it for several prompts).")
+        # a pipeline runs itself (its scheduler, text encoders and decoder) on the prompts or class prompts
+        result = sample(
+            bundle,
+            num_samples,
+            _sampler_config(scheduler, steps, guidance),
+            seed=seed,
+            batch_size=batch_size,
+            labels=labels,
+            prompts=prompt or None,
+        )
         out.mkdir(parents=True, exist_ok=True)
         save_image_grid(result.images, out / "samples.png")
         save_samples(result, out / "samples.npz")

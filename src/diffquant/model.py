@@ -11,7 +11,7 @@ generates: latent shape, classes, default guidance scale).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,10 @@ class ModelInfo:
     guidance_scale: float = 1.0
     dataset: str = "fashion-mnist"
     description: str = ""
+    class_prompts: tuple[str, ...] | None = None
+    """For a text-to-image pipeline scored like a class-conditional model: the prompt of each class."""
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments every call of the model's pipeline takes (e.g. max_sequence_length)."""
 
     @property
     def conditional(self) -> bool:
@@ -59,12 +63,15 @@ class ModelInfo:
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["image_shape"] = list(self.image_shape)
+        payload["class_prompts"] = None if self.class_prompts is None else list(self.class_prompts)
         return payload
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> ModelInfo:
         known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
         known["image_shape"] = tuple(known["image_shape"])
+        if known.get("class_prompts") is not None:
+            known["class_prompts"] = tuple(known["class_prompts"])
         return cls(**known)
 
 

@@ -13,9 +13,9 @@ is the pipeline; `quantize` swaps the quantized denoiser into it. On disk:
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +23,41 @@ import diffusers
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffquant.calibration import CalibrationSet, flatten_conditioning, unflatten_conditioning
+from diffquant.calibration import AllSteps, CalibrationSet, record_trajectories
 from diffquant.engines import prepare_model
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.families import adapter_for
 from diffquant.fileio import atomic_directory, write_json
-from diffquant.model import DiffusionModel, ModelInfo
+from diffquant.model import METADATA_FILE, DiffusionModel, ModelInfo
 from diffquant.modules import LayerPolicy, quant_layers
 from diffquant.modules.surgery import export_plans, import_plans
 from diffquant.quant import QuantSpec, pack_codes, unpack_codes
-from diffquant.quant.context import _CURRENT, StepState
 from diffquant.runtime.storage import load_quantized, save_quantized
+from diffquant.sampling import SamplerConfig
+from diffquant.sampling.pipeline import DENOISER_COMPONENTS, denoiser_component, pipeline_of, sample_pipeline
 
 PIPELINE_FILE = "diffquant_pipeline.json"
 COMPONENT_FILE = "quantized_component.json"
 COMPONENT_TENSORS = "quantized_component.safetensors"
-DENOISER_COMPONENTS = ("transformer", "unet")
 
 
 def is_pipeline(value: Any) -> bool:
     return isinstance(value, diffusers.DiffusionPipeline)
 
 
-def denoiser_component(pipeline: Any) -> str:
-    for name in DENOISER_COMPONENTS:
-        if getattr(pipeline, name, None) is not None:
-            return name
-    raise DiffquantError(f"{type(pipeline).__name__} has no 'transformer' or 'unet' component to quantize.")
+def model_from_pipeline(pipeline: Any, name: str | None = None, info: ModelInfo | None = None) -> DiffusionModel:
+    """A pipeline as a DiffusionModel: its denoiser, its scheduler's config, and the pipeline itself.
 
-
-def model_from_pipeline(pipeline: Any, name: str | None = None) -> DiffusionModel:
-    """A pipeline as a DiffusionModel: its denoiser, its scheduler's config, and the pipeline itself."""
+    `info` (what the pipeline generates, e.g. a reference pipeline's class prompts) defaults to what the
+    denoiser's family adapter reads from its config.
+    """
     denoiser = getattr(pipeline, denoiser_component(pipeline))
     adapter = adapter_for(denoiser)
-    info = ModelInfo(
+    info = info or ModelInfo(
         name=name or type(pipeline).__name__,
         architecture=type(denoiser).__name__,
         image_shape=adapter.latent_shape(denoiser.config),
+        guidance_scale=_default_guidance(pipeline),
         dataset="",
     )
     # the class name travels with the config, so the schedule rebuilds as the pipeline's own scheduler
@@ -67,113 +65,39 @@ def model_from_pipeline(pipeline: Any, name: str | None = None) -> DiffusionMode
     return DiffusionModel(denoiser, info, schedule, None, None, pipeline)
 
 
-@contextmanager
-def pipeline_steps(denoiser: torch.nn.Module, num_steps: int) -> Iterator[list[int]]:
-    """Number the denoiser's calls as sampling steps while a pipeline runs (per-step quantizers read it);
-    one call per step, both CFG branches in one batch, as diffusers pipelines do."""
-    calls: list[int] = []
-    tokens: list[Any] = []
-    adapter = adapter_for(denoiser)
-
-    def before(_module, _args, kwargs):
-        timestep = kwargs.get(adapter.timestep_arg)
-        value = float(timestep.flatten()[0]) / adapter.timestep_scale if torch.is_tensor(timestep) else 0.0
-        tokens.append(_CURRENT.set(StepState(len(calls), value, num_steps)))
-        calls.append(len(calls))
-
-    def after(_module, _args, _kwargs, _output):
-        _CURRENT.reset(tokens.pop())
-
-    handles = [
-        denoiser.register_forward_pre_hook(before, with_kwargs=True),
-        denoiser.register_forward_hook(after, with_kwargs=True),
-    ]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
+def _default_guidance(pipeline: Any) -> float:
+    """The guidance scale the pipeline's own __call__ defaults to (SD3: 7.0); 1.0 (none) if it has none."""
+    parameter = inspect.signature(type(pipeline).__call__).parameters.get("guidance_scale")
+    default = None if parameter is None else parameter.default
+    return float(default) if isinstance(default, (int, float)) else 1.0
 
 
 def generate(
-    model: DiffusionModel,
-    prompts: Sequence[str],
-    steps: int = 20,
-    guidance_scale: float = 4.0,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
+    model: DiffusionModel, prompts: Sequence[str], steps: int = 20, guidance_scale: float | None = None, seed: int = 0
 ) -> torch.Tensor:
     """Images (N, C, H, W) in [0, 1] from the model's pipeline; the same seed and prompts give the same images."""
-    pipeline = _pipeline_of(model)
-    with torch.no_grad(), pipeline_steps(model.denoiser, steps):
-        result = pipeline(
-            list(prompts),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed),
-            height=height,
-            width=width,
-            output_type="pt",
-        )
-    return result.images
+    config = SamplerConfig(steps=steps, guidance_scale=guidance_scale)
+    result = sample_pipeline(model, len(prompts), config, seed, batch_size=len(prompts), prompts=list(prompts))
+    return (result.images + 1.0) / 2.0
 
 
 def record_pipeline_calibration(
     model: DiffusionModel,
     prompts: Sequence[str] | str | Path,
     steps: int = 20,
-    guidance_scale: float = 4.0,
+    guidance_scale: float | None = None,
     seed: int = 1234,
-    height: int | None = None,
-    width: int | None = None,
+    progress: bool = False,
 ) -> CalibrationSet:
     """Run the pipeline (its scheduler, its text encoders, both CFG branches) on `prompts` - a list or a
     file with one prompt per line - and keep every denoiser input as calibration data."""
     prompts = read_prompts(prompts)
-    adapter = model.adapter
-    records: dict[str, list[torch.Tensor]] = {"sample": [], "timestep": [], "step_index": []}
-    conditioning: dict[str, list[torch.Tensor]] = {}
-    calls: list[int] = []
-
-    def keep(_module, _args, kwargs):
-        sample = kwargs[adapter.sample_arg]
-        count = sample.shape[0]
-        timestep = kwargs[adapter.timestep_arg].expand(count) / adapter.timestep_scale
-        records["sample"].append(sample.detach().clone())
-        records["timestep"].append(timestep.detach().float().clone())
-        records["step_index"].append(torch.full((count,), len(calls) % steps, dtype=torch.long))
-        calls.append(1)
-        batched = {k: v for k, v in kwargs.items() if k in adapter.conditioning and v is not None}
-        for key, value in flatten_conditioning(_batched_only(batched, count)).items():
-            conditioning.setdefault(key, []).append(value.detach().clone())
-
-    handle = model.denoiser.register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        generate(model, prompts, steps, guidance_scale, seed, height, width)
-    finally:
-        handle.remove()
-    return CalibrationSet(
-        torch.cat(records["sample"]),
-        torch.cat(records["timestep"]),
-        torch.cat(records["step_index"]),
-        unflatten_conditioning({k: torch.cat(v) for k, v in conditioning.items()}),
-        num_steps=steps,
-        meta={"model": model.info.name, "scheduler": type(_pipeline_of(model).scheduler).__name__, "steps": steps,
-              "guidance_scale": guidance_scale, "prompts": len(prompts), "seed": seed, "source": "pipeline"},
+    sampler = SamplerConfig(steps=steps, guidance_scale=guidance_scale)
+    calibration = record_trajectories(
+        model, len(prompts), sampler, AllSteps(), seed, batch_size=64, progress=progress, prompts=prompts
     )
-
-
-def _batched_only(conditioning: dict[str, Any], count: int) -> dict[str, Any]:
-    kept = {}
-    for key, value in conditioning.items():
-        if isinstance(value, dict):
-            value = _batched_only(value, count)
-            if value:
-                kept[key] = value
-        elif torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == count:
-            kept[key] = value
-    return kept
+    calibration.meta.update(scheduler=type(model.pipeline.scheduler).__name__, prompts=len(prompts), source="pipeline")
+    return calibration
 
 
 def read_prompts(prompts: Sequence[str] | str | Path) -> list[str]:
@@ -188,15 +112,9 @@ def read_prompts(prompts: Sequence[str] | str | Path) -> list[str]:
     return prompts
 
 
-def _pipeline_of(model: DiffusionModel) -> Any:
-    if model.pipeline is None:
-        raise DiffquantError(f"Model '{model.info.name}' has no pipeline; load or build it from a diffusers pipeline.")
-    return model.pipeline
-
-
 def with_denoiser(model: DiffusionModel, quantized: DiffusionModel) -> DiffusionModel:
     """`quantized` (a quantized copy of model's denoiser) placed into a copy of model's pipeline."""
-    pipeline = _pipeline_of(model)
+    pipeline = pipeline_of(model)
     components = dict(pipeline.components)
     components[denoiser_component(pipeline)] = quantized.denoiser
     quantized.pipeline = type(pipeline)(**components)
@@ -205,7 +123,7 @@ def with_denoiser(model: DiffusionModel, quantized: DiffusionModel) -> Diffusion
 
 def save_pipeline(model: DiffusionModel, directory: str | Path, overwrite: bool = False) -> Path:
     """Write a quantized pipeline: untouched components in diffusers' layout, the denoiser quantized."""
-    pipeline = _pipeline_of(model)
+    pipeline = pipeline_of(model)
     if model.quantization is None:
         raise DiffquantError("save() writes quantized pipelines; quantize the pipeline first.")
     quantized_name = denoiser_component(pipeline)
@@ -300,6 +218,18 @@ def load_pipeline(directory: str | Path) -> DiffusionModel:
         model = quantized[name]
         model.pipeline, model.path = pipeline, directory
         return model
-    model = model_from_pipeline(pipeline, directory.name)
+    model = model_from_pipeline(pipeline, directory.name, _stored_info(directory, record))
     model.path = directory
     return model
+
+
+def _stored_info(directory: Path, record: dict[str, Any]) -> ModelInfo | None:
+    """What a float pipeline directory says it generates (diffquant.json), if it says anything."""
+    payload = record.get("info")
+    metadata = directory / METADATA_FILE
+    if payload is None and metadata.is_file():
+        try:
+            payload = json.loads(metadata.read_text())
+        except json.JSONDecodeError as error:
+            raise DiffquantError(f"{metadata} is not valid JSON ({error}); restore it.") from error
+    return None if payload is None else ModelInfo.from_json(payload)

@@ -103,7 +103,7 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
     "full": BenchPreset(
         name="full",
         protocol="standard",
-        models=("fmnist-unet", "fmnist-dit"),
+        models=("fmnist-unet", "fmnist-dit", "fmnist-t2i"),
         methods=("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm"),
         settings=("W8A8", "W4A8", "W4A16", "W4A4"),
         peers=("quanto", "torchao", "modelopt", "pt2e"),

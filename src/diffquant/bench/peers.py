@@ -23,7 +23,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from diffquant.calibration import flatten_conditioning, unflatten_conditioning
 from diffquant.errors import DiffquantError
+from diffquant.families import adapter_for, denoise
 
 CalibrationBatches = list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -47,7 +49,7 @@ def _version(package: str) -> str | None:
 def _feed(model: nn.Module, batches: CalibrationBatches) -> None:
     with torch.no_grad():
         for x, t, kwargs in batches:
-            model(x, t, **kwargs)
+            denoise(model, x, t, kwargs)  # by keyword: SD3's second positional input is not the timestep
 
 
 def _state_dict_mb(model: nn.Module) -> float:
@@ -162,29 +164,60 @@ class ModelOpt(Peer):
         return PeerModel(model, disk, "Linear+Conv2d, per-tensor static inputs (diffusers int8 preset)", "fake quant")
 
 
-class _Tensor2Output(nn.Module):
-    """An exported graph returning a tensor, behind the diffusers call signature (`.sample`)."""
+class _Positional(nn.Module):
+    """The denoiser behind a positional (sample, float timestep, *conditioning tensors) signature for
+    torch.export. PT2E's X86 quantizer annotates ops fed by an int64 timestep and fails; a float one avoids it."""
 
-    def __init__(self, graph: Callable, conditional: bool) -> None:
+    def __init__(self, denoiser: nn.Module, keys: tuple[str, ...]) -> None:
         super().__init__()
-        self.graph, self.conditional = graph, conditional
+        self.denoiser, self.keys, self.adapter = denoiser, keys, adapter_for(denoiser)
 
-    def forward(self, x, t, **kwargs):
+    def forward(self, x, t, *values):
+        conditioning = unflatten_conditioning(dict(zip(self.keys, values, strict=True)))
+        # t as calibration data holds it (the scheduler's); the family may want it scaled (Flux: t / 1000)
+        timestep = t * self.adapter.timestep_scale
+        kwargs = {self.adapter.sample_arg: x, self.adapter.timestep_arg: timestep, **conditioning}
+        kwargs.update(self.adapter.extra_inputs(self.denoiser, x, conditioning))
+        if self.adapter.takes_return_dict:
+            kwargs["return_dict"] = False
+        output = self.denoiser(**kwargs)
+        return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+
+
+class _KeywordGraph(nn.Module):
+    """An exported graph behind the float denoiser's keyword call (as families and pipelines call it);
+    `inner` (the float model) tells adapters and pipelines which family and config it has."""
+
+    def __init__(self, graph: Callable, inner: nn.Module, keys: tuple[str, ...]) -> None:
+        super().__init__()
+        self.graph, self.inner, self.keys = graph, inner, keys
+        self.adapter = adapter_for(inner)
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, *args, return_dict: bool = True, **kwargs):
+        positional = (self.adapter.sample_arg, self.adapter.timestep_arg)[: len(args)]
+        named = dict(zip(positional, args, strict=True)) | kwargs
+        x, t = named[self.adapter.sample_arg], named[self.adapter.timestep_arg]
         t = t.float().expand(x.shape[0]) if t.ndim == 0 else t.float()
-        args = (x, t, kwargs["class_labels"]) if self.conditional else (x, t)
-        return SimpleNamespace(sample=self.graph(*args))
+        t = t / self.adapter.timestep_scale  # the caller passed the family's scaled timestep; the graph scales it
+        flat = flatten_conditioning({k: v for k, v in named.items() if k.split(".")[0] in _roots(self.keys)})
+        output = self.graph(x, t, *(flat[key] for key in self.keys))
+        return (output,) if not return_dict else SimpleNamespace(sample=output)
 
 
-class _FloatTimestep(nn.Module):
-    """PT2E's X86 quantizer annotates ops fed by an int64 timestep and fails; a float one avoids it."""
-
-    def __init__(self, denoiser: nn.Module, conditional: bool) -> None:
-        super().__init__()
-        self.denoiser, self.conditional = denoiser, conditional
-
-    def forward(self, x, t, labels=None):
-        kwargs = {"class_labels": labels} if self.conditional else {}
-        return self.denoiser(x, t, **kwargs).sample
+def _roots(keys: tuple[str, ...]) -> set[str]:
+    return {key.split(".")[0] for key in keys}
 
 
 class PT2E(Peer):
@@ -197,20 +230,18 @@ class PT2E(Peer):
         from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        conditional = "class_labels" in batches[0][2]
         x, t, kwargs = batches[0]
-        example = (x, t.float()) + ((kwargs["class_labels"],) if conditional else ())
+        keys = tuple(sorted(flatten_conditioning(kwargs)))
+        example = (x, t.float(), *(flatten_conditioning(kwargs)[key] for key in keys))
         # AUTO batch: a named Dim trips a guard that diffusers' UNet adds when the batch equals its
         # channel count (64 <= batch); AUTO accepts the guard and the graph serves batches >= the example's
-        shapes = tuple({0: torch.export.Dim.AUTO} for _ in range(3 if conditional else 2))
-        graph = torch.export.export(
-            _FloatTimestep(copy.deepcopy(denoiser), conditional), example, dynamic_shapes=shapes
-        ).module()
+        shapes = tuple({0: torch.export.Dim.AUTO} for _ in example)
+        graph = torch.export.export(_Positional(copy.deepcopy(denoiser), keys), example, dynamic_shapes=shapes).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for x, t, kwargs in batches:
-                prepared(x, t.float(), *((kwargs["class_labels"],) if conditional else ()))
+                prepared(x, t.float(), *(flatten_conditioning(kwargs)[key] for key in keys))
         converted = convert_pt2e(prepared)
         allow_exported_model_train_eval(converted)  # samplers call .eval() on the denoiser
         buffer = io.BytesIO()
@@ -223,7 +254,7 @@ class PT2E(Peer):
         finally:
             inductor_config.freezing = False
         return PeerModel(
-            _Tensor2Output(compiled, conditional),
+            _KeywordGraph(compiled, denoiser, keys),
             len(buffer.getvalue()) / 1e6,
             "Linear+Conv2d, static per-tensor uint8 inputs (X86InductorQuantizer)",
             "oneDNN qconv/qlinear via torch.compile",

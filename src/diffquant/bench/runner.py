@@ -26,6 +26,7 @@ from diffquant.bench.report import scored_under
 from diffquant.data.images import to_uint8
 from diffquant.errors import DiffquantError
 from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
+from diffquant.families import denoise
 from diffquant.fileio import write_json
 from diffquant.methods import MethodConfig, make_config
 from diffquant.modules import attention_processors, quant_layers
@@ -56,10 +57,24 @@ def _coverage(model: DiffusionModel, original: DiffusionModel) -> dict[str, Any]
 
 
 def _inputs(model: DiffusionModel, batch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A seeded batch of denoiser inputs; text-conditioned families get their adapter's example conditioning."""
     generator = torch.Generator().manual_seed(0)
+    if model.adapter.conditional_inputs:
+        x, _, kwargs = model.adapter.example_inputs(model.denoiser, batch, generator)
+        return x, torch.full((batch,), 500.0), kwargs
     x = torch.randn((batch, *model.info.image_shape), generator=generator)
     kwargs = {"class_labels": torch.arange(batch) % model.info.num_classes} if model.info.conditional else {}
     return x, torch.full((batch,), 500), kwargs
+
+
+def _denoiser_directory(path: Path, model: DiffusionModel) -> Path:
+    """Where the denoiser's own files are: a pipeline's denoiser component, else the directory itself
+    (bits per weight count the denoiser, not the text encoders and autoencoder beside it)."""
+    if model.pipeline is not None:
+        from diffquant.sampling.pipeline import denoiser_component
+
+        return path / denoiser_component(model.pipeline)
+    return path
 
 
 LATENCY_KEYS = ("latency_ms", "baseline_ms", "speedup", "latency_mode", "latency_kernels", "latency_threads")
@@ -107,12 +122,12 @@ def _interleaved_latency(
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad(), step_context(0, 500.0, 50):
         for module in calls.values():
-            module(x, t, **kwargs)
-            module(x, t, **kwargs)
+            denoise(module, x, t, kwargs)
+            denoise(module, x, t, kwargs)
         for _ in range(repeats):
             for name, module in calls.items():
                 started = time.perf_counter()
-                module(x, t, **kwargs)
+                denoise(module, x, t, kwargs)
                 times[name].append(1000 * (time.perf_counter() - started))
     candidate_ms, baseline_ms = statistics.median(times["candidate"]), statistics.median(times["baseline"])
     return {"latency_ms": candidate_ms, "baseline_ms": baseline_ms, "speedup": baseline_ms / candidate_ms}
@@ -142,7 +157,7 @@ class BenchRunner:
                 )
                 floors = data_floors(self.protocol, self.scorer)
                 params = _parameters(source)
-                disk = directory_megabytes(source.path)
+                disk = directory_megabytes(_denoiser_directory(source.path, source))
                 write_json(
                     fp_file,
                     {
@@ -173,7 +188,7 @@ class BenchRunner:
                 state["compiled"] = torch.compile(copy.deepcopy(state["source"].denoiser))
                 x, t, kwargs = _inputs(state["source"], 64)
                 with torch.no_grad():
-                    state["compiled"](x, t, **kwargs)
+                    denoise(state["compiled"], x, t, kwargs)
             finally:
                 inductor_config.freezing = False
         return state["compiled"]
@@ -222,7 +237,9 @@ class BenchRunner:
                 return {**base, "status": f"skipped: {reason or f'{peer.name} has no {spec.setting} mode'}"}
             with measure_resources() as usage:
                 result = peer.quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
-            candidate = DiffusionModel(result.denoiser, source.info, source.scheduler_config, None)
+            candidate = DiffusionModel(
+                result.denoiser, source.info, source.scheduler_config, None, None, source.pipeline
+            )
             row = {
                 **base,
                 "version": peer.version(),
@@ -245,7 +262,7 @@ class BenchRunner:
                 record = candidate.quantization
                 directory = diffquant.save(candidate, self.out / "models" / spec.key)
                 calibrated = {
-                    "disk_mb": directory_megabytes(directory),
+                    "disk_mb": directory_megabytes(_denoiser_directory(directory, candidate)),
                     "preset": config.preset,
                     "calibration_s": record["calibration_wall_time_s"] + recording,
                     "calibration_peak_rss_mb": record["calibration_peak_rss_mb"],

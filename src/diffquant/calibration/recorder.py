@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
@@ -23,6 +24,7 @@ def record_trajectories(
     progress: bool = True,
     first_index: int = 0,
     count: int | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> CalibrationSet:
     """Sample `num_trajectories` images with the full-precision model and keep the denoiser inputs at
     the (trajectory, step) pairs chosen by `policy`. With classifier-free guidance the conditional and
@@ -30,7 +32,8 @@ def record_trajectories(
 
     The seed differs from the evaluation protocol's seed by default, so calibration never sees the
     evaluation's initial noise. `first_index`/`count` record only trajectories first_index.. of the set
-    (one process's share, see diffquant.distributed).
+    (one process's share, see diffquant.distributed). A pipeline model runs its pipeline on `prompts`
+    (or on its class prompts).
     """
     sampler = sampler or SamplerConfig("ddim", 25)
     policy = policy or UniformSteps(min(25, sampler.steps))
@@ -59,7 +62,10 @@ def record_trajectories(
                 conditioning[key].append(value[index].clone())
 
     count = num_trajectories - first_index if count is None else count
-    sample(model, count, sampler, seed, batch_size, hooks=[keep], progress=progress, first_index=first_index)
+    sample(
+        model, count, sampler, seed, batch_size, hooks=[keep], progress=progress, first_index=first_index,
+        prompts=prompts,
+    )
     calibration = CalibrationSet(
         torch.cat(records["sample"]),
         torch.cat(records["timestep"]),

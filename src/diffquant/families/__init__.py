@@ -48,14 +48,23 @@ def _known(denoiser: nn.Module) -> bool:
 
 def adapter_for(denoiser: nn.Module) -> FamilyAdapter:
     """The family adapter of a denoiser (its class or nearest known base class), else a generic one."""
-    while not _known(denoiser) and isinstance(getattr(denoiser, "inner", None), nn.Module):
-        denoiser = denoiser.inner  # a deployment wrapper (runtime.export.DeployedDenoiser) around the model
+    while not _known(denoiser) and (wrapped := _wrapped(denoiser)) is not None:
+        denoiser = wrapped
     for klass in type(denoiser).__mro__:
         if klass.__name__ in BY_CLASS:
             return BY_CLASS[klass.__name__]
     if type(denoiser) not in _GENERIC:
         _GENERIC[type(denoiser)] = generic_adapter(denoiser)
     return _GENERIC[type(denoiser)]
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    """The model inside a deployment wrapper (runtime.export.DeployedDenoiser, a peer's graph wrapper:
+    `.inner`) or a torch.compile wrapper (`._orig_mod`)."""
+    for attribute in ("inner", "_orig_mod"):
+        if isinstance(inner := getattr(module, attribute, None), nn.Module):
+            return inner
+    return None
 
 
 def denoise(denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning):

@@ -23,6 +23,18 @@ def select_rows(conditioning: Conditioning, index: torch.Tensor | slice) -> Cond
     return {k: select_rows(v, index) if isinstance(v, dict) else v[index] for k, v in conditioning.items()}
 
 
+def batched_only(conditioning: Conditioning, count: int) -> Conditioning:
+    """The (nested) conditioning tensors with `count` rows; the rest (shared ids, shapes, flags) dropped."""
+    kept: Conditioning = {}
+    for key, value in conditioning.items():
+        if isinstance(value, dict):
+            if value := batched_only(value, count):
+                kept[key] = value
+        elif torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == count:
+            kept[key] = value
+    return kept
+
+
 def class_names(module: nn.Module) -> set[str]:
     """The names of a module's class and its bases (so a subclass matches its family's blocks)."""
     return {klass.__name__ for klass in type(module).__mro__}

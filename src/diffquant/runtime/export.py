@@ -71,6 +71,15 @@ class DeployedDenoiser(nn.Module):
     def config(self):
         return self.inner.config
 
+    # pipelines ask their components for these (diffusers' ModelMixin has them; a plain Module does not)
+    @property
+    def device(self) -> torch.device:
+        return next(self.inner.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.inner.parameters() if p.is_floating_point()), torch.float32)
+
     def forward(self, *args, **kwargs):  # passes keywords through: families call by keyword
         step = current_step()
         if step is not None:
@@ -233,4 +242,4 @@ def export_model(
         "weight_only_mode": weight_only_mode,
         "kernels": dict(kernels),
     }
-    return DiffusionModel(denoiser, model.info, model.scheduler_config, model.path, record)
+    return DiffusionModel(denoiser, model.info, model.scheduler_config, model.path, record, model.pipeline)

@@ -163,6 +163,7 @@ def sample(
     conditioning: dict | None = None,
     unconditional: dict | None = None,
     first_index: int = 0,
+    prompts: Sequence[str] | None = None,
 ) -> SampleResult:
     """Generate `num_samples` images (in [-1, 1] for pixel models that clip); the same seed gives
     identical images.
@@ -172,6 +173,7 @@ def sample(
     families take `conditioning` (e.g. prompt embeddings, one row per sample) and, for classifier-free
     guidance, `unconditional` (the empty prompt's); class-conditional models take `labels`. `first_index`
     makes this call samples first_index.. of a larger set (one process's share in distributed sampling).
+    A model with a pipeline samples through it (`prompts`, or the class prompts of `labels`).
     """
     config = config or SamplerConfig()
     config.validate()
@@ -191,6 +193,12 @@ def sample(
                 f"got shape {tuple(labels.shape)}."
             )
 
+    if model.pipeline is not None:
+        from diffquant.sampling.pipeline import sample_pipeline  # it builds on this module's types
+
+        return sample_pipeline(
+            model, num_samples, config, seed, batch_size, labels, prompts, hooks, progress, first_index
+        )
     if conditioning is None and model.adapter.conditional_inputs:
         raise ConfigError(
             f"Model '{model.info.name}' ({model.adapter.name}) needs conditioning inputs "

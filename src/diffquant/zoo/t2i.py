@@ -37,7 +37,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrained
 
 from diffquant.data.images import ImageSet
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.fileio import atomic_directory
+from diffquant.fileio import atomic_directory, write_json
+from diffquant.model import METADATA_FILE, ModelInfo
 from diffquant.training.checkpoint import (
     flatten_optimizer,
     load_checkpoint,
@@ -309,12 +310,29 @@ def load_reference_pipeline(name: str = "fmnist-t2i") -> FmnistT2IPipeline:
     return load_pipeline(resolve_model_path(name))
 
 
+def reference_info(arch: T2IArchitecture | None = None) -> ModelInfo:
+    """What fmnist-t2i generates: scored like a 10-class model whose class c is prompted 'a photo of a ...'."""
+    arch = arch or T2IArchitecture()
+    return ModelInfo(
+        name="fmnist-t2i",
+        architecture="SD3Transformer2DModel",
+        image_shape=(arch.latent_channels, arch.latent_size, arch.latent_size),
+        num_classes=len(CLASS_WORDS),
+        guidance_scale=DEFAULT_GUIDANCE,
+        description="Text-to-image SD3-style pipeline on Fashion-MNIST (CLIP text encoders, AutoencoderKL, MMDiT).",
+        class_prompts=tuple(prompt_for(label) for label in range(len(CLASS_WORDS))),
+        pipeline_kwargs={"max_sequence_length": 0},  # trained without the (absent) T5 encoder's tokens
+    )
+
+
 def save_pipeline(pipe: StableDiffusion3Pipeline, directory: str | Path) -> Path:
-    """Write the pipeline atomically as a standard `StableDiffusion3Pipeline` directory."""
+    """Write the pipeline atomically as a standard `StableDiffusion3Pipeline` directory, plus diffquant.json
+    (what it generates, so `diffquant.load` samples and scores it with this model's defaults)."""
     directory = Path(directory)
     standard = StableDiffusion3Pipeline(**pipe.components)  # model_index.json names the diffusers class
     with atomic_directory(directory) as scratch:
         standard.save_pretrained(scratch, safe_serialization=True)
+        write_json(scratch / METADATA_FILE, reference_info().to_json())
     return directory
 
 
