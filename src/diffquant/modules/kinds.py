@@ -21,16 +21,15 @@ This file imports nothing from the kinds themselves, so every kind file can impo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
 
-if TYPE_CHECKING:
-    from diffquant.modules.layers import QuantLayer
-    from diffquant.modules.policy import LayerPlan
+# Annotations below: a "part" is a `QuantLayer` (modules/layers.py), a plan a `LayerPlan` (modules/policy.py);
+# both files import this one, so their types are written as nn.Module / Any here.
 
 KINDS: dict[str, type[nn.Module]] = {}
 """Kind name -> module class, filled by `register_kind` in each kind's own file."""
@@ -48,11 +47,11 @@ class LayerKind:
 
     # building --------------------------------------------------------------------------------------
     @classmethod
-    def wants(cls, plan: LayerPlan) -> bool:
+    def wants(cls, plan: Any) -> bool:
         return plan.kind == cls.kind
 
     @classmethod
-    def from_plan(cls, original: nn.Module, plan: LayerPlan) -> nn.Module:
+    def from_plan(cls, original: nn.Module, plan: Any) -> nn.Module:
         return cls(original, plan.weight, plan.input, **(plan.options or {}))
 
     # plan serialisation ----------------------------------------------------------------------------
@@ -68,16 +67,16 @@ class LayerKind:
         return {"kind": cls.kind, "options": entry.get("options")} if entry.get("kind") == cls.kind else {}
 
     # quantized sub-layers --------------------------------------------------------------------------
-    def quantized_parts(self) -> dict[str, QuantLayer]:
+    def quantized_parts(self) -> dict[str, nn.Module]:
         """The `QuantLayer`s inside this kind, by name relative to it ('' for the kind itself)."""
         return {"": self}
 
-    def plan_layer(self) -> QuantLayer | None:
+    def plan_layer(self) -> nn.Module | None:
         """The part whose weight and input specs the saved plan records (None: the kind is not saved by plan)."""
         return next(iter(self.quantized_parts().values()), None)
 
     # formats without kinds -------------------------------------------------------------------------
-    def weight_pieces(self) -> dict[str, QuantLayer]:
+    def weight_pieces(self) -> dict[str, nn.Module]:
         """Parts whose weights, side by side along the input axis, are the float layer's weight; empty when
         the weight is no such concatenation (then `joined_weight` computes it)."""
         return self.quantized_parts()
@@ -111,7 +110,7 @@ def is_kind(module: nn.Module) -> bool:
     return KINDS.get(getattr(type(module), "kind", None)) is type(module)
 
 
-def kind_for_plan(plan: LayerPlan) -> type[nn.Module] | None:
+def kind_for_plan(plan: Any) -> type[nn.Module] | None:
     """The registered kind a plan asks for; None for a plain quantized layer."""
     wanted = [cls for cls in KINDS.values() if cls.wants(plan)]
     if len(wanted) > 1:
