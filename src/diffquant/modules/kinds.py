@@ -121,8 +121,8 @@ def kind_for_plan(plan: Any) -> type[nn.Module] | None:
 
 def plan_fields_from_entry(entry: dict) -> dict:
     """`LayerPlan` fields beyond the specs from one saved structure entry: every kind reads its own."""
-    if entry.get("kind") is not None and entry["kind"] not in KINDS:
-        raise ConfigError(
+    if entry.get("kind") is not None and entry["kind"] not in KINDS:  # not a ValueError: loading shows it as is
+        raise DiffquantError(
             f"The saved structure uses layer kind '{entry['kind']}', which is not registered here; import the "
             "module that registers it (`@register_kind`) before loading."
         )
