@@ -106,8 +106,8 @@ def register_kind(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def is_kind(module: nn.Module) -> bool:
-    """Whether `module` is an instance of a registered layer kind."""
-    return KINDS.get(getattr(type(module), "kind", None)) is type(module)
+    """Whether `module` is an instance of a registered layer kind (a subclass acts as the kind it extends)."""
+    return isinstance(module, LayerKind) and isinstance(module, tuple(KINDS.values()))
 
 
 def kind_for_plan(plan: Any) -> type[nn.Module] | None:
