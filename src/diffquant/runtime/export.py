@@ -1,6 +1,6 @@
 """Export a diffquant-quantized model to real kernels.
 
-Backends:
+Backends (one file each in runtime/backends/; `register_backend` adds more):
 * `fake` - the simulation itself (every method, every format);
 * `onednn` - CPU: int8 convolutions and linears on oneDNN (`qconv2d_pointwise`, `qlinear_pointwise`)
   for layers with <= 8-bit symmetric per-channel weights and static per-tensor <= 8-bit inputs; other
