@@ -13,7 +13,7 @@ from diffquant.cache import cache_dir, json_digest, model_digest, safe_name
 from diffquant.calibration import AllocatedSteps, CalibrationSet, record_trajectories
 from diffquant.calibration.validation import validate_for_model
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.methods import MethodConfig, get_method, make_config
+from diffquant.methods import MethodConfig, make_config, method_for_config
 from diffquant.modules import quant_layers
 from diffquant.modules.policy import resolve_policy
 from diffquant.pipelines import (
@@ -109,7 +109,7 @@ def quantize(
     config.validate()
     if model.quantization is not None:
         raise DiffquantError("This model is already quantized; quantize its full-precision original instead.")
-    entry = get_method(config.name)
+    entry = method_for_config(config)
     # layer patterns that match nothing fail now, not after minutes of recording
     resolve_policy(model.denoiser, config.layer_policy())
 

@@ -29,7 +29,7 @@ from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, 
 from diffquant.families import denoise
 from diffquant.fileio import write_json
 from diffquant.methods import MethodConfig, make_config
-from diffquant.modules import attention_processors, quant_layers
+from diffquant.modules import attention_processors, quantized_modules
 from diffquant.profiling import measure_resources
 from diffquant.quant import step_context
 from diffquant.reporting import directory_megabytes
@@ -44,8 +44,11 @@ def _parameters(model: DiffusionModel) -> int:
 
 
 def _coverage(model: DiffusionModel, original: DiffusionModel) -> dict[str, Any]:
-    # the two halves of a split-shortcut conv are one layer of the original model
-    kinds = Counter(layer.kind for name, layer in quant_layers(model.denoiser) if not name.endswith(".high"))
+    # one count per quantized float layer (a split-shortcut conv's two halves are one layer of the original)
+    kinds = Counter(
+        "conv2d" if issubclass(module.float_type, torch.nn.Conv2d) else "linear"
+        for _, module in quantized_modules(model.denoiser)
+    )
     total = Counter(
         "conv2d" if isinstance(m, torch.nn.Conv2d) else "linear"
         for m in original.denoiser.modules()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.modules.layers import QuantConv2d, QuantLayer
+from diffquant.modules.layers import QuantLayer
 from diffquant.quant import fake_quantize, group_view, ungroup
 
 
@@ -47,7 +47,7 @@ class HessianAccumulator:
 
     def gemm_rows(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        if isinstance(layer, QuantConv2d | nn.Conv2d):
+        if isinstance(layer, nn.Conv2d) or issubclass(getattr(layer, "float_type", nn.Module), nn.Conv2d):
             patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
             return patches.transpose(1, 2).reshape(-1, patches.shape[1])
         return x.reshape(-1, x.shape[-1])

@@ -32,7 +32,8 @@ from diffquant.engines.units import ReconstructionUnit
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.fileio import atomic_directory
 from diffquant.modules.attention import QuantAttnProcessor
-from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
+from diffquant.modules.kinds import kind_owner
+from diffquant.modules.layers import QuantLayer
 from diffquant.modules.surgery import set_activation_quantization
 from diffquant.quant import Quantizer, require_valid_step_sizes, step_context
 from diffquant.quant.adaround import TemperatureDecay
@@ -106,13 +107,11 @@ def unit_activation_quantizers(model: nn.Module, unit: ReconstructionUnit) -> li
 
 
 def output_layers(model: nn.Module, unit: ReconstructionUnit) -> list[str]:
-    """Modules whose outputs the fine-grained loss compares: the unit's layers, with the halves of a
-    split conv replaced by the split conv itself (full precision has only the whole conv)."""
+    """Modules whose outputs the fine-grained loss compares: the unit's layers, with the parts of a layer
+    kind (the halves of a split conv) replaced by the kind's module (full precision has only the whole conv)."""
     names: list[str] = []
     for name in unit.layers:
-        parent = name.rpartition(".")[0]
-        if parent and isinstance(model.get_submodule(parent), SplitQuantConv2d):
-            name = parent
+        name = kind_owner(model, name)
         if name not in names:
             names.append(name)
     return names

@@ -15,7 +15,8 @@ from torch import nn
 
 from diffquant.errors import ConfigError
 from diffquant.families import adapter_for
-from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
+from diffquant.modules.kinds import part_names, quantized_modules
+from diffquant.modules.layers import QuantLayer
 from diffquant.modules.policy import pattern_matches
 
 
@@ -64,16 +65,10 @@ def discover_units(
         if layers:
             units[name] = ReconstructionUnit(name, "block", layers)
             covered.update(_quant_leaves(module, name))
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLayer) and name not in covered and name not in exclude_layers:
-            parent = name.rpartition(".")[0]
-            if isinstance(model.get_submodule(parent) if parent else model, SplitQuantConv2d):
-                if parent not in units:  # the two halves of a split conv form one unit
-                    units[parent] = ReconstructionUnit(
-                        parent, "layer", _quant_leaves(model.get_submodule(parent), parent)
-                    )
-                continue
-            units[name] = ReconstructionUnit(name, "layer", [name])
+    for name, module in quantized_modules(model):  # a layer kind's parts (a split conv's halves) form one unit
+        layers = [n for n in part_names(name, module) if n not in covered and n not in exclude_layers]
+        if layers:
+            units[name] = ReconstructionUnit(name, "layer", layers)
 
     order: list[str] = []
     handles = [

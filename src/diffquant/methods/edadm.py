@@ -26,6 +26,7 @@ from diffquant.methods.reconstruction_base import (
     full_precision_copy,
     start_reconstruction,
 )
+from diffquant.methods.registry import register_method
 from diffquant.modules.structure import skip_concat_splits
 
 
@@ -53,6 +54,7 @@ class EDADMConfig(QDiffusionConfig):
     reconstruction: ReconstructionConfig = field(default_factory=lambda: _edadm_engine(weight_iters=5000))
 
 
+@register_method(EDADMConfig, summary="EDA-DM: TDAC calibration + fine-grained block reconstruction")
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: EDADMConfig, progress: bool = True) -> dict:
     full_precision = full_precision_copy(denoiser)
     splits = skip_concat_splits(denoiser, probe(denoiser, calibration)) if config.split_shortcut else {}

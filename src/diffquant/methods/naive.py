@@ -16,6 +16,7 @@ from diffquant.calibration import CalibrationSet
 from diffquant.engines import calibrate_ranges, prepare_model
 from diffquant.errors import ConfigError
 from diffquant.methods.base import MethodConfig
+from diffquant.methods.registry import register_method
 from diffquant.quant import QuantSpec
 
 
@@ -43,6 +44,7 @@ class NaiveConfig(MethodConfig):
         return spec.replace(observer=self.activation_observer) if spec else None
 
 
+@register_method(NaiveConfig, summary="round-to-nearest PTQ with min-max/MSE observers")
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: NaiveConfig, progress: bool = True) -> dict:
     prepare_model(denoiser, config.layer_policy())
     calibrate_ranges(denoiser, calibration, config.batch_size, progress)

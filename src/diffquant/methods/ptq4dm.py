@@ -19,6 +19,7 @@ from torch import nn
 from diffquant.calibration import CalibrationSet, call_denoiser
 from diffquant.engines import calibrate_ranges, prepare_model
 from diffquant.methods.base import CalibrationConfig, MethodConfig
+from diffquant.methods.registry import register_method
 from diffquant.modules import LayerOverride
 from diffquant.modules.structure import input_and_output_layers
 from diffquant.quant import QuantSpec
@@ -45,6 +46,7 @@ class PTQ4DMConfig(MethodConfig):
         return QuantSpec(fmt, symmetric=True, observer="lp", lp_norm=self.mse_norm, per_step=self.activation_per_step)
 
 
+@register_method(PTQ4DMConfig, summary="PTQ4DM: NDTC calibration + MSE ranges (CVPR 2023)")
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: PTQ4DMConfig, progress: bool = True) -> dict:
     first_batch = next(calibration.batches(min(8, config.batch_size)))
     first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, first_batch))

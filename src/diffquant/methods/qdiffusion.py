@@ -25,6 +25,7 @@ from diffquant.methods.reconstruction_base import (
     full_precision_copy,
     start_reconstruction,
 )
+from diffquant.methods.registry import register_method
 from diffquant.modules.structure import skip_concat_splits
 from diffquant.quant import QuantSpec
 
@@ -69,6 +70,7 @@ class QDiffusionConfig(ReconstructionMethodConfig):
         return QuantSpec(f"int{self.attention_bits or self.abits}", symmetric=False, observer="lp", lp_norm=2.4)
 
 
+@register_method(QDiffusionConfig, summary="Q-Diffusion: split shortcut + BRECQ reconstruction (ICCV 2023)")
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: QDiffusionConfig, progress: bool = True) -> dict:
     full_precision = full_precision_copy(denoiser)
     splits = skip_concat_splits(denoiser, probe(denoiser, calibration)) if config.split_shortcut else {}

@@ -28,6 +28,7 @@ from diffquant.engines.gptq import GPTQConfig, HessianAccumulator, gptq_layer
 from diffquant.engines.smoothing import channel_absmax, search_smoothing
 from diffquant.errors import ConfigError
 from diffquant.methods.base import CalibrationConfig, MethodConfig
+from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
 from diffquant.modules.structure import input_and_output_layers, temporal_layers
@@ -170,6 +171,7 @@ def _accumulate_hessians(
     return accumulators
 
 
+@register_method(SVDQuantConfig, summary="SVDQuant: smoothing + 16-bit low-rank branch + GPTQ, W4A4 (ICLR 2025)")
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConfig, progress: bool = True) -> dict:
     batch = next(calibration.batches(min(8, config.batch_size)))
     skipped = sensitive_layers(denoiser, batch) if config.keep_sensitive else []

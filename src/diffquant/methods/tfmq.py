@@ -29,6 +29,7 @@ from diffquant.methods.reconstruction_base import (
     full_precision_copy,
     start_reconstruction,
 )
+from diffquant.methods.registry import register_method
 from diffquant.modules import LayerOverride
 from diffquant.modules.structure import execution_order, input_and_output_layers, temporal_layers
 from diffquant.quant import QuantSpec
@@ -68,6 +69,7 @@ def _edge_overrides(denoiser: nn.Module, run, temporal: list[str]) -> tuple[Laye
     return tuple(overrides)
 
 
+@register_method(TFMQConfig, summary="TFMQ-DM: temporal block reconstruction + per-step ranges (CVPR 2024)")
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: TFMQConfig, progress: bool = True) -> dict:
     full_precision = full_precision_copy(denoiser)
     run = probe(denoiser, calibration)

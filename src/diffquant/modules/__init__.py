@@ -1,6 +1,8 @@
 """Quantized modules and model surgery by name pattern."""
 
+from diffquant.modules import codebook  # noqa: F401  (registers its layer kind)
 from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.modules.kinds import KINDS, LayerKind, quantized_modules, register_kind
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear, wrap_layer
 from diffquant.modules.lowrank import LowRankQuantLayer
 from diffquant.modules.policy import AttentionPlan, LayerOverride, LayerPlan, LayerPolicy, resolve_policy
@@ -17,7 +19,9 @@ from diffquant.modules.surgery import (
 )
 
 __all__ = [
+    "KINDS",
     "AttentionPlan",
+    "LayerKind",
     "LayerOverride",
     "LayerPlan",
     "LayerPolicy",
@@ -33,6 +37,8 @@ __all__ = [
     "finish_observing",
     "is_quantized",
     "quant_layers",
+    "quantized_modules",
+    "register_kind",
     "resolve_policy",
     "set_activation_quantization",
     "start_observing",

@@ -12,11 +12,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffquant.errors import ConfigError
+from diffquant.modules.kinds import LayerKind, register_kind
 from diffquant.quant.codebook import CodebookSpec, CodebookWeight, packed_bytes, quantize_weight
 
 
-class CodebookLinear(nn.Module):
-    """Holds packed indices (uint8) and a float16 codebook; the dense weight is rebuilt once and cached."""
+@register_kind
+class CodebookLinear(LayerKind, nn.Module):
+    """Holds packed indices (uint8) and a float16 codebook; the dense weight is rebuilt once and cached.
+
+    Built by `apply_weight_vq`, not by plans: it has no `QuantLayer` parts (no quantizers to calibrate or
+    reconstruct, nothing for backends to convert) and is saved by `save_codebook_state`.
+    """
+
+    kind = "codebook-linear"
+    float_type = nn.Linear
 
     def __init__(self, weight: CodebookWeight, bias: torch.Tensor | None):
         super().__init__()
@@ -38,6 +47,24 @@ class CodebookLinear(nn.Module):
 
     def packed_bytes(self) -> int:
         return packed_bytes({"indices": self.packed_indices, "codebook": self.codebook})
+
+    # layer kind -----------------------------------------------------------------------------------
+    @classmethod
+    def wants(cls, plan) -> bool:
+        return False  # built by apply_weight_vq from calibration, never from a plan
+
+    @classmethod
+    def read_plan_fields(cls, entry: dict) -> dict:
+        return {}
+
+    def quantized_parts(self) -> dict:
+        return {}
+
+    def joined_weight(self) -> torch.Tensor:
+        return self.dense_weight().detach()
+
+    def joined_bias(self) -> torch.Tensor | None:
+        return self.bias
 
 
 def _capture_inputs(model: nn.Module, names: list[str], run: Callable[[], None], limit: int) -> dict[str, torch.Tensor]:

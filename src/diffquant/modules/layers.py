@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.modules.kinds import LayerKind, register_kind
 from diffquant.quant import IntFormat, Quantizer, QuantSpec, from_codes, group_view, to_codes, ungroup
 from diffquant.quant.adaround import AdaRoundState, adaround_quantize
 
 
-class QuantLayer(nn.Module):
-    """Shared machinery of the quantized weight layers."""
+class QuantLayer(LayerKind, nn.Module):
+    """Shared machinery of the quantized weight layers (the protocol backends convert)."""
 
     kind = "layer"
 
@@ -111,8 +112,25 @@ class QuantLayer(nn.Module):
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
 
-class QuantLinear(QuantLayer):
+class _PlainKind:
+    """Plain layers are what a plan without a kind becomes (`wrap_layer`); their saved entry holds only specs."""
+
+    @classmethod
+    def wants(cls, plan) -> bool:
+        return False
+
+    def plan_fields(self) -> dict:
+        return {}
+
+    @classmethod
+    def read_plan_fields(cls, entry: dict) -> dict:
+        return {}
+
+
+@register_kind
+class QuantLinear(_PlainKind, QuantLayer):
     kind = "linear"
+    float_type = nn.Linear
 
     def __init__(self, original: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> None:
         super().__init__(original, weight_spec, input_spec)
@@ -125,8 +143,10 @@ class QuantLinear(QuantLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
 
 
-class QuantConv2d(QuantLayer):
+@register_kind
+class QuantConv2d(_PlainKind, QuantLayer):
     kind = "conv2d"
+    float_type = nn.Conv2d
 
     def __init__(self, original: nn.Conv2d, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> None:
         if original.padding_mode != "zeros":
@@ -149,15 +169,18 @@ class QuantConv2d(QuantLayer):
         )
 
 
-class SplitQuantConv2d(nn.Module):
+@register_kind
+class SplitQuantConv2d(LayerKind, nn.Module):
     """Q-Diffusion's split-shortcut quantization of a conv fed by a concatenation [deep, skip].
 
     The two input halves are bimodal, so each gets its own activation quantizer and its own weight
     quantizer on the matching input-channel slice; conv(x, W) = conv(x_low, W_low) + conv(x_high, W_high).
-    Each half is an ordinary `QuantConv2d` (`low`, `high`), so freezing, saving and export need nothing new.
+    Each half is an ordinary `QuantConv2d` (`low`, `high`), so freezing, saving and export need nothing new;
+    formats without a split (GGUF, diffusers) get the halves joined again (`weight_pieces`).
     """
 
     kind = "conv2d-split"
+    float_type = nn.Conv2d
 
     def __init__(
         self, original: nn.Conv2d, split: int, weight_spec: QuantSpec | None, input_spec: QuantSpec | None
@@ -187,6 +210,25 @@ class SplitQuantConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.low(x[:, : self.split]) + self.high(x[:, self.split :])
+
+    # layer kind -----------------------------------------------------------------------------------
+    @classmethod
+    def wants(cls, plan) -> bool:
+        return plan.split > 0
+
+    @classmethod
+    def from_plan(cls, original: nn.Conv2d, plan) -> SplitQuantConv2d:
+        return cls(original, plan.split, plan.weight, plan.input)
+
+    def plan_fields(self) -> dict:
+        return {"split": self.split}
+
+    @classmethod
+    def read_plan_fields(cls, entry: dict) -> dict:
+        return {"split": entry["split"]} if entry.get("split") else {}
+
+    def quantized_parts(self) -> dict[str, QuantLayer]:
+        return {"low": self.low, "high": self.high}  # the halves, reconstructed as one unit
 
 
 def wrap_layer(module: nn.Module, weight_spec: QuantSpec | None, input_spec: QuantSpec | None) -> QuantLayer:

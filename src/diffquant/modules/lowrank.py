@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
+from diffquant.modules.kinds import LayerKind, register_kind
 from diffquant.modules.layers import QuantLayer, wrap_layer
 from diffquant.quant import QuantSpec
 from diffquant.quant.rotation import rotate_input, rotate_weight, rotation_matrix
@@ -44,7 +45,8 @@ def low_rank_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     return up, down
 
 
-class LowRankQuantLayer(nn.Module):
+@register_kind
+class LowRankQuantLayer(LayerKind, nn.Module):
     """A linear or conv layer as smoothing/rotation + quantized residual + 16-bit low-rank branch."""
 
     kind = "lowrank"
@@ -142,9 +144,41 @@ class LowRankQuantLayer(nn.Module):
         out = self.residual(x_t)
         return out + self.branch(x_t) if self.rank else out
 
-    # plan serialisation (surgery.export_plans / import_plans) ---------------------------------------
+    # layer kind -----------------------------------------------------------------------------------
+    @property
+    def float_type(self) -> type[nn.Module]:
+        return nn.Conv2d if self.is_conv else nn.Linear
+
+    @classmethod
+    def wants(cls, plan) -> bool:
+        return plan.lowrank is not None
+
+    @classmethod
+    def from_plan(cls, original: nn.Linear | nn.Conv2d, plan) -> LowRankQuantLayer:
+        return cls(original, plan.weight, plan.input, **plan.lowrank)
+
     def plan_fields(self) -> dict:
         return {"lowrank": {"rank": self.rank, "rotate": self.rotate}}
+
+    @classmethod
+    def read_plan_fields(cls, entry: dict) -> dict:
+        return {"lowrank": entry["lowrank"]} if entry.get("lowrank") is not None else {}
+
+    def quantized_parts(self) -> dict[str, QuantLayer]:
+        return {"residual": self.residual}
+
+    def weight_pieces(self) -> dict[str, QuantLayer]:
+        return {}  # the float weight is the transformed residual plus the branch, no concatenation
+
+    def joined_weight(self) -> torch.Tensor:
+        """W = (Q(R) + U D) H^T diag(1/s): the float weight this layer computes with, undone from x_t."""
+        transformed = self.residual.dequantized_weight().detach().float()
+        if self.rank:
+            branch = self.lora_up @ self.lora_down.reshape(self.rank, -1)
+            transformed = transformed + branch.reshape(transformed.shape)
+        scaled = rotate_weight(transformed, self.rotation.T) if self.rotation is not None else transformed
+        shape = (1, -1) + (1,) * (scaled.ndim - 2)
+        return scaled / self.smooth.reshape(shape)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, rotate={self.rotate}"

@@ -40,12 +40,15 @@ class LayerOverride:
 @dataclass(frozen=True)
 class LayerPlan:
     """What one weight layer gets; `split` > 0 splits a concatenated input there (Q-Diffusion);
-    `lowrank` (e.g. {"rank": 32, "rotate": False}) makes it a smoothed low-rank layer (SVDQuant)."""
+    `lowrank` (e.g. {"rank": 32, "rotate": False}) makes it a smoothed low-rank layer (SVDQuant);
+    `kind` names any other registered layer kind (modules/kinds.py), built with `options`."""
 
     weight: QuantSpec | None
     input: QuantSpec | None
     split: int = 0
     lowrank: dict | None = None
+    kind: str | None = None
+    options: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from diffquant.errors import ConfigError
 from diffquant.modules.attention import QuantAttnProcessor, wrap_processor
-from diffquant.modules.layers import QuantLayer, SplitQuantConv2d, wrap_layer
-from diffquant.modules.lowrank import LowRankQuantLayer
+from diffquant.modules.kinds import kind_for_plan, plan_fields_from_entry, quantized_modules
+from diffquant.modules.layers import QuantLayer, wrap_layer
 from diffquant.modules.policy import AttentionPlan, LayerPlan
 from diffquant.quant import Quantizer, QuantSpec
 
@@ -24,12 +25,13 @@ def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[
     for name, plan in layers.items():
         parent, child = _parent(model, name)
         original = getattr(parent, child)
-        if plan.lowrank is not None:
-            setattr(parent, child, LowRankQuantLayer(original, plan.weight, plan.input, **plan.lowrank))
-        elif plan.split:
-            setattr(parent, child, SplitQuantConv2d(original, plan.split, plan.weight, plan.input))
-        else:
+        kind = kind_for_plan(plan)
+        if kind is None and plan.kind is not None:
+            raise ConfigError(f"Layer '{name}' asks for layer kind '{plan.kind}', which is not registered.")
+        if kind is None:
             setattr(parent, child, wrap_layer(original, plan.weight, plan.input))
+        else:
+            setattr(parent, child, kind.from_plan(original, plan))
     for name, plan in attention.items():
         module = model.get_submodule(name)  # wrap the module's own processor: joint attention keeps working
         module.set_processor(wrap_processor(module.processor, plan.operands, plan.probs))
@@ -38,20 +40,16 @@ def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[
 def export_plans(model: nn.Module) -> dict:
     """The quantized structure of `model` as plain data, enough to rebuild it on a fresh copy."""
 
-    def plan(layer: QuantLayer, split: int = 0) -> dict:
+    def plan(module: nn.Module) -> dict:
+        layer = module.plan_layer()  # every entry carries "split" (0 unless the kind sets it): format 1
         return {
             "weight": layer.weight_quantizer.spec.to_json() if layer.weight_quantizer else None,
             "input": layer.input_quantizer.spec.to_json() if layer.input_quantizer else None,
-            "split": split,
+            "split": 0,
+            **module.plan_fields(),
         }
 
-    split_modules = {n: m for n, m in model.named_modules() if isinstance(m, SplitQuantConv2d)}
-    layers = {name: plan(module.low, module.split) for name, module in split_modules.items()}
-    lowrank_modules = {n: m for n, m in model.named_modules() if isinstance(m, LowRankQuantLayer)}
-    layers.update({name: {**plan(module.residual), **module.plan_fields()} for name, module in lowrank_modules.items()})
-    for name, layer in quant_layers(model):
-        if name.rpartition(".")[0] not in split_modules and name.rpartition(".")[0] not in lowrank_modules:
-            layers[name] = plan(layer)
+    layers = {name: plan(module) for name, module in quantized_modules(model) if module.plan_layer() is not None}
     attention = {
         name.removesuffix(".processor"): {
             "operands": processor.query_quantizer.spec.to_json() if processor.query_quantizer else None,
@@ -66,7 +64,7 @@ def import_plans(model: nn.Module, structure: dict) -> None:
     """Rebuild the structure written by `export_plans` on a full-precision copy of the model."""
     spec = lambda value: QuantSpec.from_json(value) if value else None  # noqa: E731
     layers = {
-        name: LayerPlan(spec(p["weight"]), spec(p["input"]), p.get("split", 0), p.get("lowrank"))
+        name: LayerPlan(spec(p["weight"]), spec(p["input"]), **plan_fields_from_entry(p))
         for name, p in structure["layers"].items()
     }
     attention = {

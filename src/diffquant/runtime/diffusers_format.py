@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffquant.fileio import atomic_directory, write_json
-from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
+from diffquant.modules.kinds import is_kind
+from diffquant.modules.layers import QuantLayer
 from diffquant.modules.surgery import activation_quantizers
 from diffquant.quant import IntFormat
 from diffquant.runtime.gguf import float_state_names
@@ -62,11 +63,7 @@ def _round_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, SplitQuantConv2d):
-        return torch.cat([module.low.dequantized_weight(), module.high.dequantized_weight()], 1).detach()
-    if isinstance(module, QuantLayer):
-        return module.dequantized_weight().detach()
-    return module.weight.detach()
+    return module.joined_weight() if is_kind(module) else module.weight.detach()
 
 
 def export_diffusers(model: Any, directory: str | Path) -> dict[str, Any]:
@@ -97,10 +94,10 @@ def export_diffusers(model: Any, directory: str | Path) -> dict[str, Any]:
             tensors[f"{key}._scale"] = scale.contiguous()
             tensors[f"{module_name}.input_scale"] = torch.ones(())
             tensors[f"{module_name}.output_scale"] = torch.ones(())
-        elif attribute == "weight" and isinstance(module, QuantLayer | SplitQuantConv2d):
+        elif attribute == "weight" and is_kind(module):  # a layer kind's weight, joined (quanto knows no kinds)
             tensors[key] = _float_weight(module).float().contiguous()
-        elif isinstance(module, SplitQuantConv2d):
-            tensors[key] = module.low.bias.detach().contiguous()
+        elif attribute == "bias" and is_kind(module):
+            tensors[key] = module.joined_bias().contiguous()
         else:
             tensors[key] = getattr(module, attribute).detach().contiguous()
     dropped = sorted({name.rsplit(".", 1)[0] for name, q in activation_quantizers(denoiser) if q.enabled})
@@ -132,7 +129,8 @@ def export_diffusers(model: Any, directory: str | Path) -> dict[str, Any]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, QuantLayer) and module.kind == "linear")
+    quantized = isinstance(module, QuantLayer) and issubclass(module.float_type, nn.Linear)
+    return isinstance(module, nn.Linear) or quantized
 
 
 def _is_quantized(module: nn.Module) -> bool:

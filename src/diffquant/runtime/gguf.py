@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
-from diffquant.modules.layers import QuantLayer, SplitQuantConv2d
+from diffquant.modules.kinds import is_kind
+from diffquant.modules.layers import QuantLayer
 from diffquant.quant import gguf_blocks
 from diffquant.quant.gguf_blocks import BLOCK_SIZE, BlockType, block_type
 
@@ -141,20 +142,27 @@ def _layer_entry(layer: QuantLayer, name: str) -> BlockTensor | torch.Tensor:
     return BlockTensor(kind, codes, d.reshape(rows, -1), torch.zeros(rows, codes.shape[1]), shape)
 
 
-def _join_split(module: SplitQuantConv2d, name: str) -> BlockTensor | torch.Tensor:
-    """A split conv's halves side by side: each row is [low inputs, high inputs], so when both halves sit on
-    one GGUF grid and the low half's rows are whole blocks, the blocks simply follow each other."""
-    low, high = _layer_entry(module.low, name + ".low"), _layer_entry(module.high, name + ".high")
-    if isinstance(low, BlockTensor) and isinstance(high, BlockTensor) and low.kind == high.kind:
-        shape = (low.shape[0], low.shape[1] + high.shape[1], *low.shape[2:])
+def _joined_entry(module: nn.Module, name: str) -> BlockTensor | torch.Tensor:
+    """A layer kind's weight in the float layout. Its weight pieces (a split conv's halves) lie side by side:
+    each row is [first piece's inputs, next piece's inputs, ...], so when all pieces sit on one GGUF grid and
+    each piece's rows are whole blocks, the blocks simply follow each other."""
+    pieces = module.weight_pieces()
+    if not pieces:  # no concatenation of quantized layers: the kind computes its float weight
+        return module.joined_weight()
+    entries = [_layer_entry(layer, f"{name}.{part}" if part else name) for part, layer in pieces.items()]
+    if len(entries) == 1:
+        return entries[0]
+    first = entries[0]
+    if all(isinstance(entry, BlockTensor) and entry.kind == first.kind for entry in entries):
+        shape = (first.shape[0], sum(entry.shape[1] for entry in entries), *first.shape[2:])
         return BlockTensor(
-            low.kind,
-            torch.cat([low.codes, high.codes], 1),
-            torch.cat([low.d, high.d], 1),
-            torch.cat([low.m, high.m], 1),
+            first.kind,
+            torch.cat([entry.codes for entry in entries], 1),
+            torch.cat([entry.d for entry in entries], 1),
+            torch.cat([entry.m for entry in entries], 1),
             shape,
         )
-    values = [entry.dequantize() if isinstance(entry, BlockTensor) else entry for entry in (low, high)]
+    values = [entry.dequantize() if isinstance(entry, BlockTensor) else entry for entry in entries]
     return torch.cat(values, 1).detach()
 
 
@@ -179,10 +187,10 @@ def diffusers_tensors(denoiser: nn.Module) -> dict[str, BlockTensor | torch.Tens
     for key in float_state_names(denoiser):
         module_name, _, attribute = key.rpartition(".")
         module = denoiser.get_submodule(module_name) if module_name else denoiser
-        if isinstance(module, QuantLayer) and attribute == "weight":
-            tensors[key] = _layer_entry(module, module_name)
-        elif isinstance(module, SplitQuantConv2d):  # joined again: GGUF knows no split shortcut
-            tensors[key] = _join_split(module, module_name) if attribute == "weight" else module.low.bias.detach()
+        if is_kind(module) and attribute == "weight":  # joined again: GGUF knows no layer kinds
+            tensors[key] = _joined_entry(module, module_name)
+        elif is_kind(module) and attribute == "bias":
+            tensors[key] = module.joined_bias()
         else:
             tensors[key] = getattr(module, attribute).detach()
     return tensors
@@ -506,7 +514,8 @@ def export_gguf(
 
 
 def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) or (isinstance(module, QuantLayer) and module.kind == "conv2d")
+    quantized = isinstance(module, QuantLayer) and issubclass(module.float_type, nn.Conv2d)
+    return isinstance(module, nn.Conv2d) or quantized
 
 
 def _roundable(key: str, value: torch.Tensor, linears: set[str], convs: set[str], layout: str) -> bool:

@@ -191,7 +191,7 @@ def weight_supported(layer: QuantLayer, max_bits: int = 8) -> bool:
     zero = quantizer.zero_point.detach()
     if not torch.equal(zero, zero.round()):
         return False
-    if isinstance(layer, QuantConv2d) and layer.groups != 1:
+    if issubclass(layer.float_type, nn.Conv2d) and layer.groups != 1:
         return int8_weight(layer).input_sum_weight is None
     return True
 
@@ -404,7 +404,7 @@ class DequantizedLayer(nn.Module):
         self.register_buffer("weight", layer.dequantized_weight().detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.input_quantizer = layer.input_quantizer
-        self.is_conv = isinstance(layer, QuantConv2d)
+        self.is_conv = issubclass(layer.float_type, nn.Conv2d)
         if self.is_conv:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
 
@@ -511,7 +511,7 @@ class PackedWeightLayer(nn.Module):
         self.fmt, self.grouping = quantizer.fmt, quantizer.grouping
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.input_quantizer = layer.input_quantizer
-        self.is_conv = isinstance(layer, QuantConv2d)
+        self.is_conv = issubclass(layer.float_type, nn.Conv2d)
         if self.is_conv:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
+from diffquant.modules.layers import QuantLayer, QuantLinear
 from diffquant.quant import IntFormat, ungroup
 
 # group sizes `_weight_int4pack_mm_for_cpu` accepts (largest first: fewer scales)
@@ -89,7 +89,7 @@ def int4_weight_supported(layer: QuantLayer) -> bool:
     if grouping.kind == "per_token" or (grouping.kind == "per_channel" and grouping.axis != 0):
         return False
     input_quantized = layer.input_quantizer is not None and layer.input_quantizer.enabled
-    return quantizer.fmt.bits <= 4 and not input_quantized and isinstance(layer, (QuantLinear, QuantConv2d))
+    return quantizer.fmt.bits <= 4 and not input_quantized and issubclass(layer.float_type, nn.Linear | nn.Conv2d)
 
 
 class PackedInt4Layer(nn.Module):
@@ -106,7 +106,7 @@ class PackedInt4Layer(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        self.is_conv = isinstance(layer, QuantConv2d)
+        self.is_conv = issubclass(layer.float_type, nn.Conv2d)
         if self.is_conv:
             self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
 
@@ -134,7 +134,7 @@ def int4pack_group_size(layer: QuantLayer) -> int | None:
     """The group size `_weight_int4pack_mm_for_cpu` can run this linear with, or None.
 
     Per-channel (and per-tensor) scales become any kernel group size dividing K, the scale repeated."""
-    if not isinstance(layer, QuantLinear) or not int4_weight_supported(layer):
+    if not issubclass(layer.float_type, nn.Linear) or not int4_weight_supported(layer):
         return None
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") or layer.out_features % 16:
         return None

@@ -1,0 +1,76 @@
+"""The onednn backend: CPU int8 convolutions and linears on oneDNN (`qconv2d_pointwise`, `qlinear_pointwise`).
+
+Layers with <= 8-bit symmetric per-channel weights and static per-tensor <= 8-bit inputs run on int8;
+other layers run with float activations (`weight_only_layer`), or on PyTorch's CPU int4 GEMM with
+`weight_only_mode="int4-kernel"`.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
+from torch import nn
+
+from diffquant.errors import DiffquantError
+from diffquant.modules.layers import QuantLayer
+from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, register_backend, weight_only_layer
+from diffquant.runtime.kernels import FusedGELU, OneDNNInt8Conv2d, OneDNNInt8Linear, input_supported, weight_supported
+from diffquant.runtime.kernels_int4 import Int4PackMMLinear, int4pack_group_size
+
+INT8_KERNELS = {"linear": OneDNNInt8Linear, "conv2d": OneDNNInt8Conv2d}
+"""Layer kind -> oneDNN int8 module."""
+
+
+@register_backend
+class OneDNNBackend(Backend):
+    name = "onednn"
+
+    def check_available(self) -> None:
+        machine = platform.machine().lower()
+        if not torch.backends.mkldnn.is_available() or machine not in ("x86_64", "amd64"):
+            raise DiffquantError(
+                f"The onednn backend needs an x86-64 CPU with PyTorch's oneDNN (this is {machine}); use --backend fake."
+            )
+        if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+            raise DiffquantError("This PyTorch build lacks oneDNN's quantized ops; use --backend fake.")
+
+    def supports(self, layer: QuantLayer) -> bool:
+        return layer.kind in INT8_KERNELS
+
+    def convert(self, layer: QuantLayer, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
+        if weight_supported(layer) and input_supported(layer.input_quantizer):
+            return INT8_KERNELS[layer.kind](layer)
+        if weight_only_mode == "int4-kernel" and int4pack_group_size(layer) is not None:
+            return Int4PackMMLinear(layer)
+        return weight_only_layer(layer, weight_only_mode)
+
+    def finish(self, model: nn.Module) -> None:
+        _fuse_activations(model)
+        _chain_int8_outputs(model)
+
+
+def _fuse_activations(model: nn.Module) -> None:
+    """Fold diffusers' GELU activations into the int8 GEMM before them (a oneDNN post-op): a separate
+    tanh-GELU pass costs more than the int8 GEMM itself on CPU."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GELU) and isinstance(module.proj, OneDNNInt8Linear) and module.proj.takes_epilogue:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FusedGELU(module.proj, module.approximate))
+
+
+def _chain_int8_outputs(model: nn.Module) -> None:
+    """Inside diffusers' FeedForward (GELU projection -> dropout -> linear), let the first int8 GEMM
+    write uint8 codes for the second: the intermediate is the widest activation of a transformer block
+    and would otherwise go through memory as float32 only to be quantized again."""
+    for module in model.modules():
+        if not isinstance(module, FeedForward):
+            continue
+        layers = [m for m in module.net if not isinstance(m, nn.Dropout)]  # dropout is the identity in eval
+        for producer, consumer in zip(layers, layers[1:], strict=False):
+            gemm = producer.proj if isinstance(producer, FusedGELU) else producer
+            if isinstance(gemm, OneDNNInt8Linear) and isinstance(consumer, OneDNNInt8Linear):
+                gemm.emit_codes_for(consumer)
