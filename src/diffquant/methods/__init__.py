@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffquant.errors import ConfigError
-from diffquant.methods import edadm, naive, ptq4dm, qdiffusion, svdquant, tfmq
+from diffquant.methods import dgq, edadm, mixdq, naive, ptq4dm, qdiffusion, svdquant, tfmq, viditq
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 
 
@@ -31,6 +31,19 @@ METHODS: dict[str, MethodEntry] = {
     ),
     "svdquant": MethodEntry(
         svdquant.SVDQuantConfig, svdquant.apply, "SVDQuant: smoothing + 16-bit low-rank branch + GPTQ, W4A4 (ICLR 2025)"
+    ),
+    "viditq": MethodEntry(
+        viditq.ViDiTQConfig,
+        viditq.apply,
+        "ViDiT-Q: dynamic per-token activations, scaling + rotation balancing, metric-decoupled MP (ICLR 2025)",
+    ),
+    "mixdq": MethodEntry(
+        mixdq.MixDQConfig,
+        mixdq.apply,
+        "MixDQ: BOS-aware text quantization, metric-decoupled sensitivity, integer-program bits (ECCV 2024)",
+    ),
+    "dgq": MethodEntry(
+        dgq.DGQConfig, dgq.apply, "DGQ: distribution-aware activation groups, log2 softmax, BOS kept float (ICLR 2025)"
     ),
 }
 

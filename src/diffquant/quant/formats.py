@@ -204,7 +204,8 @@ def parse_format(name: str) -> NumberFormat:
         return LogFormat(int(match.group(1)))
     raise ConfigError(
         f"Unknown number format '{name}'. Use intN/uintN (N = 1..16), an ExMy float such as "
-        f"{', '.join(NAMED_FLOAT_FORMATS)}, a block-scaled float ({', '.join(SCALED_FLOAT_FORMATS)}), logN (base-2 log grid) or 'binary'."
+        f"{', '.join(NAMED_FLOAT_FORMATS)}, a block-scaled float ({', '.join(SCALED_FLOAT_FORMATS)}), "
+        "logN (base-2 log grid) or 'binary'."
     )
 
 

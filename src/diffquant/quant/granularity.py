@@ -17,7 +17,8 @@ KINDS = ("per_tensor", "per_channel", "per_token", "group", "token_group")
 
 @dataclass(frozen=True)
 class Granularity:
-    """per_tensor; per_channel along `axis` (negative counts from the end); per_token (one scale per row over the last/channel axis);
+    """per_tensor; per_channel along `axis` (negative counts from the end); per_token (one scale per row
+    over the last/channel axis);
     group: `group_size` consecutive input channels per scale (on weights: along the flattened
     reduction dimension of the layer, as in the GEMM it feeds); token_group: `group_size` consecutive
     channels of one token per scale (activations; SVDQuant's dynamic per-token group-64 inputs)."""
