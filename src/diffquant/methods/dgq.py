@@ -24,15 +24,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from diffquant.calibration import CalibrationSet, call_denoiser, feed_calibration
+from diffquant.calibration import CalibrationSet, feed_calibration
 from diffquant.calibration.dataset import random_subset
 from diffquant.calibration.validation import text_token_count
 from diffquant.engines import calibrate_ranges
+from diffquant.engines.text_stream import text_layers
 from diffquant.errors import ConfigError
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 from diffquant.modules import apply_plans, quant_layers, resolve_policy
-from diffquant.modules.policy import pattern_matches
-from diffquant.modules.structure import text_stream_layers
 from diffquant.quant import QuantSpec
 from diffquant.quant.range_groups import spread
 
@@ -146,18 +145,10 @@ def input_ranges(
     return ranges
 
 
-def text_layers(denoiser: nn.Module, calibration: CalibrationSet, names: list[str], config: DGQConfig) -> list[str]:
-    if config.text_layers is not None:
-        return [n for n in names if any(pattern_matches(p, n) for p in config.text_layers)]
-    batch = next(calibration.batches(2))
-    found = text_stream_layers(denoiser, lambda: call_denoiser(denoiser, batch), text_token_count(calibration, "dgq"))
-    return [n for n in names if n in found]
-
-
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: DGQConfig, progress: bool = True) -> dict:
     text_token_count(calibration, "dgq")  # a model without text fails here, with the reason
     plans, attention = resolve_policy(denoiser, config.layer_policy())
-    text = set(text_layers(denoiser, calibration, list(plans), config))
+    text = set(text_layers(denoiser, calibration, list(plans), config.text_layers, "dgq"))
     modules = {name: denoiser.get_submodule(name) for name, plan in plans.items() if plan.input is not None}
     data = random_subset(calibration, config.statistics_samples, 0)
     ranges = input_ranges(denoiser, modules, data, config, progress)

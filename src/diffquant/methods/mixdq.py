@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from diffquant.calibration import CalibrationSet, call_denoiser
+from diffquant.calibration import CalibrationSet
 from diffquant.calibration.dataset import random_subset
 from diffquant.calibration.validation import text_token_count
 from diffquant.engines import calibrate_ranges
@@ -42,12 +42,12 @@ from diffquant.engines.sensitivity import (
     requantize_weight,
     weight_sensitivity,
 )
+from diffquant.engines.text_stream import text_layers
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 from diffquant.modules import apply_plans, quant_layers, resolve_policy
 from diffquant.modules.layers import QuantLayer
 from diffquant.modules.policy import pattern_matches
-from diffquant.modules.structure import text_stream_layers
 from diffquant.quant import QuantSpec
 
 CONTENT_PATTERNS = ("*attn2*", "*cross_attn*", "*.ff.*", "*ff_context*")
@@ -103,15 +103,6 @@ class MixDQConfig(MethodConfig):
         return spec.replace(observer="ema") if spec else None  # MixDQ's running-stat min-max
 
 
-def text_layers(denoiser: nn.Module, calibration: CalibrationSet, names: list[str], config: MixDQConfig) -> list[str]:
-    """The quantized layers fed the text stream (by the config's patterns, or found by running the model)."""
-    if config.text_layers is not None:
-        return [n for n in names if any(pattern_matches(p, n) for p in config.text_layers)]
-    batch = next(calibration.batches(2))
-    found = text_stream_layers(denoiser, lambda: call_denoiser(denoiser, batch), text_token_count(calibration, "mixdq"))
-    return [n for n in names if n in found]
-
-
 def _group_plan(
     sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], members: list[str], average: float
 ) -> Allocation:
@@ -154,7 +145,7 @@ def candidate_plans(
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: MixDQConfig, progress: bool = True) -> dict:
     text_token_count(calibration, "mixdq")  # a model without text fails here, with the reason
     plans, attention = resolve_policy(denoiser, config.layer_policy())
-    text = text_layers(denoiser, calibration, list(plans), config)
+    text = text_layers(denoiser, calibration, list(plans), config.text_layers, "mixdq")
     if config.bos_aware:  # step 2: the BOS token bypasses the input quantizers of the text stream
         for name in text:
             if plans[name].input is not None:

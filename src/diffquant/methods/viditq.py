@@ -107,7 +107,9 @@ def float_layers(denoiser: nn.Module, calibration: CalibrationSet) -> list[str]:
     """Embedders and final layer: the first and last layers and those fed only timestep/conditioning."""
     batch = next(calibration.batches(4))
     first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, batch))
-    temporal = temporal_layers(denoiser, lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning), batch.sample)
+    temporal = temporal_layers(
+        denoiser, lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning), batch.sample
+    )
     return sorted({first, last, *temporal})
 
 
