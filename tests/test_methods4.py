@@ -187,6 +187,15 @@ def test_mixdq_and_dgq_reload_from_a_pipeline_directory_identically(t2i, mixdq_t
             assert torch.equal(a, b)
 
 
+def test_mixdq_exports_with_the_bos_layers_off_the_integer_kernels(t2i, mixdq_t2i):
+    from diffquant.runtime.export import export_model
+
+    _, calibration = t2i
+    exported = export_model(mixdq_t2i, "onednn" if torch.backends.mkldnn.is_available() else "fake")
+    for a, b in zip(_outputs(mixdq_t2i, calibration), _outputs(exported, calibration), strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 # --- dgq ----------------------------------------------------------------------------------------
 def test_dgq_groups_ranges_quantizes_softmax_on_log2_and_keeps_bos(dgq_t2i):
     layers = dict(quant_layers(dgq_t2i.denoiser))
