@@ -268,6 +268,12 @@ def test_viditq_balances_rotates_and_allocates_within_the_budget(dit_and_calibra
         assert torch.equal(a, b)
 
 
+def test_viditq_at_w8_gives_every_layer_8_bits_without_probing(dit_and_calibration):
+    model, calibration = dit_and_calibration
+    quantized = diffquant.quantize(model, make_config("viditq", "fast", wbits=8), calibration, progress=False)
+    assert set(quantized.quantization["details"]["weight_bits"].values()) == {8}
+
+
 def test_viditq_beats_naive_at_w4a4_on_a_dit(dit_and_calibration):
     model, calibration = dit_and_calibration
     ours = diffquant.quantize(model, make_config("viditq", "fast", abits=4), calibration, progress=False)

@@ -29,7 +29,7 @@ from torch import nn
 from diffquant.calibration import CalibrationSet, call_denoiser, feed_calibration
 from diffquant.calibration.dataset import random_subset
 from diffquant.calibration.validation import TEXT_CONDITIONING
-from diffquant.engines.allocation import allocate_bits, budget_for_average_bits
+from diffquant.engines.allocation import Allocation, allocate_bits, budget_for_average_bits
 from diffquant.engines.sensitivity import (
     CONTENT,
     QUALITY,
@@ -173,11 +173,15 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: ViDiTQConfig
     residuals = {name: layer.residual for name, layer in layers.items() if layer.residual.weight_quantizer is not None}
     if config.mixed_precision and residuals:
         metric_of = {name: CONTENT if name in content else QUALITY for name in residuals}
-        probe = list(random_subset(calibration, config.sensitivity_samples, 1).batches(config.batch_size))
-        sensitivity = weight_sensitivity(denoiser, residuals, tuple(config.weight_bit_choices), metric_of, probe)
         sizes = {name: weights[name].numel() for name in residuals}
         budget = budget_for_average_bits(sizes, config.wbits + config.extra_average_bits)
-        allocation = allocate_bits(decoupled_costs(sensitivity, metric_of), sizes, budget)
+        widest = max(config.weight_bit_choices)
+        if budget >= widest * sum(sizes.values()):  # every layer fits the widest choice: nothing to measure
+            allocation = Allocation({name: widest for name in residuals}, 0.0, widest * sum(sizes.values()))
+        else:
+            probe = list(random_subset(calibration, config.sensitivity_samples, 1).batches(config.batch_size))
+            sensitivity = weight_sensitivity(denoiser, residuals, tuple(config.weight_bit_choices), metric_of, probe)
+            allocation = allocate_bits(decoupled_costs(sensitivity, metric_of), sizes, budget)
         for name, bits in allocation.bits.items():
             requantize_weight(residuals[name], bits)
         details.update(
