@@ -187,3 +187,11 @@ class CalibrationSet:
         num_steps = meta.pop("num_steps", 1)
         meta.pop("count", None)
         return cls(tensors["sample"], tensors["timestep"], tensors["step_index"], conditioning, num_steps, meta)
+
+
+def random_subset(calibration: CalibrationSet, size: int, seed: int) -> CalibrationSet:
+    """`size` entries drawn without replacement under `seed`, in their original order (all when fewer)."""
+    if size >= len(calibration):
+        return calibration
+    index = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(seed))[:size]
+    return calibration.subset(index.sort().values)

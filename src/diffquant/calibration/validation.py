@@ -191,3 +191,22 @@ def check_statistics(calibration: CalibrationSet) -> None:
             f"Calibration sample {entry} holds {value.item():.3g}, more than {OUTLIER_FACTOR:g}x the spread of the "
             f"other values ({spread:.3g} around {median.item():.3g}); remove that entry or re-record the set."
         )
+
+
+TEXT_CONDITIONING = "encoder_hidden_states"
+
+
+def text_token_count(calibration: CalibrationSet, method: str) -> int:
+    """Tokens of the prompt embedding in `calibration`; one clear error when the model has no text input.
+
+    Methods about the text conditioning (MixDQ, DGQ) need a text-to-image model.
+    """
+    text = calibration.conditioning.get(TEXT_CONDITIONING)
+    if not torch.is_tensor(text) or text.ndim != 3:
+        raise DiffquantError(
+            f"'{method}' quantizes the text conditioning of a text-to-image model, but this model has no text "
+            f"input (its calibration conditioning is {sorted(calibration.conditioning) or 'empty'}; a "
+            f"(batch, tokens, channels) '{TEXT_CONDITIONING}' is needed). Use a text-conditioned pipeline such as "
+            "'fmnist-t2i', or a method for any model (naive, svdquant, viditq)."
+        )
+    return text.shape[1]

@@ -10,6 +10,9 @@ from diffquant.methods import qdiffusion  # noqa: F401
 from diffquant.methods import tfmq  # noqa: F401
 from diffquant.methods import edadm  # noqa: F401
 from diffquant.methods import svdquant  # noqa: F401
+from diffquant.methods import viditq  # noqa: F401
+from diffquant.methods import mixdq  # noqa: F401
+from diffquant.methods import dgq  # noqa: F401
 
 # isort: on
 from diffquant.methods.base import CalibrationConfig, MethodConfig

@@ -8,6 +8,12 @@ untouched (bit-identical outputs). Otherwise, for the duration of the call, it r
 attention dispatch call - by an explicit attention with quantized Q, K (for QK^T), post-softmax
 probabilities and V (for PV), as Q-Diffusion does. It is an nn.Module, so its quantizers live in the
 model's state dict.
+
+With `fp_text_bos`, the key column of the text's first (BOS/<start>) token keeps its float probability
+and stays out of the probabilities' range (DGQ): background pixels pile their attention onto that
+token, so its column would otherwise set the scale for every other prompt token. SD3's joint
+attention puts the text keys after the image keys; cross-attention and Flux-style joint attention
+put them first.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from diffquant.quant import Quantizer, QuantSpec
 class QuantAttnProcessor(nn.Module):
     kind = "attention"
 
-    def __init__(self, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None, inner: Any = None) -> None:
+    def __init__(
+        self, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None, inner: Any = None, fp_text_bos: bool = False
+    ) -> None:
         super().__init__()
+        self.fp_text_bos = fp_text_bos
+        self._stream_tokens: tuple[int, int | None] = (0, None)  # (image, text) tokens of the current call
         make = lambda spec: Quantizer(spec) if spec is not None else None  # noqa: E731
         self.query_quantizer = make(operand_spec)
         self.key_quantizer = make(operand_spec)
@@ -53,6 +63,9 @@ class QuantAttnProcessor(nn.Module):
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self._active():
             return self.inner(attn, hidden_states, *args, **kwargs)
+        text = kwargs.get("encoder_hidden_states", args[0] if args else None)
+        text_tokens = text.shape[1] if torch.is_tensor(text) and text.ndim == 3 else None
+        self._stream_tokens = (hidden_states.shape[1] if hidden_states.ndim == 3 else 0, text_tokens)
         with self._quantized_sdpa() as calls:
             output = self.inner(attn, hidden_states, *args, **kwargs)
         if not calls:
@@ -91,8 +104,31 @@ class QuantAttnProcessor(nn.Module):
             scores = scores.masked_fill(~causal, float("-inf"))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = self._apply(self.probs_quantizer, scores.softmax(dim=-1))
+        probs = self._quantize_probs(scores.softmax(dim=-1))
         return torch.matmul(probs, value)
+
+    def bos_column(self, key_tokens: int) -> int | None:
+        """The key index of the text's BOS token in this call, or None without text."""
+        image, text = self._stream_tokens
+        if text is None:
+            return None
+        if key_tokens == text:
+            return 0
+        if key_tokens == image + text:
+            return image if type(self.inner).__name__.startswith("Joint") else 0
+        raise DiffquantError(
+            f"Cannot place the BOS token among {key_tokens} keys ({image} image and {text} text tokens in this "
+            "call): this attention layout is unknown; quantize it without fp_text_bos."
+        )
+
+    def _quantize_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        quantizer = self.probs_quantizer
+        column = self.bos_column(probs.shape[-1]) if self.fp_text_bos and quantizer is not None else None
+        if column is None:
+            return self._apply(quantizer, probs)
+        others = torch.cat([probs[..., :column], probs[..., column + 1 :]], -1)
+        quantized = quantizer(others)
+        return torch.cat([quantized[..., :column], probs[..., column : column + 1], quantized[..., column:]], -1)
 
 
 @cache
@@ -108,8 +144,10 @@ def _wrapper_class(inner_class: type) -> type:
     return type(f"Quant{inner_class.__name__}", (QuantAttnProcessor,), {"__call__": __call__})
 
 
-def wrap_processor(inner: Any, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None) -> QuantAttnProcessor:
+def wrap_processor(
+    inner: Any, operand_spec: QuantSpec | None, probs_spec: QuantSpec | None, fp_text_bos: bool = False
+) -> QuantAttnProcessor:
     """Quantized matmuls around `inner`, an attention module's own processor (a wrapper is unwrapped first)."""
     if isinstance(inner, QuantAttnProcessor):
         inner = inner.inner
-    return _wrapper_class(type(inner))(operand_spec, probs_spec, inner)
+    return _wrapper_class(type(inner))(operand_spec, probs_spec, inner, fp_text_bos)

@@ -53,10 +53,12 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """What one attention module's matmuls get."""
+    """What one attention module's matmuls get; `fp_text_bos` keeps the text BOS column of the
+    probabilities in float (DGQ)."""
 
     operands: QuantSpec | None
     probs: QuantSpec | None
+    fp_text_bos: bool = False
 
 
 @dataclass

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from diffquant.errors import ConfigError
 from diffquant.modules.layers import QuantLayer
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES
 
@@ -130,3 +131,39 @@ def temporal_layers(
         for handle in handles:
             handle.remove()
     return [n for n in order if n in seen[1] and torch.equal(seen[0][n], seen[1][n])]
+
+
+def text_stream_layers(model: nn.Module, run: Callable[[], object], text_tokens: int) -> list[str]:
+    """Weight layers fed the text stream: their (batch, tokens, channels) input has the text's token count.
+
+    These see the BOS token of the prompt embedding (MixDQ's and DGQ's outlier). Found by running the
+    model once; when the image stream has as many tokens as the text, the two cannot be told apart and
+    the caller must name the layers.
+    """
+    tokens: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            if torch.is_tensor(args[0]) and args[0].ndim == 3:
+                tokens.setdefault(name, args[0].shape[1])
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (*WEIGHT_LAYER_TYPES, QuantLayer)) and name
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    text = [name for name, count in tokens.items() if count == text_tokens]
+    if text and len(text) == len(tokens):
+        raise ConfigError(
+            f"Every token-sequence layer sees {text_tokens} tokens, as many as the text: the text stream cannot be "
+            "told apart from the image stream. Name the text layers explicitly (text_layers=...)."
+        )
+    return text

@@ -34,7 +34,7 @@ def apply_plans(model: nn.Module, layers: dict[str, LayerPlan], attention: dict[
             setattr(parent, child, kind.from_plan(original, plan))
     for name, plan in attention.items():
         module = model.get_submodule(name)  # wrap the module's own processor: joint attention keeps working
-        module.set_processor(wrap_processor(module.processor, plan.operands, plan.probs))
+        module.set_processor(wrap_processor(module.processor, plan.operands, plan.probs, plan.fp_text_bos))
 
 
 def export_plans(model: nn.Module) -> dict:
@@ -54,6 +54,7 @@ def export_plans(model: nn.Module) -> dict:
         name.removesuffix(".processor"): {
             "operands": processor.query_quantizer.spec.to_json() if processor.query_quantizer else None,
             "probs": processor.probs_quantizer.spec.to_json() if processor.probs_quantizer else None,
+            **({"fp_text_bos": True} if processor.fp_text_bos else {}),
         }
         for name, processor in attention_processors(model)
     }
@@ -68,7 +69,8 @@ def import_plans(model: nn.Module, structure: dict) -> None:
         for name, p in structure["layers"].items()
     }
     attention = {
-        name: AttentionPlan(spec(p["operands"]), spec(p["probs"])) for name, p in structure["attention"].items()
+        name: AttentionPlan(spec(p["operands"]), spec(p["probs"]), p.get("fp_text_bos", False))
+        for name, p in structure["attention"].items()
     }
     apply_plans(model, layers, attention)
 

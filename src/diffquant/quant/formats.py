@@ -139,7 +139,31 @@ class ScaledFloatFormat:
         return self.element.max_value
 
 
-NumberFormat = IntFormat | FloatFormat | BinaryFormat | ScaledFloatFormat
+@dataclass(frozen=True)
+class LogFormat:
+    """A base-2 logarithmic grid for non-negative values (softmax probabilities; DGQ, Ryu et al. 2025):
+    code q in [0, 2^bits - 1] stands for scale * 2^-q, so small probabilities keep relative precision."""
+
+    bits: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= MAX_INT_BITS:
+            raise ConfigError(f"Log format bit width must be between 1 and {MAX_INT_BITS}, got {self.bits}.")
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    @property
+    def name(self) -> str:
+        return f"log{self.bits}"
+
+    @property
+    def storage_bits(self) -> int:
+        return self.bits
+
+
+NumberFormat = IntFormat | FloatFormat | BinaryFormat | ScaledFloatFormat | LogFormat
 
 NAMED_FLOAT_FORMATS: dict[str, FloatFormat] = {
     "e4m3": FloatFormat(4, 3, special="fn"),  # = torch.float8_e4m3fn, max 448
@@ -159,11 +183,12 @@ SCALED_FLOAT_FORMATS: dict[str, ScaledFloatFormat] = {
 }
 _INT_PATTERN = re.compile(r"^(u?)int(\d+)$")
 _FLOAT_PATTERN = re.compile(r"^e(\d)m(\d+)$")
+_LOG_PATTERN = re.compile(r"^log(\d+)$")
 
 
 def parse_format(name: str) -> NumberFormat:
-    """'int8', 'uint4', 'e4m3', 'e2m1', 'e3m4' (any ExMy, all codes finite), 'binary', or a block-scaled
-    float: nvfp4, mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8, mxfp8_e5m2."""
+    """'int8', 'uint4', 'e4m3', 'e2m1', 'e3m4' (any ExMy, all codes finite), 'binary', 'log4' (base-2 log
+    grid), or a block-scaled float: nvfp4, mxfp4, mxfp6_e3m2, mxfp6_e2m3, mxfp8, mxfp8_e5m2."""
     key = name.strip().lower()
     if key == "binary":
         return BinaryFormat()
@@ -175,9 +200,12 @@ def parse_format(name: str) -> NumberFormat:
         return IntFormat(int(match.group(2)), signed=not match.group(1))
     if match := _FLOAT_PATTERN.match(key):
         return FloatFormat(int(match.group(1)), int(match.group(2)))
+    if match := _LOG_PATTERN.match(key):
+        return LogFormat(int(match.group(1)))
     raise ConfigError(
         f"Unknown number format '{name}'. Use intN/uintN (N = 1..16), an ExMy float such as "
-        f"{', '.join(NAMED_FLOAT_FORMATS)}, a block-scaled float ({', '.join(SCALED_FLOAT_FORMATS)}) or 'binary'."
+        f"{', '.join(NAMED_FLOAT_FORMATS)}, a block-scaled float ({', '.join(SCALED_FLOAT_FORMATS)}), "
+        "logN (base-2 log grid) or 'binary'."
     )
 
 

@@ -15,6 +15,7 @@ from diffquant.quant.formats import (
     BinaryFormat,
     FloatFormat,
     IntFormat,
+    LogFormat,
     NumberFormat,
     ScaledFloatFormat,
 )
@@ -70,6 +71,18 @@ def fake_quantize_binary(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (hard - soft).detach() + soft
 
 
+def log2_codes(x: torch.Tensor, scale: torch.Tensor, fmt: LogFormat) -> torch.Tensor:
+    """q = clamp(round(-log2(x / s)), 0, 2^b - 1); zeros and negatives take the smallest level (DGQ eq. 6)."""
+    ratio = (x / scale).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.clamp(torch.round(-torch.log2(ratio)), 0, fmt.levels - 1)
+
+
+def fake_quantize_log2(x: torch.Tensor, scale: torch.Tensor, fmt: LogFormat) -> torch.Tensor:
+    """s * 2^-q with a straight-through gradient."""
+    hard = scale * torch.exp2(-log2_codes(x.detach(), scale, fmt))
+    return (hard - x).detach() + x
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: NumberFormat
 ) -> torch.Tensor:
@@ -80,6 +93,8 @@ def fake_quantize(
         return fake_quantize_int(x, scale, zero_point if zero_point is not None else torch.zeros_like(scale), fmt)
     if isinstance(fmt, FloatFormat):
         return fake_quantize_float(x, scale, fmt)
+    if isinstance(fmt, LogFormat):
+        return fake_quantize_log2(x, scale, fmt)
     return fake_quantize_binary(x, scale)
 
 
@@ -97,6 +112,9 @@ def params_from_range(
         return block_scales(absmax, fmt), torch.zeros_like(absmax)
     if isinstance(fmt, BinaryFormat):
         raise ValueError("binary scales come from the mean magnitude, not a range")
+    if isinstance(fmt, LogFormat):  # the top level 2^0 sits at the largest magnitude
+        absmax = torch.maximum(low.abs(), high.abs())
+        return absmax.clamp_min(MIN_SCALE), torch.zeros_like(absmax)
     if isinstance(fmt, FloatFormat):
         absmax = torch.maximum(low.abs(), high.abs())
         return (absmax / fmt.max_value).clamp_min(MIN_SCALE), torch.zeros_like(absmax)

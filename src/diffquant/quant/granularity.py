@@ -17,7 +17,8 @@ KINDS = ("per_tensor", "per_channel", "per_token", "group", "token_group")
 
 @dataclass(frozen=True)
 class Granularity:
-    """per_tensor; per_channel along `axis`; per_token (one scale per row over the last/channel axis);
+    """per_tensor; per_channel along `axis` (negative counts from the end); per_token (one scale per row
+    over the last/channel axis);
     group: `group_size` consecutive input channels per scale (on weights: along the flattened
     reduction dimension of the layer, as in the GEMM it feeds); token_group: `group_size` consecutive
     channels of one token per scale (activations; SVDQuant's dynamic per-token group-64 inputs)."""
@@ -85,7 +86,7 @@ def ungroup(view: torch.Tensor, shape: torch.Size, granularity: Granularity) -> 
     if kind == "per_tensor" or kind == "group":
         return view.reshape(shape)
     if kind == "per_channel":
-        axis = granularity.axis
+        axis = granularity.axis % len(shape)  # -1 = the last (channel) axis of a linear layer's input
         moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
         return view.reshape(moved).movedim(0, axis)
     axis = 1 if len(shape) == 4 else len(shape) - 1

@@ -29,6 +29,7 @@ from diffquant.quant.functional import fake_quantize, params_from_range, scale_g
 from diffquant.quant.gguf_blocks import block_grid_params, check_gguf_spec, gguf_rtn_codes, gguf_rtn_values
 from diffquant.quant.granularity import Granularity, group_view, ungroup
 from diffquant.quant.observers import OBSERVERS, Observer, make_observer
+from diffquant.quant.range_groups import grouped_ranges
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class QuantSpec:
     ema_momentum: float = 0.95
     gguf: str | None = None
     """Weights on a GGUF block grid (q8_0, q5_0, q4_0): group 32, ggml's scale rule and rounding."""
+    fp_leading_tokens: int = 0
+    """Activations of shape (batch, tokens, channels): this many leading tokens pass through in full
+    precision and stay out of the range (the BOS token of a text embedding: MixDQ, DGQ)."""
+    range_groups: int | None = None
+    """Static per_channel ranges shared by k-means groups of this many (DGQ's distribution-aware groups)."""
 
     def __post_init__(self) -> None:
         fmt = self.number_format  # validates the name
@@ -71,6 +77,15 @@ class QuantSpec:
             raise ConfigError(
                 "A 1-bit signed symmetric grid has no positive level: use symmetric=False (codes {0, 1}) "
                 "or format='binary' (+-scale)."
+            )
+        if self.fp_leading_tokens < 0:
+            raise ConfigError(f"fp_leading_tokens must be >= 0, got {self.fp_leading_tokens}.")
+        if self.range_groups is not None and (
+            self.range_groups <= 0 or self.dynamic or self.granularity != "per_channel"
+        ):
+            raise ConfigError(
+                "range_groups (DGQ) clusters the static ranges of a per_channel quantizer: use a positive "
+                "count with granularity='per_channel' and dynamic=False."
             )
         if self.dynamic and self.per_step:
             raise ConfigError("A dynamic quantizer computes its range per call; it cannot also be per_step.")
@@ -101,8 +116,9 @@ class QuantSpec:
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
-        if payload["gguf"] is None:  # unset: saved structures stay as before the option
-            del payload["gguf"]
+        for name, unset in (("gguf", None), ("fp_leading_tokens", 0), ("range_groups", None)):
+            if payload[name] == unset:  # unset: saved structures stay as before the option
+                del payload[name]
         return payload
 
     @classmethod
@@ -116,6 +132,10 @@ class QuantSpec:
         parts.append(self.grouping.describe())
         if self.dynamic:
             parts.append("dynamic")
+        if self.range_groups is not None:
+            parts.append(f"{self.range_groups} range groups")
+        if self.fp_leading_tokens:
+            parts.append(f"{self.fp_leading_tokens} fp leading token(s)")
         if self.per_step:
             parts.append("per-step")
         return " ".join(parts)
@@ -180,7 +200,7 @@ class Quantizer(nn.Module):
                 "inputs. Exclude it in the layer policy or check the calibration data."
             )
         keys = sorted(self._observers)
-        params = [params_from_range(*self._observers[k].range(), self.fmt, self.spec.symmetric) for k in keys]
+        params = [params_from_range(*self._observed_range(k), self.fmt, self.spec.symmetric) for k in keys]
         scales = torch.stack([p[0] for p in params])
         zero_points = torch.stack([p[1] for p in params])
         if self.spec.per_step:
@@ -189,6 +209,12 @@ class Quantizer(nn.Module):
         else:
             self._set_params(scales[0], zero_points[0])
         self._observers.clear()
+
+    def _observed_range(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self._observers[key].range()
+        if self.spec.range_groups is not None:
+            return grouped_ranges(low, high, self.spec.range_groups)
+        return low, high
 
     def _set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         self._assign_scale(scale.clone())
@@ -289,6 +315,12 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        kept = self.spec.fp_leading_tokens
+        if kept and x.ndim == 3:  # leading tokens bypass the quantizer and its range
+            return torch.cat([x[:, :kept], self._quantize(x[:, kept:])], 1)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             if not self.spec.dynamic:
                 self._observer_for_step().update(group_view(x, self.grouping))

@@ -205,6 +205,7 @@ def input_supported(quantizer: Quantizer | None, max_bits: int = 8) -> bool:
         and quantizer.fmt.bits <= max_bits
         and quantizer.grouping.kind == "per_tensor"
         and not quantizer.spec.dynamic
+        and not quantizer.spec.fp_leading_tokens  # a kernel would quantize the kept tokens too
         and quantizer.scale is not None
     )
 

@@ -63,7 +63,7 @@ def attention_supported(processor: QuantAttnProcessor) -> bool:
     """Q, K and V on static per-tensor <= 8-bit integer grids (the probabilities too, or left in float)."""
     operands = (processor.query_quantizer, processor.key_quantizer, processor.value_quantizer)
     probs = processor.probs_quantizer
-    probs_ok = probs is None or not probs.enabled or input_supported(probs)
+    probs_ok = probs is None or not probs.enabled or (input_supported(probs) and not processor.fp_text_bos)
     return all(input_supported(q) for q in operands) and probs_ok
 
 

@@ -1,0 +1,214 @@
+"""MixDQ (Zhao et al., ECCV 2024): BOS-aware text quantization and metric-decoupled mixed precision for
+text-to-image diffusion models.
+
+Algorithm (`paper` preset: the released W4A8 recipe; `fast` for CPUs):
+  1. base PTQ, training-free: weights per output channel, symmetric min-max, round to nearest;
+     activations per tensor, static, running-statistics (EMA 0.95) min-max over the calibration set;
+  2. BOS-aware text quantization: the first (BOS) token of the prompt embedding is the same for every
+     prompt and hundreds of times larger than the others; in every layer fed the text stream it passes
+     through in float and stays out of the activation range, so the other tokens keep a fine grid;
+  3. metric-decoupled sensitivity: each layer's weights are quantized alone at each candidate width;
+     "content" layers (the text stream, cross-attention and feed-forward) are scored by 1 - SSIM of
+     the output against float, "quality" layers (the rest) by its noise-to-signal power (SQNR);
+  4. integer programming per group (engines.allocation, exact MILP): one bit width per layer, least
+     total sensitivity, the group's parameter-weighted average within its budget; a ratio K splits the
+     average budget between content and quality layers, each K in the scan gives one plan, and the
+     plan whose output is closest to float (MSE, weights only) wins;
+  5. activation protection: the layers whose quantized input alone hurts the output most (top 1 %)
+     keep float inputs.
+Candidate widths: content {2, 4, 8}, quality {4, 8}; activations stay at abits elsewhere.
+Only for text-conditioned models: without a text input, one clear error says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+
+from diffquant.calibration import CalibrationSet
+from diffquant.calibration.dataset import random_subset
+from diffquant.calibration.validation import text_token_count
+from diffquant.engines import calibrate_ranges
+from diffquant.engines.allocation import Allocation, allocate_bits, budget_for_average_bits
+from diffquant.engines.sensitivity import (
+    CONTENT,
+    QUALITY,
+    activation_sensitivity,
+    float_outputs,
+    output_cost,
+    quantizers_disabled,
+    requantize_weight,
+    weight_sensitivity,
+)
+from diffquant.engines.text_stream import text_layers
+from diffquant.errors import ConfigError, DiffquantError
+from diffquant.methods.base import CalibrationConfig, MethodConfig
+from diffquant.methods.registry import register_method
+from diffquant.modules import apply_plans, quant_layers, resolve_policy
+from diffquant.modules.layers import QuantLayer
+from diffquant.modules.policy import pattern_matches
+from diffquant.quant import QuantSpec
+
+CONTENT_PATTERNS = ("*attn2*", "*cross_attn*", "*.ff.*", "*ff_context*")
+"""Cross-attention and feed-forward layers by name (MixDQ's content group), besides the text stream."""
+
+
+@dataclass
+class MixDQConfig(MethodConfig):
+    name = "mixdq"
+    PRESETS = {
+        "paper": {"calibration": {"trajectories": 32, "policy": "uniform"}},
+        "fast": {
+            "budget_ratios": (0.9, 1.0, 1.1),
+            "sensitivity_samples": 8,
+            "calibration": {"trajectories": 16, "policy": "uniform", "uniform_steps": 8},
+        },
+    }
+    wbits: int = 4
+    abits: int | None = 8
+    content_bit_choices: tuple[int, ...] = (2, 4, 8)
+    """Candidate weight widths of content layers."""
+    quality_bit_choices: tuple[int, ...] = (4, 8)
+    """Candidate weight widths of quality layers."""
+    average_weight_bits: float | None = None
+    """Parameter-weighted average weight width of the plan; None = wbits."""
+    budget_ratios: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
+    """Values of K scanned: content layers get K x the average budget, quality layers the rest."""
+    protect_share: float = 0.01
+    """Share of layers (the most activation-sensitive, at least one when > 0) whose inputs stay float."""
+    bos_aware: bool = True
+    """Keep the BOS token of the text stream in float and out of the activation ranges."""
+    text_layers: tuple[str, ...] | None = None
+    """Patterns of the layers fed the text stream; None = found by running the model."""
+    sensitivity_samples: int = 16
+    """Calibration entries the sensitivity probes run the model on."""
+    calibration: CalibrationConfig = field(
+        default_factory=lambda: CalibrationConfig(trajectories=32, policy="uniform", uniform_steps=25)
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("content_bit_choices", "quality_bit_choices"):
+            choices = getattr(self, name)
+            if not choices or any(not 1 <= b <= 16 for b in choices):
+                raise ConfigError(f"mixdq: {name} must be widths in 1-16, got {choices}.")
+        if not self.budget_ratios or any(k <= 0 for k in self.budget_ratios):
+            raise ConfigError(f"mixdq: budget_ratios must be positive, got {self.budget_ratios}.")
+        if not 0.0 <= self.protect_share < 1.0 or self.sensitivity_samples <= 0:
+            raise ConfigError("mixdq: protect_share must lie in [0, 1) and sensitivity_samples be positive.")
+
+    def activation_spec(self) -> QuantSpec | None:
+        spec = super().activation_spec()
+        return spec.replace(observer="ema") if spec else None  # MixDQ's running-stat min-max
+
+
+def _group_plan(
+    sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], members: list[str], average: float
+) -> Allocation:
+    return allocate_bits(
+        {n: sensitivity[n] for n in members},
+        {n: sizes[n] for n in members},
+        budget_for_average_bits({n: sizes[n] for n in members}, average),
+    )
+
+
+def candidate_plans(
+    sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], content: list[str], config: MixDQConfig
+) -> dict[float, dict[str, int]]:
+    """One bit plan per budget ratio K that both groups' programs can meet."""
+    average = config.wbits if config.average_weight_bits is None else config.average_weight_bits
+    quality = [n for n in sizes if n not in content]
+    if not content or not quality:
+        return {1.0: _group_plan(sensitivity, sizes, list(sizes), average).bits}
+    total = average * sum(sizes.values())
+    content_size, quality_size = sum(sizes[n] for n in content), sum(sizes[n] for n in quality)
+    plans: dict[float, dict[str, int]] = {}
+    for ratio in config.budget_ratios:
+        content_average = ratio * average
+        quality_average = (total - content_average * content_size) / quality_size
+        try:
+            plans[ratio] = {
+                **_group_plan(sensitivity, sizes, content, content_average).bits,
+                **_group_plan(sensitivity, sizes, quality, quality_average).bits,
+            }
+        except DiffquantError:
+            continue
+    if not plans:
+        raise DiffquantError(
+            f"mixdq: no budget ratio in {config.budget_ratios} gives a feasible plan at {average} bits per weight; "
+            "widen content_bit_choices/quality_bit_choices or raise average_weight_bits."
+        )
+    return plans
+
+
+@register_method(
+    MixDQConfig,
+    summary="MixDQ: BOS-aware text quantization, metric-decoupled sensitivity, integer-program bits (ECCV 2024)",
+)
+def apply(denoiser: nn.Module, calibration: CalibrationSet, config: MixDQConfig, progress: bool = True) -> dict:
+    text_token_count(calibration, "mixdq")  # a model without text fails here, with the reason
+    plans, attention = resolve_policy(denoiser, config.layer_policy())
+    text = text_layers(denoiser, calibration, list(plans), config.text_layers, "mixdq")
+    if config.bos_aware:  # step 2: the BOS token bypasses the input quantizers of the text stream
+        for name in text:
+            if plans[name].input is not None:
+                plans[name] = replace(plans[name], input=plans[name].input.replace(fp_leading_tokens=1))
+    apply_plans(denoiser, plans, attention)
+    layers: dict[str, QuantLayer] = {n: m for n, m in quant_layers(denoiser) if m.weight_quantizer is not None}
+    for layer in layers.values():
+        layer.calibrate_weight()
+    calibrate_ranges(denoiser, calibration, config.batch_size, progress)
+
+    # steps 3-4: metric-decoupled sensitivity, one integer program per group, K scanned
+    content = [n for n in layers if n in text or any(pattern_matches(p, n) for p in CONTENT_PATTERNS)]
+    metric_of = {n: CONTENT if n in content else QUALITY for n in layers}
+    probe = list(random_subset(calibration, config.sensitivity_samples, 1).batches(config.batch_size))
+    sensitivity = {
+        **weight_sensitivity(
+            denoiser, {n: layers[n] for n in content}, tuple(config.content_bit_choices), metric_of, probe
+        ),
+        **weight_sensitivity(
+            denoiser,
+            {n: m for n, m in layers.items() if n not in content},
+            tuple(config.quality_bit_choices),
+            metric_of,
+            probe,
+        ),
+    }
+    sizes = {n: layer.weight.numel() for n, layer in layers.items()}
+    references = float_outputs(denoiser, probe)
+    scores: dict[float, float] = {}
+    plans_by_ratio = candidate_plans(sensitivity, sizes, content, config)
+    for ratio, bits in plans_by_ratio.items():
+        for name, width in bits.items():
+            requantize_weight(layers[name], width)
+        with quantizers_disabled(denoiser):
+            for layer in layers.values():
+                layer.weight_quantizer.enabled = True
+            scores[ratio] = output_cost(denoiser, probe, references)
+    chosen = min(scores, key=scores.get)
+    for name, width in plans_by_ratio[chosen].items():
+        requantize_weight(layers[name], width)
+
+    # step 5: protect the most activation-sensitive inputs
+    inputs = {n: m for n, m in quant_layers(denoiser) if m.input_quantizer is not None}
+    protected: list[str] = []
+    if inputs and config.protect_share > 0:
+        costs = activation_sensitivity(denoiser, inputs, {n: metric_of.get(n, QUALITY) for n in inputs}, probe)
+        protected = sorted(costs, key=costs.get, reverse=True)[: math.ceil(config.protect_share * len(costs))]
+        for name in protected:
+            inputs[name].input_quantizer = None
+    return {
+        "text_layers": text,
+        "bos_aware": config.bos_aware,
+        "content_layers": content,
+        "weight_bits": plans_by_ratio[chosen],
+        "budget_ratio": chosen,
+        "plan_output_error": {str(k): round(v, 6) for k, v in scores.items()},
+        "average_weight_bits": round(
+            sum(sizes[n] * b for n, b in plans_by_ratio[chosen].items()) / sum(sizes.values()), 4
+        ),
+        "protected_inputs": protected,
+    }
