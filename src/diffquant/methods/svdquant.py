@@ -27,6 +27,7 @@ from diffquant.calibration import CalibrationSet, call_denoiser, feed_calibratio
 from diffquant.engines.gptq import GPTQConfig, HessianAccumulator, gptq_layer
 from diffquant.engines.smoothing import channel_absmax, search_smoothing
 from diffquant.errors import ConfigError
+from diffquant.families import denoise
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
@@ -113,7 +114,9 @@ def sensitive_layers(denoiser: nn.Module, batch) -> list[str]:
     """The layers SVDQuant keeps in 16 bits, found by structure (time/conditioning-only inputs, first and
     last layers) and by name (shortcuts, samplers, projections in/out, embeddings)."""
     first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, batch))
-    temporal = temporal_layers(denoiser, lambda s: denoiser(s, batch.timesteps, **batch.conditioning), batch.sample)
+    # by keyword: SD3's second positional input is encoder_hidden_states, not the timestep
+    with_sample = lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning)  # noqa: E731
+    temporal = temporal_layers(denoiser, with_sample, batch.sample)
     names = [n for n, m in denoiser.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
     by_name = [n for n in names if any(pattern_matches(p, n) for p in SKIPPED_NAME_PATTERNS)]
     return sorted({first, last, *temporal, *by_name})
