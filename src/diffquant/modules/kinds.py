@@ -11,6 +11,8 @@ otherwise special-case by type:
 * its quantized sub-layers: `quantized_parts()` names the `QuantLayer`s inside it (surgery, unit
   discovery and reconstruction treat the kind as one layer made of these parts; backends convert the
   parts), `plan_layer()` is the part whose specs the plan records;
+* runtime export: `float_paths()` names what the kind computes itself, in float, around the parts a
+  backend converted (counted in the export's kernel report);
 * formats that know no kinds (GGUF, diffusers-quanto): `float_type`, `weight_pieces()` (quantized
   layers whose weights side by side along the input axis are the float weight), `joined_weight()` and
   `joined_bias()`.
@@ -74,6 +76,12 @@ class LayerKind:
     def plan_layer(self) -> nn.Module | None:
         """The part whose weight and input specs the saved plan records (None: the kind is not saved by plan)."""
         return next(iter(self.quantized_parts().values()), None)
+
+    # runtime export --------------------------------------------------------------------------------
+    def float_paths(self) -> dict[str, str]:
+        """What this kind computes itself around its quantized parts after export, by path name: how it
+        runs (e.g. {'branch': 'float32 matmul'}); empty when the parts are all there is."""
+        return {}
 
     # formats without kinds -------------------------------------------------------------------------
     def weight_pieces(self) -> dict[str, nn.Module]:

@@ -144,6 +144,17 @@ class LowRankQuantLayer(LayerKind, nn.Module):
         out = self.residual(x_t)
         return out + self.branch(x_t) if self.rank else out
 
+    # runtime export -------------------------------------------------------------------------------
+    def float_paths(self) -> dict[str, str]:
+        """The input transform and the branch stay float beside whatever kernel runs the residual."""
+        dtype = str(self.smooth.dtype).removeprefix("torch.")
+        transform = f"{dtype} smoothing divide" + (f" + {dtype} Hadamard matmul" if self.rotate else "")
+        paths = {"input transform": transform}
+        if self.rank:
+            dtype = str(self.lora_up.dtype).removeprefix("torch.")
+            paths["branch"] = f"{dtype} {'conv + 1x1 conv' if self.is_conv else 'matmul'}"
+        return paths
+
     # layer kind -----------------------------------------------------------------------------------
     @property
     def float_type(self) -> type[nn.Module]:

@@ -7,6 +7,9 @@ Backends (one file each in runtime/backends/; `register_backend` adds more):
   layers run in float with their weights decoded once at load;
 * `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
   decoded to float.
+Layer kinds built from several parts are converted part by part; what a kind computes itself (the
+low-rank kind's smoothing divide and its float branch, `LayerKind.float_paths`) stays a float op beside
+the kernels and is counted in the kernel report as well (docs/DEPLOYMENT.md: what runs how).
 Attention matmuls that a method quantized (Q-Diffusion, EDA-DM) keep their fake-quantized operands by
 default: compiled, inductor fuses that into the softmax pass and it measured faster on CPU than the
 exact integer-GEMM processor (`integer_attention=True`, `kernels_attention.py`: 0.50x at the fmnist DiT's
@@ -28,6 +31,7 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.model import DiffusionModel
 from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.modules.kinds import is_kind
 from diffquant.modules.surgery import quant_layers
 from diffquant.quant import current_step
 from diffquant.runtime.backends import (
@@ -149,6 +153,13 @@ def export_model(
         layers += _integer_attention(inner)
     # counted once every fusion is done: each converted layer names its kernel and epilogue
     kernels = Counter(f"{kind}: {getattr(inner.get_submodule(name), 'kernel', SIMULATION)}" for name, kind in layers)
+    # what layer kinds compute themselves beside their converted parts (the low-rank branch, ...)
+    kernels.update(
+        f"{module.kind} {path}: {how}"
+        for module in inner.modules()
+        if is_kind(module)
+        for path, how in module.float_paths().items()
+    )
     clock = StepClock()
     if target.device != "cpu":
         inner, clock = inner.to(target.device), clock.to(target.device)
