@@ -144,13 +144,9 @@ def fit_groups(spec: QuantSpec | None, size: int, name: str) -> QuantSpec | None
     return replace(spec, group_size=size if size < spec.group_size else math.gcd(size, spec.group_size))
 
 
-def resolve_policy(
-    model: nn.Module, policy: LayerPolicy, splits: dict[str, int] | None = None
-) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
-    """Apply the patterns to `model`'s module names; every pattern must match something.
-
-    `splits` maps conv names to the channel where their concatenated input splits (split shortcut).
-    """
+def check_patterns(model: nn.Module, policy: LayerPolicy) -> tuple[list[str], list[str]]:
+    """Check that every pattern of `policy` matches a layer of `model` (one clear error otherwise);
+    returns the names of the weight layers and of the softmax-attention modules."""
     weight_layers = [n for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
     attention_modules = [
         n
@@ -167,6 +163,17 @@ def resolve_policy(
         _check_pattern(pattern, names, "keep_fp")
     for override in policy.overrides:
         _check_pattern(override.pattern, names, "overrides")
+    return weight_layers, attention_modules
+
+
+def resolve_policy(
+    model: nn.Module, policy: LayerPolicy, splits: dict[str, int] | None = None
+) -> tuple[dict[str, LayerPlan], dict[str, AttentionPlan]]:
+    """Apply the patterns to `model`'s module names; every pattern must match something.
+
+    `splits` maps conv names to the channel where their concatenated input splits (split shortcut).
+    """
+    weight_layers, attention_modules = check_patterns(model, policy)
 
     def selected(name: str) -> bool:
         # keep_fp on an attention module also keeps its projections: match prefixes as well
