@@ -229,7 +229,8 @@ def attach_adapter(model: nn.Module, adapter_name: str, adapter: dict[str, LoRAF
     for name, factors in adapter.items():
         host, layer = _host_for(model, name)
         if host is None:
-            host = LoRAHost(layer, layer_weight_shape(layer), layer_conv_args(layer) if factors.down.ndim == 4 else None)
+            conv_args = layer_conv_args(layer) if factors.down.ndim == 4 else None
+            host = LoRAHost(layer, layer_weight_shape(layer), conv_args)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, host)
         host.add(adapter_name, factors, weight)

@@ -69,23 +69,27 @@ def _read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             from safetensors import safe_open
 
             with safe_open(str(file), framework="pt") as handle:
-                return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+                return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}  # noqa: SIM118
         return torch.load(file, map_location="cpu", weights_only=True), {}
     except Exception as error:  # a damaged or foreign file: say which and why
         raise DiffquantError(f"{file} is not a readable LoRA file ({str(error).splitlines()[0][:160]}).") from error
 
 
 def _adapter_config(file: Path, metadata: dict[str, str]) -> dict:
-    """peft's LoraConfig fields: adapter_config.json beside the file, else diffusers' header metadata."""
+    """peft's LoraConfig fields: adapter_config.json beside the file, else diffusers' header metadata
+    (a pipeline's `save_lora_weights` prefixes each field with its component: `transformer.lora_alpha`)."""
     config_file = file.parent / "adapter_config.json"
     try:
         if config_file.is_file():
             return json.loads(config_file.read_text())
-        if "lora_adapter_metadata" in metadata:
-            return json.loads(metadata["lora_adapter_metadata"])
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     except json.JSONDecodeError as error:
         raise DiffquantError(f"The LoRA config of {file} is not valid JSON ({error}).") from error
-    return {}
+    for prefix in DENOISER_PREFIXES:
+        component = {key.removeprefix(prefix): value for key, value in config.items() if key.startswith(prefix)}
+        if component:
+            return component
+    return config
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -176,7 +180,9 @@ def load_lora(
     return name
 
 
-def set_lora_scale(model: DiffusionModel | nn.Module, scales: dict[str, float] | float, name: str | None = None) -> None:
+def set_lora_scale(
+    model: DiffusionModel | nn.Module, scales: dict[str, float] | float, name: str | None = None
+) -> None:
     """Set adapters' run-time weights: a dict name -> weight, or one weight for `name` (or for every adapter)."""
     denoiser = _denoiser(model)
     if not isinstance(scales, dict):
