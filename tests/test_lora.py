@@ -231,3 +231,6 @@ def test_fine_tuned_checkpoint_quantizes_and_samples_with_lora_in_one_command_ea
     assert result.exit_code == 0, result.output
     assert "LoRA 'style'" in result.output and "at scale 0.8" in result.output
     assert (tmp_path / "samples" / "samples.png").is_file()
+    missing = [*sample[:6], str(tmp_path / "nothing.safetensors"), *sample[7:]]
+    result = runner.invoke(app, missing)
+    assert result.exit_code == 2 and "nothing.safetensors does not exist" in result.output
