@@ -15,6 +15,27 @@ from diffquant.version import __version__
 for _name in ("torchao", "diffusers.quantizers.torchao.torchao_quantizer", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from diffquant.api import load, quantize, record_calibration, save  # noqa: E402
+from diffquant.api import (  # noqa: E402
+    load,
+    load_lora,
+    loaded_adapters,
+    quantize,
+    record_calibration,
+    save,
+    set_adapters,
+    set_lora_scale,
+    unload_lora,
+)
 
-__all__ = ["__version__", "load", "quantize", "record_calibration", "save"]
+__all__ = [
+    "__version__",
+    "load",
+    "load_lora",
+    "loaded_adapters",
+    "quantize",
+    "record_calibration",
+    "save",
+    "set_adapters",
+    "set_lora_scale",
+    "unload_lora",
+]

@@ -1,4 +1,4 @@
-"""The Python API: `quantize`, `save`, `load`, `record_calibration`."""
+"""The Python API: `quantize`, `save`, `load`, `record_calibration`, and LoRA on a quantized model."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from diffquant.calibration.validation import validate_for_model
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, make_config, method_for_config
 from diffquant.modules import quant_layers
+from diffquant.modules.lora import adapter_names
 from diffquant.modules.policy import check_patterns
 from diffquant.pipelines import (
     is_pipeline,
@@ -26,6 +27,7 @@ from diffquant.pipelines import (
 from diffquant.profiling import measure_resources
 from diffquant.quant import require_valid_step_sizes
 from diffquant.runtime import load_quantized, save_quantized
+from diffquant.runtime.lora import load_lora, loaded_adapters, set_adapters, set_lora_scale, unload_lora
 from diffquant.runtime.storage import guard_inputs
 from diffquant.zoo import DiffusionModel, load_model
 
@@ -166,6 +168,11 @@ def save(model: DiffusionModel, directory: str | Path, overwrite: bool = False) 
     quantized model (and not empty) is refused unless `overwrite=True`."""
     if model.quantization is None:
         raise DiffquantError("save() writes quantized models; use diffquant.zoo.save_model for float ones.")
+    if adapter_names(model.denoiser):  # a LoRA stays its own file: the saved model is the quantized one alone
+        raise DiffquantError(
+            f"This model has LoRA adapters loaded ({', '.join(adapter_names(model.denoiser))}); call "
+            "diffquant.unload_lora(model) before save() and load the LoRA file again after diffquant.load()."
+        )
     if model.pipeline is not None:
         return save_pipeline(model, directory, overwrite=overwrite)
     return save_quantized(model, directory, overwrite=overwrite)
@@ -176,4 +183,15 @@ def load(name_or_path: str | Path) -> DiffusionModel:
     return load_model(name_or_path)
 
 
-__all__ = ["load", "load_quantized", "quantize", "record_calibration", "save"]
+__all__ = [
+    "load",
+    "load_lora",
+    "load_quantized",
+    "loaded_adapters",
+    "quantize",
+    "record_calibration",
+    "save",
+    "set_adapters",
+    "set_lora_scale",
+    "unload_lora",
+]

@@ -125,11 +125,28 @@ def train_features(
         _fail(error)
 
 
-def _load(name: str, backend: str | None = None, compile: bool = False):
-    """A model by name or directory, moved onto a real-kernel backend when one is asked for."""
+def _parse_lora(value: str) -> tuple[Path, float]:
+    """`PATH[:SCALE]` -> (path, scale); a path whose last ':' part is no number is taken whole."""
+    path, _, tail = value.rpartition(":")
+    try:
+        return (Path(path), float(tail)) if path else (Path(value), 1.0)
+    except ValueError:
+        return Path(value), 1.0
+
+
+def _load(name: str, backend: str | None = None, compile: bool = False, loras: list[str] | None = None):
+    """A model by name or directory, with LoRAs attached (before any export: fused kernels skip them),
+    moved onto a real-kernel backend when one is asked for."""
     from diffquant.zoo import load_model
 
     model = load_model(name)
+    if loras:
+        from diffquant.runtime.lora import load_lora
+
+        for value in loras:
+            path, scale = _parse_lora(value)
+            adapter = load_lora(model, path, scale=scale)
+            typer.echo(f"LoRA '{adapter}' from {path} at scale {scale:g}")
     if backend and backend != (model.quantization or {}).get("backend", "fake"):
         if model.quantization is None:
             raise DiffquantError(f"--backend {backend} needs a quantized model; '{name}' is full precision.")
@@ -161,6 +178,9 @@ def sample_command(
     batch_size: int = typer.Option(64),
     backend: str = typer.Option(None, help="Run a quantized model on real kernels: onednn (CPU int8) or cuda."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (with --backend)."),
+    lora: list[str] = typer.Option(
+        None, help="A diffusers/peft LoRA file or directory as PATH[:SCALE], run as a 16-bit branch (repeatable)."
+    ),
     threads: int = typer.Option(None),
 ) -> None:
     """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
@@ -168,7 +188,7 @@ def sample_command(
         _set_threads(threads)
         from diffquant.sampling import sample, save_image_grid, save_samples
 
-        bundle = _load(model, backend, compile)
+        bundle = _load(model, backend, compile, lora)
         labels = None
         if label:
             labels = [label[i % len(label)] for i in range(num_samples)]

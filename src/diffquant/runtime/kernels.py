@@ -267,6 +267,8 @@ class OneDNNInt8Linear(nn.Module):
         super().__init__()
         weight = int8_weight(layer)
         self.out_features = weight.values.shape[0]
+        self.weight_shape = tuple(layer._frozen_shape)  # the float layer's, for what sits beside it (LoRA)
+        self.takes_codes = False  # set when the GEMM before it writes this layer's uint8 codes
         self.input = _InputQuantizer(layer.input_quantizer)
         self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight.values, None))
         self.post_op, self.post_algorithm = "none", ""
@@ -310,7 +312,14 @@ class OneDNNInt8Linear(nn.Module):
         if not self.takes_epilogue or grid.per_step or (grid.qmin, grid.qmax) != (0, 255) or not zero.is_integer():
             return False
         self.output_scale, self.output_zero = float(grid.scales[0]), int(zero)
+        consumer.takes_codes = True
         return True
+
+    @property
+    def fused_with_neighbours(self) -> bool:
+        """Whether its input or output is not the float tensor of the layer it replaced (a GELU epilogue,
+        uint8 codes in or out): nothing may be added beside it after export."""
+        return self.post_op != "none" or self.output_scale > 0 or self.takes_codes
 
     @property
     def kernel(self) -> str:
@@ -345,6 +354,7 @@ class OneDNNInt8Conv2d(nn.Module):
     def __init__(self, layer: QuantConv2d) -> None:
         super().__init__()
         weight = int8_weight(layer)
+        self.weight_shape = tuple(layer._frozen_shape)
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation, self.groups = list(layer.dilation), layer.groups
         self.kernel_size = list(layer.kernel_size)
@@ -430,6 +440,7 @@ class IntMMLinear(nn.Module):
         super().__init__()
         weight = int8_weight(layer)
         self.out_features = weight.values.shape[0]
+        self.weight_shape = tuple(layer._frozen_shape)
         self.input = _InputQuantizer(layer.input_quantizer)
         self.register_buffer("weight_t", weight.values.t().contiguous())
         self.register_buffer("weight_scale", weight.scale)
@@ -462,6 +473,7 @@ class ScaledMMFloat8Linear(nn.Module):
 
         values = from_codes(layer.weight_codes, torch.ones_like(scale), None, quantizer.fmt)
         self.out_features = layer._frozen_shape[0]
+        self.weight_shape = tuple(layer._frozen_shape)
         self.register_buffer("weight_t", values.reshape(layer._frozen_shape).to(torch.float8_e4m3fn).t())
         self.register_buffer("weight_scale", scale.reshape(1, -1).float())
         self.input_quantizer = layer.input_quantizer

@@ -159,6 +159,7 @@ class Int4PackMMLinear(nn.Module):
             raise ValueError("layer is not supported by _weight_int4pack_mm_for_cpu (see int4pack_group_size)")
         self.compute_dtype = compute_dtype or default_compute_dtype()
         self.group_size, self.out_features, self.in_features = group, layer.out_features, layer.in_features
+        self.weight_shape = (self.out_features, self.in_features)
         codes = _code_matrix(layer).to(torch.int32)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         scale, offset, _ = _group_params(layer)
