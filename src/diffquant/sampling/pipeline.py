@@ -20,7 +20,7 @@ from diffquant.families import adapter_for
 from diffquant.families.base import batched_only, select_rows
 from diffquant.model import DiffusionModel
 from diffquant.quant.context import _CURRENT, StepState
-from diffquant.sampling.sampler import SamplerConfig, SampleResult, StepHook, StepInfo
+from diffquant.sampling.types import SamplerConfig, SampleResult, StepHook, StepInfo
 
 DENOISER_COMPONENTS = ("transformer", "unet")
 

@@ -8,20 +8,11 @@ a hand-edited sampling loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-)
 from tqdm.auto import tqdm
 
 from diffquant.data.images import to_uint8
@@ -30,64 +21,15 @@ from diffquant.families.base import select_rows
 from diffquant.fileio import atomic_file
 from diffquant.model import DiffusionModel
 from diffquant.quant.context import step_context
-
-# name -> (scheduler class, overrides of the training noise schedule for sampling)
-SCHEDULERS: dict[str, tuple[type, dict]] = {
-    "ddpm": (DDPMScheduler, {"clip_sample": True}),
-    "ddim": (DDIMScheduler, {"clip_sample": True, "set_alpha_to_one": False, "steps_offset": 1}),
-    # x0 thresholding keeps the multistep solvers stable on small models (see cpu_feasibility.md).
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "thresholding": True}),
-    "deis": (DEISMultistepScheduler, {"thresholding": True}),
-    "euler": (EulerDiscreteScheduler, {}),
-    # rectified flow (SD3, Flux, Wan, Qwen-Image, Sana): the only sampler of a flow-matching model
-    "flow-euler": (FlowMatchEulerDiscreteScheduler, {}),
-}
-FLOW_SCHEDULERS = ("flow-euler",)
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How to sample: scheduler name, number of steps, guidance scale and DDIM eta."""
-
-    scheduler: str = "ddim"
-    steps: int = 50
-    guidance_scale: float | None = None
-    """Classifier-free guidance scale; None uses the model's default (1.0 = no guidance)."""
-    eta: float = 0.0
-    """DDIM stochasticity (0 = deterministic)."""
-
-    def validate(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"Unknown scheduler '{self.scheduler}'. Choose one of: {', '.join(SCHEDULERS)}.")
-        if not 1 <= self.steps <= 1000:
-            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}.")
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale must be >= 0, got {self.guidance_scale}.")
-
-
-@dataclass
-class StepInfo:
-    """What a hook sees before one denoiser evaluation."""
-
-    index: int
-    num_steps: int
-    timestep: torch.Tensor
-    sample: torch.Tensor
-    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
-    unconditional: dict[str, torch.Tensor] | None = None
-    guidance_scale: float = 1.0
-    batch_start: int = 0
-
-
-StepHook = Callable[[StepInfo], None]
-
-
-@dataclass
-class SampleResult:
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    config: SamplerConfig
-    seed: int
+from diffquant.sampling.pipeline import sample_pipeline
+from diffquant.sampling.types import (
+    FLOW_SCHEDULERS,
+    SCHEDULERS,
+    SamplerConfig,
+    SampleResult,
+    StepHook,
+    StepInfo,
+)
 
 
 def is_flow_model(model: DiffusionModel) -> bool:
@@ -194,8 +136,6 @@ def sample(
             )
 
     if model.pipeline is not None:
-        from diffquant.sampling.pipeline import sample_pipeline  # it builds on this module's types
-
         return sample_pipeline(
             model, num_samples, config, seed, batch_size, labels, prompts, hooks, progress, first_index
         )
