@@ -49,7 +49,7 @@ def fake_row(method, setting, fid, family="diffquant", psnr=30.0):
 
 def test_matrix_rows_and_keys():
     rows = BENCH_PRESETS["full"].rows()
-    assert len(rows) == 3 * 4 * (5 + 4)  # models x settings x (methods + peers)
+    assert len(rows) == 3 * 4 * (9 + 4)  # models x settings x (methods + peers)
     assert {row.model for row in rows} == {"fmnist-unet", "fmnist-dit", "fmnist-t2i"}
     assert RowSpec("fmnist-unet", "naive", "W4A8").key == "fmnist-unet__naive__W4A8"
     assert RowSpec("fmnist-unet", "naive", "W4A16").bits == (4, None)

@@ -232,6 +232,12 @@ def test_text_methods_refuse_a_model_without_text(method):
     calibration = record_trajectories(model, 2, SamplerConfig("ddim", 2), UniformSteps(2), seed=1, progress=False)
     with pytest.raises(DiffquantError, match="no text input"):
         diffquant.quantize(model, make_config(method, "fast"), calibration, progress=False)
+    # refused before any calibration data is recorded (recording would call the model)
+    calls = []
+    model.denoiser.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(DiffquantError, match="no text input"):
+        diffquant.quantize(model, make_config(method, "fast"), progress=False)
+    assert not calls
 
 
 # --- viditq -------------------------------------------------------------------------------------

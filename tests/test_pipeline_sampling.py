@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import diffquant
-from diffquant.bench.peers import _feed, _KeywordGraph, _Positional
+from diffquant.bench.peers import _feed, _KeywordGraph, _Positional, get_peer
 from diffquant.errors import ConfigError
 from diffquant.methods import make_config
 from diffquant.pipelines import model_from_pipeline
 from diffquant.sampling import SamplerConfig, sample
+from tests.conftest import tiny_dit_model, tiny_unet_model
 from tests.pipeline_models import tiny_sd3_pipeline
 
 CLASS_PROMPTS = ("a shirt", "a sneaker", "a bag")
@@ -86,3 +87,21 @@ def test_peer_wrappers_call_a_joint_attention_model_by_keyword(model):
     _feed(denoiser, [(x, t, conditioning)])
     handle.remove()
     assert "encoder_hidden_states" in calls[0] and "hidden_states" in calls[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(get_peer("pt2e").unavailable() is not None, reason="PT2E needs torchao")
+@pytest.mark.parametrize("family", ["sd3", "dit", "unet"])
+def test_pt2e_peer_exports_each_family_with_its_inputs(model, family):
+    """PT2E exports the denoiser behind a positional signature: text inputs (SD3), class labels (DiT), none."""
+    chosen = {"sd3": model, "dit": tiny_dit_model(), "unet": tiny_unet_model()}[family]
+    generator = torch.Generator().manual_seed(0)
+    x, t, conditioning = chosen.adapter.example_inputs(chosen.denoiser, 4, generator)
+    if family == "dit":
+        conditioning = {"class_labels": torch.arange(4) % chosen.info.num_classes}
+    t = t.float()
+    result = get_peer("pt2e").quantize(chosen.denoiser, "W8A8", [(x, t, conditioning)])
+    reference = chosen.adapter.call(chosen.denoiser, x, t, conditioning)
+    output = chosen.adapter.call(result.denoiser, x, t, conditioning)
+    relative = float((output - reference).pow(2).mean() / reference.pow(2).mean())
+    assert output.shape == reference.shape and 0 < relative < 0.05

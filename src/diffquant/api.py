@@ -11,7 +11,7 @@ from typing import Any
 
 from diffquant.cache import cache_dir, json_digest, model_digest, safe_name
 from diffquant.calibration import AllocatedSteps, CalibrationSet, record_trajectories
-from diffquant.calibration.validation import validate_for_model
+from diffquant.calibration.validation import require_text_input, validate_for_model
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import MethodConfig, make_config, method_for_config
 from diffquant.modules import quant_layers
@@ -115,6 +115,8 @@ def quantize(
     # layer patterns that match nothing fail now, not after minutes of recording (shapes are checked by the
     # method, after its own skip list: SVDQuant keeps layers too narrow for NVFP4's 16-blocks in float)
     check_patterns(model.denoiser, config.layer_policy())
+    if config.needs_text:
+        require_text_input(model, config.name)
 
     recording_time = 0.0
     if calibration is None:

@@ -104,7 +104,7 @@ BENCH_PRESETS: dict[str, BenchPreset] = {
         name="full",
         protocol="standard",
         models=("fmnist-unet", "fmnist-dit", "fmnist-t2i"),
-        methods=("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm"),
+        methods=("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm", "svdquant", "viditq", "mixdq", "dgq"),
         settings=("W8A8", "W4A8", "W4A16", "W4A4"),
         peers=("quanto", "torchao", "modelopt", "pt2e"),
     ),

@@ -235,7 +235,8 @@ class PT2E(Peer):
         example = (x, t.float(), *(flatten_conditioning(kwargs)[key] for key in keys))
         # AUTO batch: a named Dim trips a guard that diffusers' UNet adds when the batch equals its
         # channel count (64 <= batch); AUTO accepts the guard and the graph serves batches >= the example's
-        shapes = tuple({0: torch.export.Dim.AUTO} for _ in example)
+        batch = {0: torch.export.Dim.AUTO}
+        shapes = (batch, batch, tuple(batch for _ in keys))  # forward(x, t, *values): the values are one input
         graph = torch.export.export(_Positional(copy.deepcopy(denoiser), keys), example, dynamic_shapes=shapes).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(graph, quantizer)
@@ -245,7 +246,8 @@ class PT2E(Peer):
         converted = convert_pt2e(prepared)
         allow_exported_model_train_eval(converted)  # samplers call .eval() on the denoiser
         buffer = io.BytesIO()
-        torch.export.save(torch.export.export(converted, example, dynamic_shapes=shapes), buffer)
+        flat = tuple(batch for _ in example)  # the exported graph takes the values as inputs of their own
+        torch.export.save(torch.export.export(converted, example, dynamic_shapes=flat), buffer)
         inductor_config.freezing = True  # prepacks the int8 weights for oneDNN: the real-kernel path
         try:
             compiled = torch.compile(converted)

@@ -254,6 +254,8 @@ class BenchRunner:
             }
         else:
             config = self.method_config(spec)
+            if config.needs_text and "encoder_hidden_states" not in source.adapter.conditioning:
+                return {**base, "status": f"skipped: {spec.method_name} quantizes a text conditioning; no text input"}
             reused = self._calibrated_before(spec, config)
             if reused is not None:  # e.g. the same row re-scored at another N: the calibration is not redone
                 candidate, calibrated = reused

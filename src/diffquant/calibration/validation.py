@@ -196,6 +196,16 @@ def check_statistics(calibration: CalibrationSet) -> None:
 TEXT_CONDITIONING = "encoder_hidden_states"
 
 
+def require_text_input(model: DiffusionModel, method: str) -> None:
+    """One clear error, before any recording, when a text-conditioning method meets a model without text."""
+    if TEXT_CONDITIONING not in model.adapter.conditioning:
+        raise DiffquantError(
+            f"'{method}' quantizes the text conditioning of a text-to-image model, but '{model.info.name}' "
+            f"({model.adapter.name}) has no text input ('{TEXT_CONDITIONING}'). Use a text-conditioned pipeline, e.g. "
+            "'fmnist-t2i', or a method for any model (naive, svdquant, viditq)."
+        )
+
+
 def text_token_count(calibration: CalibrationSet, method: str) -> int:
     """Tokens of the prompt embedding in `calibration`; one clear error when the model has no text input.
 

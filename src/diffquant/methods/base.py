@@ -73,6 +73,8 @@ class MethodConfig:
 
     name: ClassVar[str] = "base"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    needs_text: ClassVar[bool] = False
+    """The method quantizes a text conditioning (MixDQ, DGQ): models without one are refused up front."""
     """Named bundles of defaults (e.g. 'paper' and 'fast'); values given explicitly win."""
 
     wbits: int = 8

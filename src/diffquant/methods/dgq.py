@@ -42,6 +42,7 @@ CHANNEL_AXIS, TOKEN_AXIS = -1, 1
 @dataclass
 class DGQConfig(MethodConfig):
     name = "dgq"
+    needs_text = True
     PRESETS = {
         "paper": {"calibration": {"trajectories": 64, "policy": "all", "steps": 25}},
         "fast": {

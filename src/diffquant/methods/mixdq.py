@@ -58,6 +58,7 @@ CONTENT_PATTERNS = ("*attn2*", "*cross_attn*", "*.ff.*", "*ff_context*")
 @dataclass
 class MixDQConfig(MethodConfig):
     name = "mixdq"
+    needs_text = True
     PRESETS = {
         "paper": {"calibration": {"trajectories": 32, "policy": "uniform"}},
         "fast": {
