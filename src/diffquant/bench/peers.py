@@ -236,7 +236,8 @@ class PT2E(Peer):
         # AUTO batch: a named Dim trips a guard that diffusers' UNet adds when the batch equals its
         # channel count (64 <= batch); AUTO accepts the guard and the graph serves batches >= the example's
         batch = {0: torch.export.Dim.AUTO}
-        shapes = (batch, batch, tuple(batch for _ in keys))  # forward(x, t, *values): the values are one input
+        # forward(x, t, *values): export sees the values as one (tuple) input, absent when there are none
+        shapes = (batch, batch) + ((tuple(batch for _ in keys),) if keys else ())
         graph = torch.export.export(_Positional(copy.deepcopy(denoiser), keys), example, dynamic_shapes=shapes).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(graph, quantizer)
