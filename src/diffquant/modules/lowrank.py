@@ -72,7 +72,8 @@ class LowRankQuantLayer(LayerKind, nn.Module):
         residual = copy.deepcopy(original)
         self.residual: QuantLayer = wrap_layer(residual, weight_spec, input_spec)
         self.register_buffer("smooth", torch.ones(self.in_channels))
-        self.register_buffer("rotation", rotation_matrix(self.in_channels) if rotate else None)
+        # a fixed function of the channel count: rebuilt from the plan on load, never written to disk
+        self.register_buffer("rotation", rotation_matrix(self.in_channels) if rotate else None, persistent=False)
         # an empty branch of the right shape: `decompose` fills it (loading a saved model overwrites it)
         self.lora_down = nn.Parameter(torch.zeros(rank, *weight.shape[1:]), requires_grad=False)
         self.lora_up = nn.Parameter(torch.zeros(weight.shape[0], rank), requires_grad=False)

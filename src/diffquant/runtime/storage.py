@@ -96,6 +96,15 @@ def _structure_digest(structure: dict, packed: dict) -> str:
     return hashlib.sha256(json.dumps([structure, packed], sort_keys=True).encode()).hexdigest()
 
 
+def _drop_stored_rotations(denoiser: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Files written before rotations were rebuilt from the plan hold them: check they match, then drop them."""
+    for key in [k for k in tensors if k.endswith(".rotation")]:
+        rebuilt = getattr(denoiser.get_submodule(key.removesuffix(".rotation")), "rotation", None)
+        if rebuilt is None or not torch.equal(rebuilt, tensors[key]):
+            raise DiffquantError(f"The stored rotation '{key}' does not match the layer's plan: the file is corrupt.")
+        del tensors[key]
+
+
 def load_quantized(directory: str | Path) -> DiffusionModel:
     """Load a directory written by `save_quantized` (safetensors + JSON only)."""
     directory = Path(directory)
@@ -151,6 +160,7 @@ def load_quantized(directory: str | Path) -> DiffusionModel:
             count *= dim
         codes = unpack_codes(packed, entry["bits"], count).reshape(entry["shape"])
         tensors[key] = codes.to(getattr(torch, entry["dtype"]))
+    _drop_stored_rotations(denoiser, tensors)
     try:
         denoiser.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
