@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from diffquant.errors import ConfigError
@@ -18,6 +17,7 @@ from diffquant.families import adapter_for
 from diffquant.modules.kinds import part_names, quantized_modules
 from diffquant.modules.layers import QuantLayer
 from diffquant.modules.policy import pattern_matches
+from diffquant.modules.structure import run_with_hooks
 
 
 @dataclass
@@ -77,12 +77,7 @@ def discover_units(
         )
         for name in units
     ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(run, handles)
     missing = [name for name in units if name not in order]
     if missing:
         raise ConfigError(f"Quantized modules {missing[:3]} are never called on the calibration inputs.")

@@ -13,6 +13,16 @@ from diffquant.modules.layers import QuantLayer
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES
 
 
+def run_with_hooks(run: Callable[[], object], handles: list) -> None:
+    """Run `run` without gradients, then remove the hooks behind `handles` (also when it raises)."""
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def execution_order(model: nn.Module, run: Callable[[], object]) -> tuple[list[str], set[str]]:
     """Weight layers in the order `run()` calls them, and those whose input is the model's own input.
 
@@ -40,12 +50,7 @@ def execution_order(model: nn.Module, run: Callable[[], object]) -> tuple[list[s
     for name, module in model.named_modules():
         if isinstance(module, (*WEIGHT_LAYER_TYPES, QuantLayer)):
             handles.append(module.register_forward_pre_hook(layer_hook(name)))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(run, handles)
     return order, fed_by_input
 
 
@@ -86,12 +91,7 @@ def skip_concat_splits(model: nn.Module, run: Callable[[], object]) -> dict[str,
     for name, module in model.named_modules():
         if hasattr(module, "resnets") and "res_hidden_states_tuple" in inspect.signature(module.forward).parameters:
             handles.append(module.register_forward_pre_hook(make_hook(name, module), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(run, handles)
     return splits
 
 
@@ -154,12 +154,7 @@ def text_stream_layers(model: nn.Module, run: Callable[[], object], text_tokens:
         for name, module in model.named_modules()
         if isinstance(module, (*WEIGHT_LAYER_TYPES, QuantLayer)) and name
     ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(run, handles)
     text = [name for name, count in tokens.items() if count == text_tokens]
     if text and len(text) == len(tokens):
         raise ConfigError(
