@@ -10,7 +10,7 @@ import torch
 
 import diffquant
 from diffquant.bench.peers import _feed, _KeywordGraph, _Positional, get_peer
-from diffquant.errors import ConfigError
+from diffquant.errors import ConfigError, DiffquantError
 from diffquant.methods import make_config
 from diffquant.pipelines import model_from_pipeline
 from diffquant.sampling import SamplerConfig, sample
@@ -106,3 +106,11 @@ def test_pt2e_peer_exports_each_family_with_its_inputs(model, family):
         output = chosen.adapter.call(result.denoiser, x, t, conditioning)
     relative = float((output - reference).pow(2).mean() / reference.pow(2).mean())
     assert output.shape == reference.shape and 0 < relative < 0.05
+
+
+def test_a_corrupt_model_description_in_a_pipeline_directory_is_one_clear_error(tmp_path):
+    tiny_sd3_pipeline(tmp_path / "tok").save_pretrained(tmp_path / "p")
+    for text in ("{not json", '{"name": "x"}'):  # bad JSON; a description without its image shape
+        (tmp_path / "p" / "diffquant.json").write_text(text)
+        with pytest.raises(DiffquantError, match="diffquant.json|not valid"):
+            diffquant.load(tmp_path / "p")

@@ -232,4 +232,11 @@ def _stored_info(directory: Path, record: dict[str, Any]) -> ModelInfo | None:
             payload = json.loads(metadata.read_text())
         except json.JSONDecodeError as error:
             raise DiffquantError(f"{metadata} is not valid JSON ({error}); restore it.") from error
-    return None if payload is None else ModelInfo.from_json(payload)
+    if payload is None:
+        return None
+    try:
+        return ModelInfo.from_json(payload)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DiffquantError(
+            f"{directory}: its model description is not valid ({error!r}); restore {METADATA_FILE}."
+        ) from error
