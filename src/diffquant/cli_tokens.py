@@ -61,6 +61,9 @@ def train_command(
     codebook_size: int = typer.Option(256),
     tokenizer_minutes: float = typer.Option(22.0, help="Wall-time budget of the tokenizer."),
     denoiser_minutes: float = typer.Option(30.0, help="Wall-time budget of the token denoiser."),
+    tokenizer_width: int = typer.Option(32, help="Tokenizer channels at 14x14 (2x at 7x7)."),
+    denoiser_width: int = typer.Option(128, help="Token denoiser width."),
+    denoiser_depth: int = typer.Option(4, help="Token denoiser transformer layers."),
     threads: int = typer.Option(1),
     data_dir: Path = typer.Option(None, help="Fashion-MNIST IDX folder (default: the Debian package's)."),
 ) -> None:
@@ -76,11 +79,13 @@ def train_command(
         started = time.perf_counter()
         summary = train_reference(
             out,
-            TokenizerConfig(quantizer=quantizer, codebook_size=codebook_size),
+            TokenizerConfig(quantizer=quantizer, codebook_size=codebook_size, width=tokenizer_width),
             TokenizerTraining(steps=20000, batch_size=64, max_minutes=tokenizer_minutes, log_every=50),
             DenoiserTraining(
                 steps=20000, batch_size=128, learning_rate=8e-4, ema_decay=0.995, max_minutes=denoiser_minutes
             ),
+            denoiser_width=denoiser_width,
+            denoiser_depth=denoiser_depth,
             data_dir=data_dir,
             log=lambda line: typer.echo(line),
         )
