@@ -1,5 +1,5 @@
-"""A tiny random StableDiffusion3Pipeline (MMDiT, AutoencoderKL, two CLIP text encoders, a locally built
-CLIP tokenizer): nothing is downloaded."""
+"""Tiny random StableDiffusion3Pipeline (MMDiT, AutoencoderKL, two CLIP text encoders) and FluxPipeline
+(CLIP + T5 encoders) with a locally built CLIP tokenizer: nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -8,8 +8,22 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 
 def local_tokenizer(directory: Path) -> CLIPTokenizer:
@@ -56,4 +70,42 @@ def tiny_sd3_pipeline(scratch: Path, seed: int = 0) -> StableDiffusion3Pipeline:
         tokenizer_2=tokenizer,
         text_encoder_3=None,
         tokenizer_3=None,
+    )
+
+
+def tiny_flux_pipeline(scratch: Path, seed: int = 0) -> FluxPipeline:
+    """Flux: a CLIP pooled encoder and a T5 encoder (read through the same local tokenizer), packed latents."""
+    tokenizer = local_tokenizer(scratch / "tokenizer")
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
+        shift_factor=0.0, scaling_factor=1.0,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, projection_dim=8, bos_token_id=0, eos_token_id=1,
+            pad_token_id=2,
+        )
+    ).eval()
+    torch.manual_seed(seed + 2)
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ).eval()
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer,
     )

@@ -85,3 +85,25 @@ def test_float_pipeline_directory_loads_and_samples_from_the_command_line(pipeli
     assert result.exit_code == 0, result.output
     images = np.load(tmp_path / "s" / "samples.npz")["images"]
     assert images.shape == (2, 1, 16, 16)
+
+
+def test_flux_pipeline_quantizes_samples_and_reloads_identically(tmp_path):
+    from dataclasses import replace
+
+    from tests.pipeline_models import tiny_flux_pipeline
+
+    pipeline = tiny_flux_pipeline(tmp_path / "tok")
+    model = model_from_pipeline(pipeline, "tiny-flux")
+    model = replace(model, info=replace(model.info, pipeline_kwargs={"max_sequence_length": 16}))
+    assert model.adapter.name == "flux"
+    config = make_config("naive", wbits=8, abits=8, calibration={"steps": 3})
+    quantized = diffquant.quantize(model, config, progress=False, prompts=PROMPTS)
+    assert sum(1 for _ in quant_layers(quantized.denoiser)) > 5
+    first = generate(quantized, PROMPTS[:2], steps=3, seed=5)
+    fp = generate(model, PROMPTS[:2], steps=3, seed=5)
+    assert first.shape == fp.shape and first.shape[0] == 2 and torch.isfinite(first).all()
+    assert not torch.equal(first, fp) and (first - fp).abs().mean() < 0.05
+    diffquant.save(quantized, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    again = generate(diffquant.load(tmp_path / "q"), PROMPTS[:2], steps=3, seed=5)
+    assert torch.equal(first, again)
