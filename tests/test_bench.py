@@ -106,12 +106,16 @@ def test_report_tables_and_peer_verdicts(tmp_path):
     (tmp_path / "rows" / "m__tfmq__W4A4.json").write_text(json.dumps(older))
     current = {**fake_row("naive", "W8A8", 10.0), "protocol": "smoke", "num_samples": 200}
     (tmp_path / "rows" / "m__naive__W8A8.json").write_text(json.dumps(current))
+    (tmp_path / "sections").mkdir()  # companion benchmarks' tables are appended in name order
+    (tmp_path / "sections" / "b.md").write_text("## B rows\n\n| b |\n")
+    (tmp_path / "sections" / "a.md").write_text("## A rows\n")
     write_report(rows, "smoke", protocol, tmp_path, tmp_path / "BENCHMARKS.md", "diffquant bench")
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## m" in text and "skipped: no W4 mode" in text
     main, other = text.split("## Rows scored at another N")
     assert "| m | tfmq | W4A4 | 100 | 300.00 |" in other and "tfmq" not in main
     assert "| m | naive |" not in other
+    assert other.index("## A rows") < other.index("## B rows\n\n| b |")
     for name in ("results.csv", "plots/m-fid-vs-bits-per-weight.png", "plots/m-fid-vs-total-bits.png", "grids/m.png"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -253,6 +253,15 @@ def other_n_section(rows: list[dict], num_samples: int) -> list[str]:
     return lines + [""]
 
 
+def companion_sections(out: Path) -> list[str]:
+    """Markdown sections that companion benchmarks (GGUF files, token models, ...) leave in OUT/sections/,
+    in name order, so one report holds every committed table."""
+    parts: list[str] = []
+    for path in sorted((out / "sections").glob("*.md")):
+        parts += [path.read_text().strip(), ""]
+    return parts
+
+
 def _link(target: Path, markdown: Path) -> str:
     """`target` relative to the report's folder (works when the report lives outside the results folder)."""
     return Path(os.path.relpath(target.resolve(), markdown.resolve().parent)).as_posix()
@@ -293,6 +302,7 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
             "",
         ]
     parts += other_n_section(other_n_rows(out, protocol), protocol["num_samples"])
+    parts += companion_sections(out)
     failed = [r for r in rows if str(r.get("status", "")).startswith(("failed", "skipped"))]
     if failed:
         parts += ["## Skipped and failed rows", ""]
