@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -378,3 +379,34 @@ def test_resgen_collective_embedding_trains_and_samples_every_depth():
     a = sample_resgen(model, rvq, torch.arange(3), steps=4, generator=torch.Generator().manual_seed(0))
     b = sample_resgen(model, rvq, torch.arange(3), steps=4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == (3, 9, 2) and a.max() < 8
+
+
+def _write_idx(path, array) -> None:
+    """An uncompressed IDX file (big-endian magic and dimensions, uint8 payload), as Fashion-MNIST ships."""
+    import struct
+
+    magic = 2051 if array.ndim == 3 else 2049
+    path.write_bytes(struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_top_level_train_builds_a_token_generator(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+    from diffquant.tokens.generator import TokenGenerator
+
+    rng = np.random.default_rng(0)
+    for stem, count in (("train", 96), ("t10k", 32)):
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte", rng.integers(0, 10, count, dtype=np.uint8))
+    run = tmp_path / "run"
+    args = ["train", "--model", "fmnist-vq", "--steps", "2", "--batch-size", "16", "--run-dir", str(run)]
+    result = CliRunner().invoke(app, [*args, "--data-dir", str(tmp_path), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    generator = TokenGenerator.load(run / "model")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokenizer"]["steps"] == 2 and summary["denoiser"]["steps"] == 2
+    assert 0.0 < summary["tokenizer"]["test"]["usage"] <= 1.0
+    card = json.loads((run / "model" / "diffquant.json").read_text())["training"]
+    assert card["command"].startswith("diffquant ") and card["wall_minutes"] > 0
+    assert generator.denoiser.config.num_tokens == 49

@@ -45,7 +45,9 @@ def _set_threads(threads: int | None) -> None:
 
 @app.command()
 def train(
-    model: str = typer.Option(..., help="Reference architecture to train: fmnist-unet, fmnist-dit or fmnist-t2i."),
+    model: str = typer.Option(
+        ..., help="Reference architecture to train: fmnist-unet, fmnist-dit, fmnist-t2i or fmnist-vq (tokens)."
+    ),
     steps: int = typer.Option(8000, help="Total optimisation steps (resumes up to this count)."),
     run_dir: Path = typer.Option(None, help="Where checkpoints and the final model go (default runs/MODEL)."),
     batch_size: int = typer.Option(128),
@@ -78,6 +80,23 @@ def train(
             data_t2i = load_fashion_mnist("train", data_dir)
             facts = train_t2i(data_t2i, run_dir, config_t2i, command=command, log=typer.echo)
             typer.echo(f"trained fmnist-t2i: {json.dumps(facts['flow'])}; pipeline in {run_dir / 'pipeline'}")
+            return
+        if model == "fmnist-vq":  # tokenizer, then token denoiser, `steps` each (`diffquant tokens train`: budgets)
+            from diffquant.tokens.recipe import train_generator
+            from diffquant.tokens.training import DenoiserTraining, TokenizerTraining
+
+            command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            path, _ = train_generator(
+                run_dir,
+                command,
+                tokenizer_training=TokenizerTraining(steps=steps, batch_size=batch_size, seed=seed),
+                denoiser_training=DenoiserTraining(
+                    steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+                ),
+                data_dir=data_dir,
+                log=typer.echo,
+            )
+            typer.echo(f"trained fmnist-vq: {steps} steps per stage; generator in {path}")
             return
         bundle = build_reference_model(model)
         data = load_fashion_mnist("train", data_dir)

@@ -70,18 +70,19 @@ def train_command(
     """Train a tokenizer and a class-conditional token denoiser on Fashion-MNIST (time-budgeted)."""
     try:
         _threads(threads)
-        from diffquant.tokens.generator import TokenGenerator
-        from diffquant.tokens.recipe import train_reference
-        from diffquant.tokens.storage import load_token_model
+        from diffquant.tokens.recipe import train_generator
         from diffquant.tokens.tokenizer import TokenizerConfig
         from diffquant.tokens.training import DenoiserTraining, TokenizerTraining
 
         started = time.perf_counter()
-        summary = train_reference(
+        train_generator(
             out,
-            TokenizerConfig(quantizer=quantizer, codebook_size=codebook_size, width=tokenizer_width),
-            TokenizerTraining(steps=20000, batch_size=64, max_minutes=tokenizer_minutes, log_every=50),
-            DenoiserTraining(
+            "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            tokenizer_config=TokenizerConfig(quantizer=quantizer, codebook_size=codebook_size, width=tokenizer_width),
+            tokenizer_training=TokenizerTraining(
+                steps=20000, batch_size=64, max_minutes=tokenizer_minutes, log_every=50
+            ),
+            denoiser_training=DenoiserTraining(
                 steps=20000, batch_size=128, learning_rate=8e-4, ema_decay=0.995, max_minutes=denoiser_minutes
             ),
             denoiser_width=denoiser_width,
@@ -89,9 +90,6 @@ def train_command(
             data_dir=data_dir,
             log=lambda line: typer.echo(line),
         )
-        generator = TokenGenerator(load_token_model(out / "tokenizer"), load_token_model(out / "denoiser"), out.name)
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        generator.save(out / "model", {"training": {"command": command, "wall_minutes": summary["wall_minutes"]}})
         typer.echo(f"trained in {(time.perf_counter() - started) / 60:.1f} min; generator in {out / 'model'}")
     except DiffquantError as error:
         _fail(error)

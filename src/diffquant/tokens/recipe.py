@@ -65,3 +65,17 @@ def train_reference(
     }
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def train_generator(run_dir: str | Path, command: str, **recipe) -> tuple[Path, dict]:
+    """`train_reference`, then the tokenizer and denoiser saved as one generator in run_dir/model (what
+    `diffquant train --model fmnist-vq` and `diffquant tokens train` leave behind)."""
+    from diffquant.tokens.generator import TokenGenerator
+
+    run_dir = Path(run_dir)
+    summary = train_reference(run_dir, **recipe)
+    generator = TokenGenerator(
+        load_token_model(run_dir / "tokenizer"), load_token_model(run_dir / "denoiser"), run_dir.name
+    )
+    card = {"training": {"command": command, "wall_minutes": summary["wall_minutes"]}}
+    return generator.save(run_dir / "model", card), summary
