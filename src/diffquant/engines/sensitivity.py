@@ -18,7 +18,9 @@ from torch import nn
 
 from diffquant.calibration import CalibrationBatch, call_denoiser
 from diffquant.errors import ConfigError
+from diffquant.families import denoise
 from diffquant.modules.layers import QuantLayer
+from diffquant.modules.structure import input_and_output_layers, temporal_layers
 from diffquant.quant import IntFormat, Quantizer, QuantSpec
 
 QUALITY, CONTENT = "quality", "content"
@@ -47,6 +49,15 @@ METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {
     QUALITY: relative_noise,
     CONTENT: structural_dissimilarity,
 }
+
+
+def edge_and_embedder_layers(denoiser: nn.Module, batch: CalibrationBatch) -> list[str]:
+    """What the 4-bit methods keep in float by structure: the first and last layers, and every layer whose
+    input depends only on the timestep or conditioning (embedders, adaLN modulation), probed on `batch`."""
+    first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, batch))
+    # by keyword: SD3's second positional input is encoder_hidden_states, not the timestep
+    with_sample = lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning)  # noqa: E731
+    return sorted({first, last, *temporal_layers(denoiser, with_sample, batch.sample)})
 
 
 @contextmanager

@@ -23,16 +23,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from diffquant.calibration import CalibrationSet, call_denoiser, feed_calibration
+from diffquant.calibration import CalibrationSet, feed_calibration
+from diffquant.calibration.dataset import random_subset
 from diffquant.engines.gptq import GPTQConfig, HessianAccumulator, gptq_layer
+from diffquant.engines.sensitivity import edge_and_embedder_layers
 from diffquant.engines.smoothing import channel_absmax, search_smoothing
 from diffquant.errors import ConfigError
-from diffquant.families import denoise
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
-from diffquant.modules.structure import input_and_output_layers, temporal_layers
 from diffquant.quant import QuantSpec
 
 PAPER_ALPHAS = tuple(round(i / 20, 2) for i in range(1, 20))  # deepcompressor: num_grids 20
@@ -113,20 +113,9 @@ class SVDQuantConfig(MethodConfig):
 def sensitive_layers(denoiser: nn.Module, batch) -> list[str]:
     """The layers SVDQuant keeps in 16 bits, found by structure (time/conditioning-only inputs, first and
     last layers) and by name (shortcuts, samplers, projections in/out, embeddings)."""
-    first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, batch))
-    # by keyword: SD3's second positional input is encoder_hidden_states, not the timestep
-    with_sample = lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning)  # noqa: E731
-    temporal = temporal_layers(denoiser, with_sample, batch.sample)
     names = [n for n, m in denoiser.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
     by_name = [n for n in names if any(pattern_matches(p, n) for p in SKIPPED_NAME_PATTERNS)]
-    return sorted({first, last, *temporal, *by_name})
-
-
-def _subset(calibration: CalibrationSet, size: int, seed: int) -> CalibrationSet:
-    if size >= len(calibration):
-        return calibration
-    index = torch.randperm(len(calibration), generator=torch.Generator().manual_seed(seed))[:size]
-    return calibration.subset(index.sort().values)
+    return sorted({*edge_and_embedder_layers(denoiser, batch), *by_name})
 
 
 def _record_inputs(
@@ -183,7 +172,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     plans, attention = resolve_policy(denoiser, policy)
     originals = {name: denoiser.get_submodule(name) for name in plans}
     weights = {name: module.weight.detach().clone() for name, module in originals.items()}
-    data = _subset(calibration, config.calibration_samples, config.calibration.seed)
+    data = random_subset(calibration, config.calibration_samples, config.calibration.seed)
     absmax, inputs = _record_inputs(denoiser, originals, data, config, progress)
     targets = {name: originals[name](inputs[name]).detach() for name in plans}
 

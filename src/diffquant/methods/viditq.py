@@ -34,17 +34,17 @@ from diffquant.engines.sensitivity import (
     CONTENT,
     QUALITY,
     decoupled_costs,
+    edge_and_embedder_layers,
     requantize_weight,
     weight_sensitivity,
 )
 from diffquant.engines.smoothing import channel_absmax, smoothing_scales, weight_channel_absmax
 from diffquant.errors import ConfigError
-from diffquant.families import denoise
 from diffquant.methods.base import CalibrationConfig, MethodConfig
 from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import pattern_matches
-from diffquant.modules.structure import input_and_output_layers, temporal_layers, text_stream_layers
+from diffquant.modules.structure import text_stream_layers
 from diffquant.quant import QuantSpec
 
 CROSS_ATTENTION_PATTERNS = ("*attn2*", "*cross_attn*")
@@ -106,12 +106,7 @@ class ViDiTQConfig(MethodConfig):
 
 def float_layers(denoiser: nn.Module, calibration: CalibrationSet) -> list[str]:
     """Embedders and final layer: the first and last layers and those fed only timestep/conditioning."""
-    batch = next(calibration.batches(4))
-    first, last = input_and_output_layers(denoiser, lambda: call_denoiser(denoiser, batch))
-    temporal = temporal_layers(
-        denoiser, lambda s: denoise(denoiser, s, batch.timesteps, batch.conditioning), batch.sample
-    )
-    return sorted({first, last, *temporal})
+    return edge_and_embedder_layers(denoiser, next(calibration.batches(4)))
 
 
 def content_layers(denoiser: nn.Module, calibration: CalibrationSet, names: list[str]) -> set[str]:
