@@ -2,7 +2,7 @@
 quantized denoisers. Writes benchmarks/results/tokens/*.json and the shipped model's metrics.
 
 Usage: PYTHONPATH=src python benchmarks/tokens_fmnist_vq.py RUN_DIR PART [N]
-PART: tokenizer | guidance | samplers | quant | ladder
+PART: tokenizer | guidance | samplers | quant | quant_low | quant_lrvq | ladder
 """
 
 from __future__ import annotations
@@ -76,7 +76,12 @@ def part_samplers(run: Path, n: int) -> None:
 
 
 def part_quant(
-    run: Path, n: int, settings=(("naive", 8, 8), ("ptq4dm", 8, 8), ("naive", 4, 8)), vq=True, name="quant"
+    run: Path,
+    n: int,
+    settings=(("naive", 8, 8), ("ptq4dm", 8, 8), ("naive", 4, 8)),
+    vq=True,
+    name="quant",
+    vq_ranks=(0,),
 ) -> None:
     gen, scorer, rows = _generator(run), Scorer.load(), []
     sampler = TokenSamplerConfig("maskgit", 8, guidance_scale=GUIDANCE)
@@ -91,13 +96,14 @@ def part_quant(
         _log(f"{method} W{wbits}A{abits}", result)
         rows.append({"method": f"{method} W{wbits}A{abits}", "quantize_s": seconds, **result})
         write_json(OUT / f"{name}.json", rows)
-    for refine in (100,) if vq else ():
-        spec = CodebookSpec(refine_steps=refine, kmeans_iters=15)
+    for refine, rank in [(100, rank) for rank in vq_ranks] if vq else []:
+        spec = CodebookSpec(refine_steps=refine, kmeans_iters=15, rank=rank)
         started = time.perf_counter()
         denoiser, report = vq_token_denoiser(gen.denoiser, spec, calibration if refine else None)
         seconds = time.perf_counter() - started
         result = score_generator(TokenGenerator(gen.tokenizer, denoiser), sampler, n, scorer=scorer)
         label = f"weight VQ 2-bit (d=4, K=256){' + VQ4DiT candidates' if refine else ''}"
+        label += f" + rank-{rank} fp16 branch (LR²VQ)" if rank else ""
         _log(label, result)
         rows.append({"method": label, "quantize_s": seconds, "spec": asdict(spec), "size": report, **result})
         write_json(OUT / f"{name}.json", rows)
@@ -124,8 +130,14 @@ def part_quant_low(run: Path, n: int) -> None:
     part_quant(run, n, settings=(("naive", 4, 8),), vq=True, name="quant_low")
 
 
+def part_quant_lrvq(run: Path, n: int) -> None:
+    """2-bit weight VQ without and with a low-rank branch (r = 4, 8) at the same index bits."""
+    part_quant(run, n, settings=(), vq=True, name="quant_lrvq", vq_ranks=(0, 4, 8))
+
+
 PARTS = {
     "quant_low": part_quant_low,
+    "quant_lrvq": part_quant_lrvq,
     "tokenizer": part_tokenizer,
     "guidance": part_guidance,
     "samplers": part_samplers,

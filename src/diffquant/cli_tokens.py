@@ -157,7 +157,7 @@ def ladder_command(
     coder: str = typer.Option("arithmetic", help="arithmetic or lzma."),
     threads: int = typer.Option(1),
 ) -> None:
-    """k-means codebook ladder (K = 2^bits): rate (bpp before/after entropy coding) vs PSNR/SSIM."""
+    """k-means codebook ladder (K = 2^bits): rate (bpp before/after entropy coding) vs PSNR/SSIM/FID."""
     try:
         _threads(threads)
         from diffquant.data import load_fashion_mnist

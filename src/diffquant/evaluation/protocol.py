@@ -100,6 +100,11 @@ class Scorer:
         network = load_feature_network()
         return cls(network, reference_stats(reference, network))
 
+    def fid(self, images: torch.Tensor) -> float:
+        """FID alone (pooled features vs the reference): for image sets that are not model samples."""
+        features = extract_features(self.network, images)
+        return frechet_distance(GaussianStats.of(features.pooled), self.reference.pooled_stats)
+
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None, k: int = 3) -> dict[str, float]:
         """FID, sFID, IS, precision/recall (and class accuracy when labels are given) of an image set."""
         features = extract_features(self.network, images)

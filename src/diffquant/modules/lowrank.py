@@ -26,6 +26,7 @@ from diffquant.errors import ConfigError, DiffquantError
 from diffquant.modules.kinds import LayerKind, register_kind
 from diffquant.modules.layers import QuantLayer, wrap_layer
 from diffquant.quant import QuantSpec
+from diffquant.quant.lowrank import low_rank_split
 from diffquant.quant.rotation import rotate_input, rotate_weight, rotation_matrix
 
 
@@ -34,15 +35,6 @@ def transform_weight(weight: torch.Tensor, smooth: torch.Tensor, rotation: torch
     shape = (1, -1) + (1,) * (weight.ndim - 2)
     scaled = weight * smooth.reshape(shape).to(weight.dtype)
     return rotate_weight(scaled, rotation) if rotation is not None else scaled
-
-
-def low_rank_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up (out, r), down (r, in...)) with up @ down the best rank-r approximation of the flattened weight."""
-    flat = weight.reshape(weight.shape[0], -1).double()
-    u, singular, vh = torch.linalg.svd(flat, full_matrices=False)
-    up = (u[:, :rank] * singular[:rank]).float()
-    down = vh[:rank].float().reshape(rank, *weight.shape[1:])
-    return up, down
 
 
 @register_kind

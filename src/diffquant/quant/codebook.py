@@ -5,6 +5,11 @@ of K = 2^(bits * d) code vectors, so each weight costs `bits` bits of index plus
 keeps the `candidates` nearest codes per sub-vector and learns soft ratios over them (and the
 codebook) against the layer's output on calibration inputs, then assigns each sub-vector its
 highest-ratio candidate. Stored packed: indices at log2 K bits, the codebook in float16.
+
+With `rank` r > 0 the weight is split LR²VQ-style: W = U D + VQ(W - U D), a 16-bit rank-r branch from
+the SVD of W beside a codebook for the residual. The branch can be re-fitted to what the codebook
+misses (U D = SVD_r(W - VQ(R))) and the residual quantized again, keeping the best split by output
+error on the calibration inputs. The branch is stored in float16 and counted in the size.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffquant.errors import ConfigError, DiffquantError
+from diffquant.quant.lowrank import low_rank_split
 from diffquant.quant.packing import pack_codes, unpack_codes
 
 
@@ -30,6 +36,8 @@ class CodebookSpec:
     refine_steps: int = 200  # Adam steps on candidate ratios + codebook (0 = no calibration)
     refine_lr: float = 1e-2
     seed: int = 0
+    rank: int = 0  # LR²VQ: a 16-bit rank-r SVD branch beside the quantized residual (0 = plain VQ)
+    branch_refits: int = 2  # with rank > 0: re-fit the branch on W - VQ(R) this many times, keep the best
 
     @property
     def codebook_size(self) -> int:
@@ -46,30 +54,52 @@ class CodebookSpec:
             raise ConfigError(f"index bits {self.index_bits} > 16: lower bits_per_weight or vector_dim.")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1, got {self.candidates}.")
+        if self.rank < 0 or self.branch_refits < 0:
+            raise ConfigError(f"rank and branch_refits must be >= 0, got {self.rank} and {self.branch_refits}.")
+
+    def validate_for(self, shape: tuple[int, ...]) -> None:
+        """The spec's checks plus those that need the weight: a rank that fits it."""
+        self.validate()
+        if len(shape) == 2 and self.rank > min(shape):
+            raise ConfigError(
+                f"rank {self.rank} exceeds min(out, in) = {min(shape)} of a {tuple(shape)} weight; "
+                f"use a rank <= {min(shape)} (or 0 for plain VQ)."
+            )
 
 
 @dataclass
 class CodebookWeight:
-    """A vector-quantized weight: codebook (K, d) and one index per sub-vector."""
+    """A vector-quantized weight: codebook (K, d), one index per sub-vector, and an optional branch U D."""
 
     codebook: torch.Tensor
     indices: torch.Tensor  # (out * in / d,) int64
     shape: tuple[int, int]
+    up: torch.Tensor | None = None  # (out, r), float16 values
+    down: torch.Tensor | None = None  # (r, in), float16 values
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.up is None else self.up.shape[1]
 
     def dequantize(self) -> torch.Tensor:
-        return self.codebook[self.indices].reshape(self.shape)
+        weight = self.codebook[self.indices].reshape(self.shape)
+        return weight + self.up @ self.down if self.rank else weight
 
     def packed(self) -> dict[str, torch.Tensor]:
-        """uint8 packed indices and a float16 codebook: what goes on disk."""
+        """uint8 packed indices, a float16 codebook and the float16 branch: what goes on disk."""
         bits = int(math.log2(self.codebook.shape[0]))
-        return {"indices": pack_codes(self.indices, bits), "codebook": self.codebook.half()}
+        tensors = {"indices": pack_codes(self.indices, bits), "codebook": self.codebook.half()}
+        if self.rank:
+            tensors.update(up=self.up.half(), down=self.down.half())
+        return tensors
 
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> CodebookWeight:
         codebook = tensors["codebook"].float()
         bits = int(math.log2(codebook.shape[0]))
         count = shape[0] * shape[1] // codebook.shape[1]
-        return cls(codebook, unpack_codes(tensors["indices"], bits, count), tuple(shape))
+        up, down = (tensors["up"].float(), tensors["down"].float()) if "up" in tensors else (None, None)
+        return cls(codebook, unpack_codes(tensors["indices"], bits, count), tuple(shape), up, down)
 
 
 def _subvectors(weight: torch.Tensor, d: int) -> torch.Tensor:
@@ -122,8 +152,46 @@ def kmeans_codebook(
 def quantize_weight(
     weight: torch.Tensor, spec: CodebookSpec = CodebookSpec(), inputs: torch.Tensor | None = None
 ) -> CodebookWeight:
-    """Vector-quantize a (out, in) weight; with calibration `inputs` (N, in), refine VQ4DiT-style."""
-    spec.validate()
+    """Vector-quantize a (out, in) weight; with calibration `inputs` (N, in), refine VQ4DiT-style.
+
+    With `spec.rank` > 0, a float16 SVD branch takes the weight's top singular directions first.
+    """
+    spec.validate_for(tuple(weight.shape))
+    if spec.rank:
+        return _quantize_with_branch(weight.detach().float(), spec, inputs)
+    return _quantize_vectors(weight, spec, inputs)
+
+
+def _quantize_with_branch(weight: torch.Tensor, spec: CodebookSpec, inputs: torch.Tensor | None) -> CodebookWeight:
+    """LR²VQ: W = U D + VQ(W - U D); re-fit U D on W - VQ(R) `branch_refits` times, keep the best split."""
+    up, down = _half_branch(weight, spec.rank)
+    best, best_error = None, math.inf
+    for _ in range(1 + spec.branch_refits):
+        residual = _quantize_vectors(weight - up @ down, spec, inputs)
+        candidate = CodebookWeight(residual.codebook, residual.indices, tuple(weight.shape), up, down)
+        error = _reconstruction_error(weight, candidate.dequantize(), inputs)
+        if error < best_error:
+            best, best_error = candidate, error
+        up, down = _half_branch(weight - residual.dequantize(), spec.rank)
+    return best
+
+
+def _half_branch(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-r SVD branch rounded to float16 now, so the residual is quantized against what is stored."""
+    up, down = low_rank_split(weight, rank)
+    return up.half().float(), down.half().float()
+
+
+def _reconstruction_error(weight: torch.Tensor, approx: torch.Tensor, inputs: torch.Tensor | None) -> float:
+    """Output error on the calibration inputs, or the weight error without them."""
+    delta = weight - approx
+    if inputs is None:
+        return delta.pow(2).mean().item()
+    return (inputs.detach().float() @ delta.t()).pow(2).mean().item()
+
+
+def _quantize_vectors(weight: torch.Tensor, spec: CodebookSpec, inputs: torch.Tensor | None = None) -> CodebookWeight:
+    """k-means codebook for the weight's sub-vectors, refined on `inputs` when given (VQ4DiT)."""
     vectors = _subvectors(weight, spec.vector_dim)
     weights = None
     if inputs is not None:  # diagonal of X^T X, tiled to every sub-vector of every output row

@@ -16,6 +16,7 @@ import torch
 
 from diffquant.errors import DiffquantError
 from diffquant.evaluation.agreement import psnr, ssim
+from diffquant.evaluation.protocol import Scorer
 from diffquant.tokens.entropy import CODERS, empirical_entropy_bits
 from diffquant.tokens.quantizers import kmeans
 from diffquant.tokens.tokenizer import VQAutoencoder
@@ -101,9 +102,14 @@ def rebuild_codebook(
 
 @torch.no_grad()
 def rate_distortion(
-    tokenizer: VQAutoencoder, images: torch.Tensor, coder: str = "arithmetic", batch_size: int = 500
+    tokenizer: VQAutoencoder,
+    images: torch.Tensor,
+    coder: str = "arithmetic",
+    batch_size: int = 500,
+    scorer: Scorer | None = None,
 ) -> dict[str, float]:
-    """Rate (bpp raw / entropy / coded) and distortion (PSNR, SSIM) of the codec on `images` in [-1, 1]."""
+    """Rate (bpp raw / entropy / coded) and distortion (PSNR, SSIM) of the codec on `images` in [-1, 1];
+    with a `scorer`, also the FID of the decoded images against its reference set."""
     tokens = torch.cat([tokenizer.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     encoded = encode_tokens(tokens, tokenizer.codebook_size, coder)
     decoded = decode_tokens(encoded.data)
@@ -112,6 +118,7 @@ def rate_distortion(
     recon = torch.cat([tokenizer.decode(decoded[i : i + batch_size]) for i in range(0, len(decoded), batch_size)])
     pixels = images[0].numel() * len(images)
     h, w = tokens.shape[1:3]
+    fid = {} if scorer is None else {"fid": scorer.fid(recon)}
     return {
         "codebook_size": tokenizer.codebook_size,
         "bpp_raw": raw_bpp(tokenizer.codebook_size, h * w, images[0].numel()),
@@ -121,6 +128,7 @@ def rate_distortion(
         "psnr": psnr(recon, images).mean().item(),
         "ssim": ssim(recon, images).mean().item(),
         "codes_used": float(np.unique(tokens.numpy()).size) / tokenizer.codebook_size,
+        **fid,
     }
 
 

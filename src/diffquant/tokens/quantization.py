@@ -1,4 +1,5 @@
-"""Quantize a token denoiser with the continuous pillar's methods (naive, ptq4dm, ...) and with weight VQ.
+"""Quantize a token denoiser with the continuous pillar's methods (naive, ptq4dm, ...) and with weight VQ
+(VQ4DiT codebooks, optionally with an LR²VQ low-rank branch).
 
 The methods call `denoiser(sample, timesteps, **conditioning)` on a CalibrationSet; a thin adapter
 gives the token denoiser that calling convention, and the calibration set holds token grids recorded
@@ -80,7 +81,10 @@ def vq_token_denoiser(
     calibration: CalibrationSet | None = None,
     pattern: str = r"blocks\..*",
 ) -> tuple[TokenDenoiser, dict]:
-    """A copy whose transformer-block linears are VQ4DiT-style codebook weights (head and embeddings stay)."""
+    """A copy whose transformer-block linears are VQ4DiT-style codebook weights (head and embeddings stay).
+
+    `CodebookSpec(rank=r)` gives each of them a float16 rank-r SVD branch beside the codebook (LR²VQ).
+    """
     model = copy.deepcopy(denoiser)
 
     def run() -> None:
