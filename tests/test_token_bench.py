@@ -19,6 +19,7 @@ from diffquant.tokens.denoiser import DenoiserConfig, TokenDenoiser
 from diffquant.tokens.generator import TokenGenerator
 from diffquant.tokens.samplers import TokenSamplerConfig
 from diffquant.tokens.tokenizer import TokenizerConfig, VQAutoencoder
+from tests.conftest import needs_fmnist
 
 TINY_SAMPLER = TokenSamplerConfig("maskgit", 3, guidance_scale=2.0)
 
@@ -45,6 +46,7 @@ def test_codebook_rows_run_once_per_model_at_their_own_setting():
     assert [(r.method, r.setting) for r in rows] == [("naive", "W8A8"), ("naive", "W4A8"), ("weight-vq", "W2A16")]
 
 
+@needs_fmnist
 def test_bench_rows_for_a_token_generator(generator_dir, tmp_path):
     preset = replace(
         BENCH_PRESETS["smoke"],
@@ -96,6 +98,7 @@ def test_bench_rows_for_a_token_generator(generator_dir, tmp_path):
     assert (out / "rows" / f"{RowSpec(str(generator_dir), 'naive', 'W8A8').key}.json").stat().st_mtime_ns == stamp
 
 
+@needs_fmnist
 def test_codebook_row_is_skipped_for_a_diffusion_model(tmp_path):
     from diffquant.bench.runner import BenchRunner
 
@@ -150,6 +153,7 @@ def test_cli_sample_dispatches_to_a_token_generator(generator_dir, tmp_path):
     assert wrong.exit_code == 2 and "Unknown token sampler 'ddim'" in wrong.output
 
 
+@needs_fmnist
 def test_cli_eval_dispatches_to_a_token_generator(generator_dir, tmp_path):
     from diffquant.cli import app
 
