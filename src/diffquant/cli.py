@@ -552,11 +552,13 @@ def bench_command(
     preset: str = typer.Option("smoke", help="smoke (CI-sized, minutes) or full (the committed report)."),
     out: Path = typer.Option(None, help="Results folder (default benchmarks/results/PRESET)."),
     report: Path = typer.Option(None, help="Markdown report to write (default: BENCHMARKS.md for full)."),
-    model: list[str] = typer.Option(None, help="Restrict to these models (repeatable)."),
+    model: list[str] = typer.Option(
+        None, help="Restrict to these models (repeatable); a token generator (fmnist-vq or a directory) too."
+    ),
     method: list[str] = typer.Option(
         None,
         help="Restrict to these methods (repeatable); NAME@PRESET picks a preset, e.g. qdiffusion@paper; "
-        "--method none: peers only.",
+        "weight-vq: 2-bit codebook weights (token generators); --method none: peers only.",
     ),
     setting: list[str] = typer.Option(None, help="Restrict to these settings, e.g. W4A8 (repeatable)."),
     peer: list[str] = typer.Option(None, help="Restrict to these peers (repeatable); --peer none for no peers."),

@@ -96,7 +96,7 @@ class TokenRows:
     def run_row(self, spec: RowSpec, base: dict[str, Any]) -> dict[str, Any]:
         if spec.family == "peer":
             return {**base, "status": "skipped: peers quantize diffusers denoisers; a token denoiser is not one"}
-        if spec.method in CODEBOOK_METHODS:
+        if spec.method_name in CODEBOOK_METHODS:
             quantized, measured = self._codebook(spec)
         else:
             config = self.runner.method_config(spec)
