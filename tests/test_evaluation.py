@@ -75,3 +75,18 @@ def test_evaluate_reports_agreement_with_itself(scorer):
     first = evaluate(model, protocol, scorer, progress=False)
     again = evaluate(model, protocol, scorer, reference_images=first.images, progress=False)
     assert again.metrics["psnr_vs_ref"] == pytest.approx(100.0) and again.metrics["ssim_vs_ref"] == pytest.approx(1.0)
+
+
+def test_reference_statistics_are_read_back_from_the_cache(tmp_path, monkeypatch):
+    from diffquant.data.images import ImageSet
+    from diffquant.evaluation import reference
+
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path))
+    images = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = ImageSet(images, torch.arange(40) % 10, 10, "tiny-set")
+    monkeypatch.setattr(reference, "load_reference_images", lambda *_: real)
+    first = reference.reference_stats("tiny-set")
+    monkeypatch.setattr(reference, "extract_features", lambda *_: pytest.fail("the cached statistics were recomputed"))
+    again = reference.reference_stats("tiny-set")
+    assert torch.equal(again.spatial, first.spatial)
+    assert (again.pooled_stats.mean == first.pooled_stats.mean).all()

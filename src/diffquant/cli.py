@@ -188,8 +188,10 @@ def sample_command(
     model: str = typer.Option(..., help="Reference model name or a model directory."),
     out: Path = typer.Option(Path("samples"), help="Output folder for samples.png and samples.npz."),
     num_samples: int = typer.Option(64, "--num-samples", "-n"),
-    scheduler: str = typer.Option("ddim", help="ddpm, ddim, dpm++, deis or euler."),
-    steps: int = typer.Option(50),
+    scheduler: str = typer.Option(
+        None, help="ddpm, ddim (default), dpm++, deis or euler; for a token generator maskgit, fhs or vqdiffusion."
+    ),
+    steps: int = typer.Option(None, help="Sampling steps (default 50; a token generator's own)."),
     guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
     label: list[int] = typer.Option(None, help="Class label(s) for a conditional model, repeated to fill N."),
     prompt: list[str] = typer.Option(None, help="Prompt(s) for a pipeline directory, repeated to fill N."),
@@ -202,9 +204,20 @@ def sample_command(
     ),
     threads: int = typer.Option(None),
 ) -> None:
-    """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
+    """Sample a model with a diffusers scheduler (a token generator with its sampler); a fixed seed gives
+    identical images."""
     try:
         _set_threads(threads)
+        from diffquant.zoo.registry import token_generator_path
+
+        if (tokens := token_generator_path(model)) is not None:
+            from diffquant.cli_tokens import refuse_options, sample_generator, token_sampler
+            from diffquant.tokens.generator import TokenGenerator
+
+            refuse_options(model, prompt=prompt, backend=backend, compile=compile, lora=lora)
+            sampler = token_sampler(TokenGenerator.load(tokens), scheduler, steps, guidance)
+            sample_generator(tokens, out, num_samples, sampler, label, seed, batch_size)
+            return
         from diffquant.sampling import sample, save_image_grid, save_samples
 
         bundle = _load(model, backend, compile, lora)
@@ -217,7 +230,7 @@ def sample_command(
         result = sample(
             bundle,
             num_samples,
-            _sampler_config(scheduler, steps, guidance),
+            _sampler_config(scheduler or "ddim", steps or 50, guidance),
             seed=seed,
             batch_size=batch_size,
             labels=labels,
@@ -236,8 +249,10 @@ def eval_command(
     model: list[str] = typer.Option(..., help="Model name(s) or directories; repeat to score several."),
     protocol: str = typer.Option("quick", help="smoke (N=200), quick (N=1000) or standard (N=5000)."),
     num_samples: int = typer.Option(None, "--num-samples", "-n", help="Override the protocol's N."),
-    scheduler: str = typer.Option(None, help="Override the protocol's scheduler."),
-    steps: int = typer.Option(None, help="Override the protocol's step count."),
+    scheduler: str = typer.Option(
+        None, help="Override the protocol's scheduler (a token generator's sampler: maskgit, fhs, vqdiffusion)."
+    ),
+    steps: int = typer.Option(None, help="Override the protocol's step count (a token generator's steps)."),
     against: str = typer.Option(None, help="Reference model for PSNR/SSIM agreement on the same seeds."),
     floors: bool = typer.Option(False, help="Also score N real training images (the data floor)."),
     out: Path = typer.Option(None, help="Write the results as JSON here."),
@@ -249,15 +264,21 @@ def eval_command(
     """Evaluate models under one protocol and print (and optionally write) the table."""
     try:
         _set_threads(threads)
+        from dataclasses import asdict
+
+        from diffquant.cli_tokens import evaluate_generator, refuse_options
         from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
-        from diffquant.evaluation.inception import inception_fid
-        from diffquant.evaluation.reference import load_reference_images
         from diffquant.reporting import print_eval_table
         from diffquant.sampling import SamplerConfig
         from diffquant.zoo import load_model
+        from diffquant.zoo.registry import token_generator_path
 
+        tokens = {name: path for name in model if (path := token_generator_path(name)) is not None}
+        for name in tokens:
+            refuse_options(name, backend=backend, compile=compile)
         chosen = get_protocol(protocol, num_samples=num_samples)
-        if scheduler or steps:
+        # a token generator keeps the protocol's N, seed and scorer but samples with its own sampler
+        if (scheduler or steps) and len(tokens) < len(model):
             chosen = type(chosen)(
                 **{
                     **chosen.__dict__,
@@ -274,15 +295,20 @@ def eval_command(
         if floors:
             rows.append({"model": "real train images (floor)", "metrics": data_floors(chosen, scorer)})
         for name in model:
+            if name in tokens:
+                options = {"scheduler": scheduler, "steps": steps, "guidance": None}
+                report, sampler = evaluate_generator(name, tokens[name], chosen, scorer, options, against)
+                _add_inception(report, chosen, inception_weights)
+                rows.append({**report.to_json(), "sampler": asdict(sampler)})
+                typer.echo(f"{name}: token generator sampled with {sampler.sampler} {sampler.steps} steps")
+                continue
             candidate = _load(name, backend, compile)
             # a quantized model is compared with its full-precision source on the same seeds by default
             reference = against or (candidate.quantization or {}).get("source_model")
             reference_images = cached_samples(load_model(reference), chosen) if reference else None
             report = evaluate(candidate, chosen, scorer, reference_images)
             report.model = name
-            if inception_weights is not None:
-                real = load_reference_images(chosen.reference).images
-                report.metrics["inception_fid"] = inception_fid(report.images, real, inception_weights)
+            _add_inception(report, chosen, inception_weights)
             rows.append(report.to_json())
         print_eval_table(rows, chosen.describe())
         if out is not None:
@@ -292,6 +318,17 @@ def eval_command(
             typer.echo(f"wrote {out}")
     except DiffquantError as error:
         _fail(error)
+
+
+def _add_inception(report, protocol, weights: Path | None) -> None:
+    """Inception FID (torch-fidelity) of a report's samples when the user has the weights."""
+    if weights is None:
+        return
+    from diffquant.evaluation.inception import inception_fid
+    from diffquant.evaluation.reference import load_reference_images
+
+    real = load_reference_images(protocol.reference).images
+    report.metrics["inception_fid"] = inception_fid(report.images, real, weights)
 
 
 @app.command("ship")
@@ -534,11 +571,13 @@ def bench_command(
     preset: str = typer.Option("smoke", help="smoke (CI-sized, minutes) or full (the committed report)."),
     out: Path = typer.Option(None, help="Results folder (default benchmarks/results/PRESET)."),
     report: Path = typer.Option(None, help="Markdown report to write (default: BENCHMARKS.md for full)."),
-    model: list[str] = typer.Option(None, help="Restrict to these models (repeatable)."),
+    model: list[str] = typer.Option(
+        None, help="Restrict to these models (repeatable); a token generator (fmnist-vq or a directory) too."
+    ),
     method: list[str] = typer.Option(
         None,
         help="Restrict to these methods (repeatable); NAME@PRESET picks a preset, e.g. qdiffusion@paper; "
-        "--method none: peers only.",
+        "weight-vq: 2-bit codebook weights (token generators); --method none: peers only.",
     ),
     setting: list[str] = typer.Option(None, help="Restrict to these settings, e.g. W4A8 (repeatable)."),
     peer: list[str] = typer.Option(None, help="Restrict to these peers (repeatable); --peer none for no peers."),

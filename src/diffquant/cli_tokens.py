@@ -264,6 +264,76 @@ def decompress_command(
         _fail(error)
 
 
+# the top-level `diffquant sample` and `diffquant eval` hand token generators to these ------------------
+def refuse_options(model: str, **given: object) -> None:
+    """One clear error for a top-level option that has no meaning for a token generator."""
+    for flag, value in given.items():
+        if value:
+            raise DiffquantError(
+                f"--{flag.replace('_', '-')} does not apply to the token generator '{model}' (it runs "
+                "diffusion-model pipelines, LoRAs and real-kernel exports); drop it or use a diffusion model."
+            )
+
+
+def token_sampler(generator, scheduler: str | None, steps: int | None, guidance: float | None):
+    """The generator's own sampler with the options the user gave (`--scheduler` names a token sampler)."""
+    from dataclasses import replace
+
+    config = generator.sampler
+    changes = {"sampler": scheduler, "steps": steps, "guidance_scale": guidance}
+    config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    config.validate()
+    return config
+
+
+def sample_generator(
+    path: Path,
+    out: Path,
+    num_samples: int,
+    sampler,
+    labels: list[int] | None,
+    seed: int,
+    batch_size: int,
+) -> None:
+    """`diffquant sample` for a token generator: OUT/samples.png and OUT/samples.npz, like a diffusion model."""
+    import torch
+
+    from diffquant.sampling import save_image_grid
+    from diffquant.tokens.evaluation import save_token_samples
+    from diffquant.tokens.generator import TokenGenerator
+
+    generator = TokenGenerator.load(path)
+    chosen = torch.tensor([labels[i % len(labels)] for i in range(num_samples)]) if labels else None
+    images, classes = generator.generate(num_samples, sampler, chosen, seed=seed, batch_size=batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    save_image_grid(images, out / "samples.png")
+    save_token_samples(images, classes, sampler, seed, out / "samples.npz")
+    typer.echo(
+        f"wrote {num_samples} samples ({sampler.sampler} {sampler.steps} steps, CFG {sampler.guidance_scale:g}) "
+        f"to {out / 'samples.png'} and {out / 'samples.npz'}"
+    )
+
+
+def evaluate_generator(name: str, path: Path, protocol, scorer, sampler_options: dict, against: str | None):
+    """`diffquant eval` for a token generator: (EvalReport, sampler) under the protocol's N, seed and Scorer,
+    sampled with its own sampler (changed by the options given)."""
+    from diffquant.tokens.evaluation import cached_token_samples, evaluate_token_generator
+    from diffquant.tokens.generator import TokenGenerator
+    from diffquant.zoo.registry import token_generator_path
+
+    generator = TokenGenerator.load(path)
+    sampler = token_sampler(generator, **sampler_options)
+    reference = None
+    if against:
+        reference_path = token_generator_path(against)
+        if reference_path is None:
+            raise DiffquantError(f"--against {against}: a token generator is compared with another token generator.")
+        reference = cached_token_samples(TokenGenerator.load(reference_path), protocol, sampler)
+    report = evaluate_token_generator(generator, protocol, scorer, reference, sampler)
+    report.model = name
+    return report, sampler
+
+
 def register(app: typer.Typer) -> None:
     """Hook the token commands into the main `diffquant` app."""
     app.add_typer(tokens_app, name="tokens")

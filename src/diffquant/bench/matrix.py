@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from diffquant.bench.report import file_stem
 from diffquant.errors import ConfigError
 from diffquant.methods import make_config
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A16": (4, None), "W4A4": (4, 4), "W8A16": (8, None), "W2A16": (2, None)}
+CODEBOOK_METHODS = {"weight-vq": "W2A16"}
+"""Weight vector quantization (VQ4DiT codebooks, d=4, K=256): its bit width is the codebook's, so it runs
+once per model at this setting whatever the preset's settings are."""
+
+
+def reference_key(model: str) -> str:
+    """The file stem of a model's full-precision row (a model given as a directory path stays one name)."""
+    return file_stem(f"{model}__fp32")
 
 
 def split_method(method: str) -> tuple[str, str | None]:
@@ -29,7 +37,7 @@ class RowSpec:
 
     @property
     def key(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.model}__{self.method}__{self.setting}")
+        return file_stem(f"{self.model}__{self.method}__{self.setting}")
 
     @property
     def bits(self) -> tuple[int, int | None]:
@@ -63,14 +71,17 @@ class BenchPreset:
 
     def rows(self) -> list[RowSpec]:
         for method in self.methods:  # an unknown method or preset fails now, not hours later as a failed row
-            make_config(*split_method(method))
+            if method not in CODEBOOK_METHODS:
+                make_config(*split_method(method))
+        for setting in self.settings:
+            if setting not in SETTINGS:
+                raise ConfigError(f"Unknown setting '{setting}'. Settings: {', '.join(SETTINGS)}.")
         rows = []
         for model in self.models:
             for setting in self.settings:
-                if setting not in SETTINGS:
-                    raise ConfigError(f"Unknown setting '{setting}'. Settings: {', '.join(SETTINGS)}.")
-                rows += [RowSpec(model, method, setting) for method in self.methods]
+                rows += [RowSpec(model, m, setting) for m in self.methods if m not in CODEBOOK_METHODS]
                 rows += [RowSpec(model, peer, setting, "peer") for peer in self.peers]
+            rows += [RowSpec(model, m, CODEBOOK_METHODS[m]) for m in self.methods if m in CODEBOOK_METHODS]
         return rows
 
 

@@ -7,12 +7,19 @@ import json
 import math
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffquant.fileio import atomic_file
+
+
+def file_stem(text: str) -> str:
+    """`text` as one file-name component (a model given as a directory path stays one name)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
 
 SETTING_ORDER = {"W32A32": 0, "W8A8": 1, "W8A16": 2, "W4A16": 3, "W4A8": 4, "W4A4": 5, "W2A16": 6}
 COLUMNS = [
@@ -182,9 +189,9 @@ def _plot(rows: list[dict], model: str, x_key: str, y_key: str, path: Path, titl
 def write_plots(rows: list[dict], model: str, out: Path) -> list[Path]:
     plots = out / "plots"
     paths = [
-        plots / f"{model}-fid-vs-bits-per-weight.png",
-        plots / f"{model}-fid-vs-total-bits.png",
-        plots / f"{model}-speed-vs-fid.png",
+        plots / f"{file_stem(model)}-fid-vs-bits-per-weight.png",
+        plots / f"{file_stem(model)}-fid-vs-total-bits.png",
+        plots / f"{file_stem(model)}-speed-vs-fid.png",
     ]
     _plot(rows, model, "bits_per_weight", "fid", paths[0], f"{model}: FID vs stored bits per weight")
     _plot(rows, model, "total_mbit", "fid", paths[1], f"{model}: FID vs total model size (bit-level scaling)", True)
@@ -211,7 +218,7 @@ def write_grid(rows: list[dict], model: str, out: Path) -> Path:
         for column, image in enumerate(images):
             picture = Image.fromarray(image[0]).resize((width, height), Image.NEAREST)
             canvas.paste(picture, (label_width + column * (width + 2), top))
-    path = out / "grids" / f"{model}.png"
+    path = out / "grids" / f"{file_stem(model)}.png"
     with atomic_file(path) as scratch:
         canvas.save(scratch, format="PNG")
     return path
@@ -262,6 +269,20 @@ def companion_sections(out: Path) -> list[str]:
     return parts
 
 
+def sampler_note(rows: list[dict], model: str) -> list[str]:
+    """For a token generator: the sampler its rows used in place of the protocol's scheduler."""
+    sampler = next((r["sampler"] for r in rows if r["model"] == model and r.get("sampler")), None)
+    if sampler is None:
+        return []
+    guidance = f", CFG {sampler['guidance_scale']:g}" if sampler.get("guidance_scale", 1.0) != 1.0 else ""
+    return [
+        f"Token generator: sampled with its own sampler ({sampler['sampler']} {sampler['steps']} steps{guidance}) "
+        "at the protocol's N and seeds and scored with the same feature network; quantized rows run the "
+        "fake-quantization simulation (no real-kernel export for token denoisers yet, so no speedup).",
+        "",
+    ]
+
+
 def _link(target: Path, markdown: Path) -> str:
     """`target` relative to the report's folder (works when the report lives outside the results folder)."""
     return Path(os.path.relpath(target.resolve(), markdown.resolve().parent)).as_posix()
@@ -290,7 +311,8 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
         "",
     ]
     for model in models:
-        parts += [f"## {model}", "", markdown_table(rows, model), "", "### diffquant vs the best peer", ""]
+        parts += [f"## {model}", "", *sampler_note(rows, model), markdown_table(rows, model), ""]
+        parts += ["### diffquant vs the best peer", ""]
         parts += peer_comparison(rows, model) or ["- no comparable rows"]
         plots = write_plots(rows, model, out)
         grid = write_grid(rows, model, out)

@@ -9,7 +9,6 @@ import socket
 import statistics
 import time
 import traceback
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,43 +19,29 @@ import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
 import diffquant
-from diffquant.bench.matrix import BenchPreset, RowSpec
+from diffquant.bench.coverage import layer_coverage
+from diffquant.bench.matrix import CODEBOOK_METHODS, BenchPreset, RowSpec, reference_key
 from diffquant.bench.peers import get_peer
-from diffquant.bench.report import scored_under
+from diffquant.bench.report import file_stem, scored_under
+from diffquant.bench.token_rows import TokenRows
 from diffquant.data.images import to_uint8
 from diffquant.errors import DiffquantError
 from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
 from diffquant.families import denoise
 from diffquant.fileio import write_json
 from diffquant.methods import MethodConfig, make_config
-from diffquant.modules import attention_processors, quantized_modules
 from diffquant.profiling import measure_resources
 from diffquant.quant import step_context
 from diffquant.reporting import directory_megabytes
 from diffquant.runtime.export import check_backend, export_model
 from diffquant.zoo import DiffusionModel
+from diffquant.zoo.registry import token_generator_path
 
 GRID_SAMPLES = 8
 
 
 def _parameters(model: DiffusionModel) -> int:
     return sum(p.numel() for p in model.denoiser.parameters())
-
-
-def _coverage(model: DiffusionModel, original: DiffusionModel) -> dict[str, Any]:
-    # one count per quantized float layer (a split-shortcut conv's two halves are one layer of the original)
-    kinds = Counter(
-        "conv2d" if issubclass(module.float_type, torch.nn.Conv2d) else "linear"
-        for _, module in quantized_modules(model.denoiser)
-    )
-    total = Counter(
-        "conv2d" if isinstance(m, torch.nn.Conv2d) else "linear"
-        for m in original.denoiser.modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-    )
-    matmuls = sum(1 for _, p in attention_processors(model.denoiser) if p.query_quantizer or p.probs_quantizer)
-    text = f"{kinds['conv2d']}/{total['conv2d']} conv, {kinds['linear']}/{total['linear']} linear"
-    return {"text": text + (f", {matmuls} attention matmul pairs" if matmuls else ""), "counts": dict(kinds)}
 
 
 def _inputs(model: DiffusionModel, batch: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -143,17 +128,25 @@ class BenchRunner:
         self.scorer = Scorer.load(self.protocol.reference)
         self.rows_dir = self.out / "rows"
         self._models: dict[str, dict[str, Any]] = {}
+        self._token_models: dict[str, TokenRows | None] = {}
         # every row compiles another copy of the same diffusers class, and dynamo keeps one cache per
         # code object: past its limit (8) it silently runs eager, which would time the wrong thing
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
     # per-model state ----------------------------------------------------------------------------
+    def token_rows(self, name: str) -> TokenRows | None:
+        """The adapter that runs a token generator's rows; None for a continuous model."""
+        if name not in self._token_models:
+            path = token_generator_path(name)
+            self._token_models[name] = TokenRows(self, name, path) if path is not None else None
+        return self._token_models[name]
+
     def model_state(self, name: str) -> dict[str, Any]:
         if name not in self._models:
             source = diffquant.load(name)
             reference = cached_samples(source, self.protocol, self.progress)
             state = {"source": source, "reference": reference}
-            fp_file = self.rows_dir / f"{name}__fp32.json"
+            fp_file = self.rows_dir / f"{reference_key(name)}.json"
             if self.stored_row(fp_file) is None:
                 metrics = self.scorer.score(
                     reference, _labels(source, len(reference)), self.protocol.precision_recall_k
@@ -212,7 +205,7 @@ class BenchRunner:
     # rows ------------------------------------------------------------------------------------
     def _grid(self, model: str, label: str, images: torch.Tensor) -> str:
         """The first samples of a row as uint8 .npy (same seeds in every row), for side-by-side grids."""
-        path = self.out / "grids" / model / f"{label}.npy"
+        path = self.out / "grids" / file_stem(model) / f"{label}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, to_uint8(images[:GRID_SAMPLES]).numpy())
         return str(path.relative_to(self.out))
@@ -225,14 +218,18 @@ class BenchRunner:
         return make_config(spec.method_name, spec.method_preset, wbits=wbits, abits=abits, **options)
 
     def run_row(self, spec: RowSpec) -> dict[str, Any]:
-        state = self.model_state(spec.model)
-        source: DiffusionModel = state["source"]
         base = {
             **asdict(spec),
             "protocol": self.protocol.name,
             "num_samples": self.protocol.num_samples,
             "threads": torch.get_num_threads(),
         }
+        if (tokens := self.token_rows(spec.model)) is not None:
+            return tokens.run_row(spec, base)
+        if spec.method_name in CODEBOOK_METHODS:
+            return {**base, "status": f"skipped: {spec.method} (codebook weights) runs on token generators only"}
+        state = self.model_state(spec.model)
+        source: DiffusionModel = state["source"]
         if spec.family == "peer":
             peer = get_peer(spec.method)
             reason = peer.unavailable()
@@ -276,7 +273,8 @@ class BenchRunner:
                 }
                 # kept beside the model so that a run killed while scoring does not calibrate again
                 write_json(self._calibration_record(spec), {**calibrated, "num_samples": self.protocol.num_samples})
-            row = {**base, "version": diffquant.__version__, "coverage": _coverage(candidate, source), **calibrated}
+            coverage = layer_coverage(candidate.denoiser, source.denoiser)
+            row = {**base, "version": diffquant.__version__, "coverage": coverage, **calibrated}
             # scored as deployed: int8 kernels where the layer allows, the compiled simulation elsewhere
             # (tests/test_runtime.py bounds the difference between the two)
             candidate = deployed_model(candidate)
@@ -369,6 +367,8 @@ class BenchRunner:
         row = self.stored_row(path)
         if row is None or row.get("status") != "ok":
             return None
+        if self.token_rows(spec.model) is not None:
+            return row  # token rows run the simulation: there are no kernels to time
         # a fresh compiler state per row (and a freshly frozen fp32 baseline): compiled graphs left from
         # earlier rows in this process must not be reused for this row's timing
         torch._dynamo.reset()
@@ -426,7 +426,8 @@ class BenchRunner:
             finally:  # released only once the row is on disk, so no other process starts it again
                 path.with_suffix(".lock").unlink(missing_ok=True)
             results.append(row)
-        fp_rows = [row for m in self.preset.models if (row := self.stored_row(self.rows_dir / f"{m}__fp32.json"))]
+        references = [self.rows_dir / f"{reference_key(m)}.json" for m in self.preset.models]
+        fp_rows = [row for path in references if (row := self.stored_row(path))]
         return fp_rows + results
 
     def _row_or_failure(self, spec: RowSpec) -> dict[str, Any]:

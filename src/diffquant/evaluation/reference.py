@@ -61,7 +61,7 @@ def reference_stats(
         try:
             tensors = load_file(str(path))
             return ReferenceStats(
-                name, tensors["pooled"], _stats_from("pooled", tensors), _stats_from("spatial", tensors)
+                name, tensors["spatial"], _stats_from("pooled", tensors), _stats_from("spatial", tensors)
             )
         except Exception:  # a damaged cache entry is recomputed, not trusted
             path.unlink(missing_ok=True)

@@ -121,7 +121,11 @@ def temporal_layers(
         if isinstance(module, (*WEIGHT_LAYER_TYPES, QuantLayer)) and name:
             handles.append(module.register_forward_pre_hook(make_hook(name)))
     generator = torch.Generator().manual_seed(0)
-    other = torch.randn(sample.shape, generator=generator) * sample.std().clamp_min(1.0)
+    if sample.is_floating_point():
+        other = torch.randn(sample.shape, generator=generator) * sample.std().clamp_min(1.0)
+    else:  # token grids (all-mask at the first step): random indices up to the largest one seen
+        high = max(int(sample.max()) + 1, 2)
+        other = torch.randint(0, high, sample.shape, generator=generator, dtype=sample.dtype)
     try:
         with torch.no_grad():
             run_with_sample(sample)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import diffusers
 import torch
@@ -27,8 +26,9 @@ from safetensors.torch import load_file, save_file
 from diffquant.errors import DiffquantError
 from diffquant.fileio import atomic_directory, ensure_free_space, write_json
 from diffquant.model import METADATA_FILE, DiffusionModel, ModelInfo
+from diffquant.modules.packed_state import packed_state, unpacked_state
 from diffquant.modules.surgery import export_plans, import_plans, quant_layers
-from diffquant.quant import group_view, invalid_step_sizes, pack_codes, require_valid_step_sizes, unpack_codes
+from diffquant.quant import group_view, invalid_step_sizes, require_valid_step_sizes
 
 QUANTIZATION_FILE = "quantization.json"
 TENSORS_FILE = "quantized.safetensors"
@@ -50,18 +50,7 @@ def save_quantized(model: DiffusionModel, directory: str | Path, overwrite: bool
     if unfrozen:
         raise DiffquantError(f"Layers {unfrozen[:3]} still hold float weights: quantize() freezes them before saving.")
     require_valid_step_sizes(denoiser, "Refusing to save")
-    state = denoiser.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    packed_index: dict[str, dict[str, Any]] = {}
-    for key, value in state.items():
-        if key.endswith(".weight_codes"):
-            layer = layers[key.removesuffix(".weight_codes")]
-            bits = layer.weight_quantizer.spec.bits
-            codes = value.to(torch.int64)
-            tensors[key + ".packed"] = pack_codes(codes, bits)
-            packed_index[key] = {"bits": bits, "shape": list(value.shape), "dtype": str(value.dtype).split(".")[1]}
-        else:
-            tensors[key] = value.detach().contiguous()
+    tensors, packed_index = packed_state(denoiser)
     structure = export_plans(denoiser)
     record = {
         "format_version": FORMAT_VERSION,
@@ -151,15 +140,7 @@ def load_quantized(directory: str | Path) -> DiffusionModel:
             f"{directory / QUANTIZATION_FILE}: the layer structure does not match its recorded checksum (the "
             "file was edited). Restore it or quantize the model again."
         )
-    for key, entry in record["packed"].items():
-        packed = tensors.pop(key + ".packed", None)
-        if packed is None:
-            raise DiffquantError(f"{TENSORS_FILE} lacks the packed weights of '{key}': the file is corrupt.")
-        count = 1
-        for dim in entry["shape"]:
-            count *= dim
-        codes = unpack_codes(packed, entry["bits"], count).reshape(entry["shape"])
-        tensors[key] = codes.to(getattr(torch, entry["dtype"]))
+    unpacked_state(tensors, record["packed"], TENSORS_FILE)
     _drop_stored_rotations(denoiser, tensors)
     try:
         denoiser.load_state_dict(tensors, strict=True)

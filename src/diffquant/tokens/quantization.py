@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from diffquant.calibration import CalibrationSet
-from diffquant.methods import get_method, make_config
+from diffquant.errors import ConfigError
+from diffquant.methods import MethodConfig, get_method, make_config
 from diffquant.modules import quant_layers
 from diffquant.modules.codebook import apply_weight_vq
 from diffquant.quant.codebook import CodebookSpec
@@ -64,10 +65,17 @@ def record_token_calibration(
 
 
 def quantize_token_denoiser(
-    denoiser: TokenDenoiser, method: str, calibration: CalibrationSet, progress: bool = False, **options
+    denoiser: TokenDenoiser,
+    method: str | MethodConfig,
+    calibration: CalibrationSet,
+    progress: bool = False,
+    **options,
 ) -> TokenDenoiser:
-    """A quantized copy of `denoiser` by a registered method (e.g. naive/ptq4dm at wbits=8, abits=8)."""
-    config = make_config(method, **options)
+    """A quantized copy of `denoiser` by a registered method: its name with options (e.g. naive at wbits=8,
+    abits=8) or a ready config."""
+    if isinstance(method, MethodConfig) and options:
+        raise ConfigError("Give either a method config or a method name with options, not both.")
+    config = method if isinstance(method, MethodConfig) else make_config(method, **options)
     adapter = DenoiserCallAdapter(copy.deepcopy(denoiser))
     get_method(config.name).apply(adapter, calibration, config, progress)
     for _, layer in quant_layers(adapter):

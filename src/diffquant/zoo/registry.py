@@ -116,8 +116,24 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     raise AssertionError("unreachable")
 
 
+def token_generator_path(name_or_path: str | Path) -> Path | None:
+    """The directory of a token generator (a shipped name such as fmnist-vq, or a generator directory);
+    None for anything else (continuous models go through `load_model`)."""
+    from diffquant.tokens.generator import is_token_generator
+
+    for candidate in (Path(name_or_path), WEIGHTS_DIR / str(name_or_path)):
+        if candidate.is_dir() and is_token_generator(candidate):
+            return candidate
+    return None
+
+
 def load_model(name_or_path: str | Path) -> DiffusionModel:
     """Load a reference model by name, or any diffquant/diffusers model directory, in eval mode."""
+    if (tokens := token_generator_path(name_or_path)) is not None:
+        raise DiffquantError(
+            f"'{name_or_path}' is a token generator, not a diffusion model: load it with "
+            f"diffquant.tokens.generator.TokenGenerator.load('{tokens}') (the CLI's sample, eval and bench take it)."
+        )
     path = resolve_model_path(name_or_path)
     if (path / EXPORT_FILE).is_file():  # an exported directory: rebuilt on its backend
         return load_exported(path)
@@ -139,4 +155,5 @@ __all__ = [
     "load_model",
     "resolve_model_path",
     "save_model",
+    "token_generator_path",
 ]
