@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from diffquant.errors import DiffquantError
+from diffquant.process_group import init_from_environment, world
 from diffquant.sampling import SamplerConfig, sample
 
 
@@ -32,20 +32,6 @@ class Shard:
 
     first: int
     count: int
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): from the initialised process group, else a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_from_environment(backend: str = "gloo") -> tuple[int, int]:
-    """Join the process group torchrun / accelerate launch describe in the environment (if any)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
-    return world()
 
 
 def shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> Shard:
