@@ -115,7 +115,8 @@ class DataParallel:
         parts = []
         for parameter in parameters:
             grad = parameter.grad
-            parts.append(torch.zeros(parameter.numel(), device=device) if grad is None else rows * grad.float().flatten())
+            absent = torch.zeros(parameter.numel(), device=device)
+            parts.append(absent if grad is None else rows * grad.float().flatten())
         flags = torch.tensor([float(p.grad is not None) for p in parameters], device=device)
         local_loss = 0.0 if loss is None else rows * float(loss.detach())
         buffer = torch.cat([*parts, flags, torch.tensor([local_loss, float(rows)], device=device)])
