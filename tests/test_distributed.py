@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import diffquant
+import diffquant.bench.runner as bench_runner
+from diffquant.bench import BENCH_PRESETS, run_bench
+from diffquant.bench.runner import BenchRunner
 from diffquant.calibration import CalibrationSet, record_trajectories
 from diffquant.distributed import distributed_evaluate, distributed_record_calibration, distributed_sample, shard
 from diffquant.engines import ReconstructionConfig, Reconstructor
@@ -18,9 +24,10 @@ from diffquant.engines.store import TensorStore
 from diffquant.errors import ConfigError
 from diffquant.evaluation import Scorer, evaluate, get_protocol
 from diffquant.methods import make_config
-from diffquant.process_group import DataParallel
+from diffquant.process_group import DataParallel, leave
+from diffquant.runtime.export import export_model
 from diffquant.sampling import SamplerConfig, sample
-from tests.conftest import relative_error, tiny_unet_model
+from tests.conftest import needs_fmnist, relative_error, tiny_unet_model
 
 SAMPLER = SamplerConfig("ddim", 4)
 
@@ -194,3 +201,61 @@ def test_ranks_draw_one_step_per_minibatch_and_rows_of_their_own():
             assert len(index) == 3 and (store.columns["step"][index] == step).all()
     assert [step for step, _ in draws[0]] == [step for step, _ in draws[1]]
     assert len({step for step, _ in draws[0]}) == 4  # the step still varies from minibatch to minibatch
+
+
+# benchmark rows across processes ------------------------------------------------------------------------
+
+TINY_BENCH = replace(
+    BENCH_PRESETS["smoke"], methods=("naive",), settings=("W8A8", "W4A16", "W4A8"), peers=(), latency=False
+)
+
+
+def _simulated(quantized):
+    """The bench scores rows on compiled oneDNN kernels; the fake-quant simulation (no compile) keeps this test
+    short and scores every process's rows the same way."""
+    return export_model(quantized, "fake")
+
+
+def _bench_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    # what torchrun puts in the environment: run_bench joins the group itself, as under `torchrun -m diffquant.bench`
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    bench_runner.deployed_model = _simulated  # in this spawned process only
+    original = BenchRunner.run_row
+
+    def logged_row(self, spec):
+        with open(f"{out}/ran-by-rank{rank}.txt", "a") as log:
+            log.write(spec.key + "\n")
+        return original(self, spec)
+
+    BenchRunner.run_row = logged_row
+    try:
+        run_bench(TINY_BENCH, out, num_samples=20, progress=False)
+    finally:
+        leave()
+
+
+@pytest.mark.slow  # two processes, each loading torch and diffusers, then three rows and one reference row
+@needs_fmnist
+def test_two_processes_share_the_bench_rows_and_score_them_as_one_process(tmp_path, monkeypatch):
+    parallel, single = tmp_path / "two", tmp_path / "one"
+    parallel.mkdir()
+    mp.spawn(_bench_worker, args=(2, _free_port(), str(parallel)), nprocs=2, join=True)
+    keys = [spec.key for spec in TINY_BENCH.rows()]
+    # round-robin by index: rank 0 runs rows 0 and 2, rank 1 row 1; the reference row was rank 0's, before them
+    assert (parallel / "ran-by-rank0.txt").read_text().split() == keys[0::2]
+    assert (parallel / "ran-by-rank1.txt").read_text().split() == keys[1::2]
+    monkeypatch.setattr(bench_runner, "deployed_model", _simulated)
+    run_bench(TINY_BENCH, single, num_samples=20, progress=False)
+    rows = {}
+    for name, folder in (("two", parallel), ("one", single)):
+        found = json.loads((folder / "results.json").read_text())["rows"]
+        rows[name] = {(row["method"], row["setting"]): row for row in found}
+    assert rows["two"].keys() == rows["one"].keys() and len(rows["one"]) == 4  # fp32 and the three settings
+    for key, row in rows["one"].items():
+        assert row["status"] == "ok" and rows["two"][key]["status"] == "ok"
+        for metric, value in row["metrics"].items():
+            if not metric.endswith("_s") and metric != "ms_per_image":  # timings differ; the numbers do not
+                assert rows["two"][key]["metrics"][metric] == pytest.approx(value, rel=1e-6), (key, metric)

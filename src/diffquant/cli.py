@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -335,12 +336,17 @@ def quantize_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
 ) -> None:
-    """Quantize a model with a method and save it as a packed directory."""
+    """Quantize a model with a method and save it as a packed directory.
+
+    Under `torchrun` / `accelerate launch` the ranks record the calibration set together and reconstruction
+    runs data-parallel; rank 0 saves the model."""
     try:
         _set_threads(threads)
         from diffquant.fileio import check_output
+        from diffquant.process_group import init_from_environment, leave
 
         check_output(out, "quantization.json", overwrite)  # before minutes of calibration, not after
+        rank, world_size = init_from_environment()
         import diffquant
         from diffquant.calibration import CalibrationSet
         from diffquant.methods import make_config
@@ -376,9 +382,20 @@ def quantize_command(
         source = diffquant.load(model)
         _check_space_for(out, source)
         calibration_set = CalibrationSet.load(calibration) if calibration else None
-        quantized = diffquant.quantize(source, config, calibration_set)
-        diffquant.save(quantized, out, overwrite=overwrite)
-        print_quantization_summary(quantized, out)
+        recorded_s = None
+        if calibration_set is None and world_size > 1:
+            from diffquant.distributed import distributed_record_calibration
+
+            started = time.perf_counter()
+            calibration_set = distributed_record_calibration(source, config)
+            recorded_s = time.perf_counter() - started
+        quantized = diffquant.quantize(source, config, calibration_set, progress=rank == 0)
+        if recorded_s is not None:  # recorded here, not inside `quantize`: its time is reported all the same
+            quantized.quantization["calibration"]["recording_s"] = round(recorded_s, 2)
+        if rank == 0:  # the ranks hold the same model
+            diffquant.save(quantized, out, overwrite=overwrite)
+            print_quantization_summary(quantized, out)
+        leave()
     except DiffquantError as error:
         _fail(error)
 
@@ -538,6 +555,7 @@ def bench_command(
 
         from diffquant.bench import BENCH_PRESETS, run_bench
         from diffquant.bench.report import write_report
+        from diffquant.process_group import leave, world
 
         if preset not in BENCH_PRESETS:
             raise DiffquantError(f"Unknown bench preset '{preset}'. Presets: {', '.join(BENCH_PRESETS)}.")
@@ -552,14 +570,17 @@ def bench_command(
             changes["latency"] = latency
         chosen = replace(chosen, **changes)
         out = out or Path("benchmarks/results") / preset
+        # under torchrun / accelerate launch the ranks share the rows out; rank 0 writes the report
         rows = run_bench(chosen, out, num_samples, run_rows=not report_only, refresh_latency=refresh_latency)
         report = report or (Path("BENCHMARKS.md") if preset == "full" else out / "BENCHMARKS.md")
-        protocol = json.loads((out / "results.json").read_text())["protocol"]
-        rerun_flags = ("--report-only", "--refresh-latency")
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in rerun_flags)
-        write_report(rows, chosen.name, protocol, out, report, command)
         failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
-        typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")
+        if world()[0] == 0:
+            protocol = json.loads((out / "results.json").read_text())["protocol"]
+            rerun_flags = ("--report-only", "--refresh-latency")
+            command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in rerun_flags)
+            write_report(rows, chosen.name, protocol, out, report, command)
+            typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")
+        leave()
         if failed:
             raise typer.Exit(code=1)
     except DiffquantError as error:

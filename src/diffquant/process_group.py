@@ -37,6 +37,12 @@ def init_from_environment(backend: str = "gloo", timeout_s: float | None = None)
     return world()
 
 
+def leave() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextmanager
 def independent_ranks() -> Iterator[None]:
     """Each rank works alone inside: the lower layers see one process (no collectives), e.g. while the
@@ -132,4 +138,4 @@ class DataParallel:
         return float(buffer[-2]) / total_rows
 
 
-__all__ = ["DataParallel", "agree", "independent_ranks", "init_from_environment", "world"]
+__all__ = ["DataParallel", "agree", "independent_ranks", "init_from_environment", "leave", "world"]
