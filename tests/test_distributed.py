@@ -167,7 +167,6 @@ def test_two_process_reconstruction_gives_both_ranks_one_model_as_good_as_one_pr
     single = diffquant.quantize(trained_unet, "qdiffusion", calibration, progress=False, **RECONSTRUCT)
     naive = diffquant.quantize(trained_unet, "naive", calibration, progress=False, wbits=4, abits=8)
     errors = [relative_error(trained_unet, model, held_out) for model in (parallel, single, naive)]
-    print(errors)
     assert errors[0] < 1.5 * errors[1] and errors[0] < 0.6 * errors[2], errors
 
 

@@ -126,6 +126,9 @@ def train_features(
         _fail(error)
 
 
+LORA_HELP = "A diffusers/peft LoRA file or directory as PATH[:SCALE], run as a 16-bit branch (repeatable)."
+
+
 def _parse_lora(value: str) -> tuple[Path, float]:
     """`PATH[:SCALE]` -> (path, scale); a path whose last ':' part is no number is taken whole."""
     path, _, tail = value.rpartition(":")
@@ -179,9 +182,7 @@ def sample_command(
     batch_size: int = typer.Option(64),
     backend: str = typer.Option(None, help="Run a quantized model on real kernels: onednn (CPU int8) or cuda."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (with --backend)."),
-    lora: list[str] = typer.Option(
-        None, help="A diffusers/peft LoRA file or directory as PATH[:SCALE], run as a 16-bit branch (repeatable)."
-    ),
+    lora: list[str] = typer.Option(None, help=LORA_HELP),
     threads: int = typer.Option(None),
 ) -> None:
     """Sample a model with a diffusers scheduler; a fixed seed gives identical images."""
@@ -226,6 +227,7 @@ def eval_command(
     inception_weights: Path = typer.Option(None, help="Local Inception-v3 weights for torch-fidelity FID."),
     backend: str = typer.Option(None, help="Run quantized models on real kernels: onednn (CPU int8) or cuda."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the models (with --backend)."),
+    lora: list[str] = typer.Option(None, help=LORA_HELP + " Attached to every model and to the PSNR/SSIM reference."),
     threads: int = typer.Option(None),
 ) -> None:
     """Evaluate models under one protocol and print (and optionally write) the table."""
@@ -233,6 +235,7 @@ def eval_command(
         _set_threads(threads)
         from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
         from diffquant.evaluation.inception import inception_fid
+        from diffquant.evaluation.protocol import protocol_samples
         from diffquant.evaluation.reference import load_reference_images
         from diffquant.reporting import print_eval_table
         from diffquant.sampling import SamplerConfig
@@ -256,10 +259,14 @@ def eval_command(
         if floors:
             rows.append({"model": "real train images (floor)", "metrics": data_floors(chosen, scorer)})
         for name in model:
-            candidate = _load(name, backend, compile)
+            candidate = _load(name, backend, compile, lora)
             # a quantized model is compared with its full-precision source on the same seeds by default
             reference = against or (candidate.quantization or {}).get("source_model")
-            reference_images = cached_samples(load_model(reference), chosen) if reference else None
+            reference_images = None
+            if reference and lora:  # the same LoRAs on the reference; not cached (its key does not see the scale)
+                reference_images = protocol_samples(_load(reference, loras=lora), chosen).images
+            elif reference:
+                reference_images = cached_samples(load_model(reference), chosen)
             report = evaluate(candidate, chosen, scorer, reference_images)
             report.model = name
             if inception_weights is not None:
