@@ -9,6 +9,10 @@ Launch with `torchrun --nproc-per-node 2 -m diffquant.distributed --model fmnist
 the images are gathered in order. Because a rank's batches are exactly the batches one process would
 run (same x_T, same labels, same per-batch step generators, same batch shapes), the gathered samples
 are bit-identical to single-process sampling, and so are FID and every other metric.
+
+Elsewhere under a launcher: `diffquant quantize` records with `distributed_record_calibration` and
+reconstructs data-parallel (engines/reconstruction.py, collectives in process_group.py), rank 0 saving the
+model; `diffquant bench` (or `python -m diffquant.bench`) shares the rows out (bench/runner.py).
 """
 
 from __future__ import annotations
