@@ -15,6 +15,7 @@ from diffquant.cli import app
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.modules.lora import LoRAHost
 from diffquant.runtime.export import export_model
+from tests.conftest import needs_fmnist
 from tests.family_models import family_inputs, family_model, outputs, relative_mse
 
 TARGETS = {
@@ -234,3 +235,40 @@ def test_fine_tuned_checkpoint_quantizes_and_samples_with_lora_in_one_command_ea
     missing = [*sample[:6], str(tmp_path / "nothing.safetensors"), *sample[7:]]
     result = runner.invoke(app, missing)
     assert result.exit_code == 2 and "nothing.safetensors does not exist" in result.output
+
+
+@needs_fmnist
+def test_eval_scores_with_a_lora_against_the_float_model_with_the_same_lora(tmp_path, monkeypatch):
+    from diffquant.calibration import UniformSteps, record_trajectories
+    from diffquant.evaluation import Scorer, get_protocol
+    from diffquant.evaluation.protocol import agreement, protocol_samples
+    from diffquant.sampling import SamplerConfig
+
+    scorer = Scorer.load()  # the reference statistics once, not once per command
+    monkeypatch.setattr(Scorer, "load", classmethod(lambda cls, reference="fashion-mnist-test": scorer))
+
+    float_model = diffquant.load("fmnist-dit")
+    calibration = record_trajectories(float_model, 4, SamplerConfig("ddim", 4), UniformSteps(2), progress=False)
+    quantized = diffquant.quantize(float_model, "naive", calibration, progress=False, wbits=8, abits=8)
+    diffquant.save(quantized, tmp_path / "q")
+    state = lora_state(float_model.denoiser, ATTENTION_ONLY, gain=0.3)
+    path = write_diffusers_lora(tmp_path / "style.safetensors", state, "transformer")
+    command = ["eval", "--model", str(tmp_path / "q"), "--protocol", "smoke", "-n", "10", "--steps", "3"]
+    results = {}
+    for name, extra in (("none", []), ("off", ["--lora", f"{path}:0"]), ("on", ["--lora", f"{path}:1.5"])):
+        result = CliRunner().invoke(app, [*command, *extra, "--out", str(tmp_path / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["rows"][0]["metrics"]
+    assert "LoRA 'style'" in result.output and "at scale 1.5" in result.output
+    assert results["off"]["fid"] == results["none"]["fid"]  # scale 0 is no LoRA
+    assert results["on"]["fid"] != results["none"]["fid"]
+    # PSNR/SSIM compare with the float model carrying the same LoRA at the same scale, not the bare float model
+    protocol = get_protocol("smoke", num_samples=10, sampler=SamplerConfig("ddim", 3))
+    diffquant.load_lora(quantized, path, scale=1.5)
+    images = protocol_samples(quantized, protocol, progress=False).images
+    bare = agreement(images, protocol_samples(float_model, protocol, progress=False).images)["psnr_vs_ref"]
+    diffquant.load_lora(float_model, path, scale=1.5)
+    same = agreement(images, protocol_samples(float_model, protocol, progress=False).images)["psnr_vs_ref"]
+    assert results["on"]["psnr_vs_ref"] == pytest.approx(same, rel=1e-5) and same > bare + 3.0, (same, bare)
+    missing = CliRunner().invoke(app, [*command, "--lora", str(tmp_path / "nothing.safetensors")])
+    assert missing.exit_code == 2 and "nothing.safetensors does not exist" in missing.output

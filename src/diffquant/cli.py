@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -144,6 +145,9 @@ def train_features(
         _fail(error)
 
 
+LORA_HELP = "A diffusers/peft LoRA file or directory as PATH[:SCALE], run as a 16-bit branch (repeatable)."
+
+
 def _parse_lora(value: str) -> tuple[Path, float]:
     """`PATH[:SCALE]` -> (path, scale); a path whose last ':' part is no number is taken whole."""
     path, _, tail = value.rpartition(":")
@@ -199,9 +203,7 @@ def sample_command(
     batch_size: int = typer.Option(64),
     backend: str = typer.Option(None, help="Run a quantized model on real kernels: onednn (CPU int8) or cuda."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (with --backend)."),
-    lora: list[str] = typer.Option(
-        None, help="A diffusers/peft LoRA file or directory as PATH[:SCALE], run as a 16-bit branch (repeatable)."
-    ),
+    lora: list[str] = typer.Option(None, help=LORA_HELP),
     threads: int = typer.Option(None),
 ) -> None:
     """Sample a model with a diffusers scheduler (a token generator with its sampler); a fixed seed gives
@@ -259,6 +261,7 @@ def eval_command(
     inception_weights: Path = typer.Option(None, help="Local Inception-v3 weights for torch-fidelity FID."),
     backend: str = typer.Option(None, help="Run quantized models on real kernels: onednn (CPU int8) or cuda."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the models (with --backend)."),
+    lora: list[str] = typer.Option(None, help=LORA_HELP + " Attached to every model and to the PSNR/SSIM reference."),
     threads: int = typer.Option(None),
 ) -> None:
     """Evaluate models under one protocol and print (and optionally write) the table."""
@@ -268,6 +271,7 @@ def eval_command(
 
         from diffquant.cli_tokens import evaluate_generator, refuse_options
         from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, get_protocol
+        from diffquant.evaluation.protocol import protocol_samples
         from diffquant.reporting import print_eval_table
         from diffquant.sampling import SamplerConfig
         from diffquant.zoo import load_model
@@ -275,7 +279,7 @@ def eval_command(
 
         tokens = {name: path for name in model if (path := token_generator_path(name)) is not None}
         for name in tokens:
-            refuse_options(name, backend=backend, compile=compile)
+            refuse_options(name, backend=backend, compile=compile, lora=lora)
         chosen = get_protocol(protocol, num_samples=num_samples)
         # a token generator keeps the protocol's N, seed and scorer but samples with its own sampler
         if (scheduler or steps) and len(tokens) < len(model):
@@ -302,10 +306,14 @@ def eval_command(
                 rows.append({**report.to_json(), "sampler": asdict(sampler)})
                 typer.echo(f"{name}: token generator sampled with {sampler.sampler} {sampler.steps} steps")
                 continue
-            candidate = _load(name, backend, compile)
+            candidate = _load(name, backend, compile, lora)
             # a quantized model is compared with its full-precision source on the same seeds by default
             reference = against or (candidate.quantization or {}).get("source_model")
-            reference_images = cached_samples(load_model(reference), chosen) if reference else None
+            reference_images = None
+            if reference and lora:  # the same LoRAs on the reference; not cached (its key does not see the scale)
+                reference_images = protocol_samples(_load(reference, loras=lora), chosen).images
+            elif reference:
+                reference_images = cached_samples(load_model(reference), chosen)
             report = evaluate(candidate, chosen, scorer, reference_images)
             report.model = name
             _add_inception(report, chosen, inception_weights)
@@ -391,12 +399,17 @@ def quantize_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
 ) -> None:
-    """Quantize a model with a method and save it as a packed directory."""
+    """Quantize a model with a method and save it as a packed directory.
+
+    Under `torchrun` / `accelerate launch` the ranks record the calibration set together and reconstruction
+    runs data-parallel; rank 0 saves the model."""
     try:
         _set_threads(threads)
         from diffquant.fileio import check_output
+        from diffquant.process_group import init_from_environment, leave
 
         check_output(out, "quantization.json", overwrite)  # before minutes of calibration, not after
+        rank, world_size = init_from_environment()
         import diffquant
         from diffquant.calibration import CalibrationSet
         from diffquant.methods import make_config
@@ -432,9 +445,20 @@ def quantize_command(
         source = diffquant.load(model)
         _check_space_for(out, source)
         calibration_set = CalibrationSet.load(calibration) if calibration else None
-        quantized = diffquant.quantize(source, config, calibration_set)
-        diffquant.save(quantized, out, overwrite=overwrite)
-        print_quantization_summary(quantized, out)
+        recorded_s = None
+        if calibration_set is None and world_size > 1:
+            from diffquant.distributed import distributed_record_calibration
+
+            started = time.perf_counter()
+            calibration_set = distributed_record_calibration(source, config)
+            recorded_s = time.perf_counter() - started
+        quantized = diffquant.quantize(source, config, calibration_set, progress=rank == 0)
+        if recorded_s is not None:  # recorded here, not inside `quantize`: its time is reported all the same
+            quantized.quantization["calibration"]["recording_s"] = round(recorded_s, 2)
+        if rank == 0:  # the ranks hold the same model
+            diffquant.save(quantized, out, overwrite=overwrite)
+            print_quantization_summary(quantized, out)
+        leave()
     except DiffquantError as error:
         _fail(error)
 
@@ -596,6 +620,7 @@ def bench_command(
 
         from diffquant.bench import BENCH_PRESETS, run_bench
         from diffquant.bench.report import write_report
+        from diffquant.process_group import leave, world
 
         if preset not in BENCH_PRESETS:
             raise DiffquantError(f"Unknown bench preset '{preset}'. Presets: {', '.join(BENCH_PRESETS)}.")
@@ -610,14 +635,17 @@ def bench_command(
             changes["latency"] = latency
         chosen = replace(chosen, **changes)
         out = out or Path("benchmarks/results") / preset
+        # under torchrun / accelerate launch the ranks share the rows out; rank 0 writes the report
         rows = run_bench(chosen, out, num_samples, run_rows=not report_only, refresh_latency=refresh_latency)
         report = report or (Path("BENCHMARKS.md") if preset == "full" else out / "BENCHMARKS.md")
-        protocol = json.loads((out / "results.json").read_text())["protocol"]
-        rerun_flags = ("--report-only", "--refresh-latency")
-        command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in rerun_flags)
-        write_report(rows, chosen.name, protocol, out, report, command)
         failed = [r for r in rows if str(r.get("status", "")).startswith("failed")]
-        typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")
+        if world()[0] == 0:
+            protocol = json.loads((out / "results.json").read_text())["protocol"]
+            rerun_flags = ("--report-only", "--refresh-latency")
+            command = "diffquant " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in rerun_flags)
+            write_report(rows, chosen.name, protocol, out, report, command)
+            typer.echo(f"{len(rows)} rows ({len(failed)} failed); report in {report}, data in {out}")
+        leave()
         if failed:
             raise typer.Exit(code=1)
     except DiffquantError as error:

@@ -9,13 +9,16 @@ Launch with `torchrun --nproc-per-node 2 -m diffquant.distributed --model fmnist
 the images are gathered in order. Because a rank's batches are exactly the batches one process would
 run (same x_T, same labels, same per-batch step generators, same batch shapes), the gathered samples
 are bit-identical to single-process sampling, and so are FID and every other metric.
+
+Elsewhere under a launcher: `diffquant quantize` records with `distributed_record_calibration` and
+reconstructs data-parallel (engines/reconstruction.py, collectives in process_group.py), rank 0 saving the
+model; `diffquant bench` (or `python -m diffquant.bench`) shares the rows out (bench/runner.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -23,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from diffquant.errors import DiffquantError
+from diffquant.process_group import init_from_environment, world
 from diffquant.sampling import SamplerConfig, sample
 
 
@@ -32,20 +36,6 @@ class Shard:
 
     first: int
     count: int
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): from the initialised process group, else a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_from_environment(backend: str = "gloo") -> tuple[int, int]:
-    """Join the process group torchrun / accelerate launch describe in the environment (if any)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend)
-    return world()
 
 
 def shard(num_samples: int, batch_size: int, rank: int, world_size: int) -> Shard:

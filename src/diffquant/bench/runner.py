@@ -1,4 +1,9 @@
-"""Run a benchmark matrix, one resumable row at a time (finished rows are never recomputed)."""
+"""Run a benchmark matrix, one resumable row at a time (finished rows are never recomputed).
+
+Under `torchrun` / `accelerate launch` the rows are shared out: rank 0 first scores the full-precision
+reference rows (and caches their samples), then rank r runs rows r, r + W, r + 2W ... of the matrix on
+its own (rows are independent files in OUT/rows), and rank 0 writes results.json once every rank is done.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from diffquant.evaluation import Scorer, cached_samples, data_floors, evaluate, 
 from diffquant.families import denoise
 from diffquant.fileio import write_json
 from diffquant.methods import MethodConfig, make_config
+from diffquant.process_group import agree, independent_ranks, init_from_environment, world
 from diffquant.profiling import measure_resources
 from diffquant.quant import step_context
 from diffquant.reporting import directory_megabytes
@@ -38,6 +44,8 @@ from diffquant.zoo import DiffusionModel
 from diffquant.zoo.registry import token_generator_path
 
 GRID_SAMPLES = 8
+BARRIER_TIMEOUT_S = 7 * 24 * 3600.0
+"""How long ranks wait for each other (the slowest rank's rows of a full preset take many hours)."""
 
 
 def _parameters(model: DiffusionModel) -> int:
@@ -412,6 +420,26 @@ class BenchRunner:
         return sorted(rows, key=lambda row: row.get("family") != "reference")
 
     def run(self, rows: list[RowSpec]) -> list[dict[str, Any]]:
+        """Run the unfinished `rows` (this rank's share of them under a process group); returns the
+        reference rows and the rows it ran or found finished."""
+        rank, world_size = world()
+        if world_size > 1:
+            failure = None
+            if rank == 0:  # the reference rows and cached samples every other row compares with, once
+                try:
+                    for model in dict.fromkeys(spec.model for spec in rows):
+                        self.model_state(model)
+                except Exception as error:
+                    failure = f"{type(error).__name__}: {error}"
+            agree(failure)
+            rows = rows[rank::world_size]
+        with independent_ranks():  # a row is one rank's work: nothing inside it waits for the others
+            results = self._run_rows(rows)
+        references = [self.rows_dir / f"{reference_key(m)}.json" for m in self.preset.models]
+        fp_rows = [row for path in references if (row := self.stored_row(path))]
+        return fp_rows + results
+
+    def _run_rows(self, rows: list[RowSpec]) -> list[dict[str, Any]]:
         results = []
         for spec in tqdm(rows, desc=f"bench {self.preset.name}", disable=not self.progress):
             path = self.rows_dir / f"{spec.key}.json"
@@ -426,9 +454,7 @@ class BenchRunner:
             finally:  # released only once the row is on disk, so no other process starts it again
                 path.with_suffix(".lock").unlink(missing_ok=True)
             results.append(row)
-        references = [self.rows_dir / f"{reference_key(m)}.json" for m in self.preset.models]
-        fp_rows = [row for path in references if (row := self.stored_row(path))]
-        return fp_rows + results
+        return results
 
     def _row_or_failure(self, spec: RowSpec) -> dict[str, Any]:
         try:
@@ -478,16 +504,22 @@ def run_bench(
     the report as long as they were scored under the same protocol and N. `refresh_latency` re-times
     the finished rows of `preset` instead of running new ones.
     """
-    runner = BenchRunner(preset, Path(out), num_samples, progress)
+    rank, _ = init_from_environment(timeout_s=BARRIER_TIMEOUT_S)
+    runner = BenchRunner(preset, Path(out), num_samples, progress and rank == 0)
     if refresh_latency:
-        for spec in tqdm(preset.rows(), desc="latency", disable=not progress):
-            runner.refresh_latency(spec)
+        if rank == 0:  # timings want a quiet machine: one process re-times them
+            for spec in tqdm(preset.rows(), desc="latency", disable=not progress):
+                runner.refresh_latency(spec)
     elif run_rows:
         runner.run(preset.rows())
+    agree()  # every rank's rows are on disk
     rows = runner.finished_rows()
     if not rows:
         raise DiffquantError(f"No finished rows in {out}/rows for this protocol and N; run the bench first.")
-    write_json(Path(out) / "results.json", {"preset": preset.name, "protocol": runner.protocol.to_json(), "rows": rows})
+    if rank == 0:
+        payload = {"preset": preset.name, "protocol": runner.protocol.to_json(), "rows": rows}
+        write_json(Path(out) / "results.json", payload)
+    agree()  # results.json is written before any rank reads it
     return rows
 
 

@@ -11,6 +11,12 @@ rounding regulariser; `layer_loss_weight` adds EDA-DM's per-layer output losses 
 
 Every unit ends with a checkpoint (the whole quantized state plus progress), so a killed run resumes
 at the next unit and reproduces the uninterrupted result.
+
+Data-parallel: under a torch.distributed process group of several ranks (`diffquant.process_group`),
+each rank captures and draws rows from its own disjoint shard of the calibration set, takes its share of
+each minibatch (`batch_size` is the whole minibatch over all ranks), and the gradients of every learned
+parameter are averaged over the ranks before each optimiser step, so every rank ends with the same
+parameters; rank 0 writes the checkpoints. In one process nothing of this runs.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.kinds import kind_owner
 from diffquant.modules.layers import QuantLayer
 from diffquant.modules.surgery import set_activation_quantization
+from diffquant.process_group import DataParallel, agree
 from diffquant.quant import Quantizer, require_valid_step_sizes, step_context
 from diffquant.quant.adaround import TemperatureDecay
 
@@ -48,6 +55,7 @@ class ReconstructionConfig:
     act_iters: int = 5000
     """Activation step-size iterations per unit."""
     batch_size: int = 32
+    """Rows per minibatch (over all ranks together when data-parallel)."""
     weight_lr: float = 1e-3
     """Adam learning rate of the AdaRound variables."""
     act_lr: float = 4e-5
@@ -172,6 +180,12 @@ class Reconstructor:
         frozen_layers: Iterable[str] = (),
     ) -> None:
         config.validate()
+        self.parallel = DataParallel.current()
+        self.parallel.batch_share(config.batch_size)  # a minibatch too small to split is refused now
+        # every rank draws the same sampling step from the whole set's steps (sorted: one process's capture order)
+        self.calibration_steps = calibration.step_index.sort().values
+        if self.parallel.active:
+            calibration = calibration.subset(self.parallel.shard(calibration.step_index))
         self.model, self.fp, self.calibration, self.config = quantized, full_precision, calibration, config
         self.checkpoint, self.progress_bar = checkpoint, progress
         self.frozen_layers = set(frozen_layers)
@@ -183,6 +197,7 @@ class Reconstructor:
         self.spill_dir = checkpoint.directory.parent if checkpoint else None
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        agree()  # no rank starts (or a finished run's rank 0 deletes the checkpoint) before all have read it
 
     # bookkeeping ------------------------------------------------------------------------------
     def done(self, key: str) -> bool:
@@ -193,7 +208,7 @@ class Reconstructor:
         require_valid_step_sizes(self.model, f"After reconstructing '{key}'")
         self.state["done"].append(key)
         self.state["elapsed_s"] = round(self.earlier_runs_s + time.perf_counter() - self._started, 2)
-        if self.checkpoint:
+        if self.checkpoint and self.parallel.rank == 0:  # the ranks hold identical parameters
             self.checkpoint.save(self.model, self.state)
 
     def run_once(self, key: str, action: Callable[[], None]) -> None:
@@ -221,16 +236,22 @@ class Reconstructor:
     def _estimate_mb(self, unit: ReconstructionUnit) -> float:
         return len(self.calibration) * self.calibration.sample[0].numel() * 4 * 8 / 2**20
 
-    def _batches(self, data: UnitData, iterations: int, generator: torch.Generator, per_step: bool):
+    def _batches(self, data: UnitData, iterations: int, seed: int, per_step: bool):
+        """(step, row indices) per iteration. One process draws steps and rows from one generator; ranks
+        share the step generator (one step per minibatch over all ranks) and draw rows from their own."""
         steps = data.store.rows(torch.arange(len(data.store)), ["step"])["step"]
+        rows_generator = torch.Generator().manual_seed(self.parallel.seed(seed))
+        steps_generator = torch.Generator().manual_seed(seed) if self.parallel.active else rows_generator
+        drawn_from = self.calibration_steps if self.parallel.active else steps
+        batch = self.parallel.batch_share(self.config.batch_size)
         for _ in range(iterations):
             if per_step:  # per-step quantizers need one sampling step per batch
-                step = int(steps[torch.randint(len(steps), (1,), generator=generator)])
+                step = int(drawn_from[torch.randint(len(drawn_from), (1,), generator=steps_generator)])
                 pool = torch.nonzero(steps == step).flatten()
-                index = pool[torch.randperm(len(pool), generator=generator)[: self.config.batch_size]]
+                index = pool[torch.randperm(len(pool), generator=rows_generator)[:batch]]
                 yield step, index
             else:
-                yield None, torch.randperm(len(steps), generator=generator)[: self.config.batch_size]
+                yield None, torch.randperm(len(steps), generator=rows_generator)[:batch]
 
     # optimisation -----------------------------------------------------------------------------
     def _optimize(
@@ -252,8 +273,9 @@ class Reconstructor:
             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=0.0) if cosine else None
         )
         decay = TemperatureDecay(iterations, self.config.warmup, self.config.beta_start, self.config.beta_end)
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + unit_index)
-        torch.manual_seed(self.config.seed * 100_003 + unit_index)  # QDrop masks
+        seed = self.config.seed * 100_003 + unit_index
+        torch.manual_seed(seed)  # QDrop masks
+        parameters = [parameter for group in groups for parameter in group["params"]]
         per_step = any(q.spec.per_step and q.enabled for q in unit_activation_quantizers(self.model, unit))
         layer_outputs: dict[str, torch.Tensor] = {}
         hooks = []
@@ -267,28 +289,24 @@ class Reconstructor:
         last = float("nan")
         bar = tqdm(total=iterations, desc=description, leave=False, disable=not self.progress_bar)
         try:
-            for iteration, (step, index) in enumerate(self._batches(data, iterations, generator, per_step)):
-                rows = data.store.rows(index)
-                args, kwargs = data.call_inputs(rows)
-                if step is not None:
-                    with step_context(step, data.timesteps[step], self.calibration.num_steps):
-                        output = unit_output(self.model, module, module(*args, **kwargs))
-                else:
-                    output = unit_output(self.model, module, module(*args, **kwargs))
-                loss = lp_loss(output, rows["out"], p)
-                for name, value in layer_outputs.items():
-                    loss = loss + self.config.layer_loss_weight * lp_loss(value, rows[f"layer.{name}"], p)
-                if use_round_loss and iteration >= self.config.warmup * iterations:
-                    beta = decay(iteration)
-                    loss = loss + self.config.round_weight * sum(
-                        layer.rounding.regularizer(beta) for layer in rounding_layers
-                    )
+            for iteration, (step, index) in enumerate(self._batches(data, iterations, seed, per_step)):
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = None
+                if len(index):  # a rank whose shard lacks the drawn step adds nothing to this minibatch
+                    loss = self._loss(module, data, step, index, p, layer_outputs)
+                    if use_round_loss and iteration >= self.config.warmup * iterations:
+                        beta = decay(iteration)
+                        loss = loss + self.config.round_weight * sum(
+                            layer.rounding.regularizer(beta) for layer in rounding_layers
+                        )
+                    loss.backward()
+                if self.parallel.active:
+                    last = self.parallel.average_gradients(parameters, loss, len(index))
+                else:
+                    last = loss.item()
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                last = loss.item()
                 if not torch.isfinite(torch.tensor(last)):
                     raise DiffquantError(
                         f"Reconstruction of '{unit.name}' diverged (loss {last}); lower the learning rate."
@@ -301,6 +319,28 @@ class Reconstructor:
             for hook in hooks:
                 hook.remove()
         return last
+
+    def _loss(
+        self,
+        module: nn.Module,
+        data: UnitData,
+        step: int | None,
+        index: torch.Tensor,
+        p: float,
+        layer_outputs: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The unit's Lp loss on rows `index` (plus the per-layer losses the hooks collected)."""
+        rows = data.store.rows(index)
+        args, kwargs = data.call_inputs(rows)
+        if step is not None:
+            with step_context(step, data.timesteps[step], self.calibration.num_steps):
+                output = unit_output(self.model, module, module(*args, **kwargs))
+        else:
+            output = unit_output(self.model, module, module(*args, **kwargs))
+        loss = lp_loss(output, rows["out"], p)
+        for name, value in layer_outputs.items():
+            loss = loss + self.config.layer_loss_weight * lp_loss(value, rows[f"layer.{name}"], p)
+        return loss
 
     def _trainable_layers(self, unit: ReconstructionUnit) -> list[QuantLayer]:
         layers = []

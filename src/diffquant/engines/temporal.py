@@ -81,9 +81,12 @@ def reconstruct_temporal(reconstructor: Reconstructor, layers: list[str]) -> Non
             layer.start_adaround()
         layer.rounding.soft = True
         layer.rounding.alpha.requires_grad_(True)
-    optimizer = torch.optim.Adam([layer.rounding.alpha for layer in trainable], lr=config.weight_lr)
+    parameters = [layer.rounding.alpha for layer in trainable]
+    optimizer = torch.optim.Adam(parameters, lr=config.weight_lr)
     decay = TemperatureDecay(config.weight_iters, config.warmup, config.beta_start, config.beta_end)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + 7)
+    parallel = reconstructor.parallel  # data-parallel: this rank's rows (its shard) and share of each minibatch
+    generator = torch.Generator().manual_seed(parallel.seed(config.seed * 100_003 + 7))
+    batch = parallel.batch_share(config.batch_size)
     set_activation_quantization(model, False)
     try:
         for iteration in tqdm(
@@ -92,7 +95,7 @@ def reconstruct_temporal(reconstructor: Reconstructor, layers: list[str]) -> Non
             leave=False,
             disable=not reconstructor.progress_bar,
         ):
-            rows = store.rows(torch.randperm(len(store), generator=generator)[: config.batch_size])
+            rows = store.rows(torch.randperm(len(store), generator=generator)[:batch])
             cond = unflatten_conditioning({k[2:]: v for k, v in rows.items() if k.startswith("c.")})
             t = rows["t"]
             sample = probe.expand(len(t), *probe.shape[1:])
@@ -103,6 +106,8 @@ def reconstruct_temporal(reconstructor: Reconstructor, layers: list[str]) -> Non
                 loss = loss + config.round_weight * sum(layer.rounding.regularizer(beta) for layer in trainable)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if parallel.active:
+                parallel.average_gradients(parameters, loss, len(t))
             optimizer.step()
     finally:
         set_activation_quantization(model, True)
