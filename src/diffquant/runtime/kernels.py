@@ -8,6 +8,7 @@ inside the graph, so `torch.compile` does not recompile at every sampling step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -344,6 +345,29 @@ class FusedGELU(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.proj(hidden_states)
+
+
+# tanh-GELU as x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)), the same function since
+# (1 + tanh(u)) / 2 = sigmoid(2u): inductor's vectorized tanh costs about 4x its exp on CPU
+_GELU_TANH_SLOPE = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, written through sigmoid (equal up to float rounding)."""
+    return x * torch.sigmoid(_GELU_TANH_SLOPE * (x + 0.044715 * x * x * x))
+
+
+class SigmoidFormGELU(nn.Module):
+    """diffusers' tanh-approximate GELU activation (Linear then GELU) where the GELU cannot run in the
+    GEMM's epilogue (the output still needs a correction first): compiled, the sigmoid form fuses into
+    the correction pass at a quarter of the cost of inductor's tanh."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return gelu_tanh(self.proj(hidden_states))
 
 
 class OneDNNInt8Conv2d(nn.Module):
