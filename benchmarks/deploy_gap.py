@@ -165,8 +165,11 @@ def main() -> None:
     results = {
         "note": "ratios of medians timed interleaved in one process at 1 thread; the machine carried other load, "
         "so absolute times are not reported",
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        },
         "models": {name: bench_model(name, args) for name in args.models},
     }
     if args.out:
