@@ -10,9 +10,11 @@ Calibration is deliberately cheap (a few trajectories, a few reconstruction iter
 and the graph - hence the speed - do not depend on how well the scales were calibrated.
 
 Every deployed model is also checked against its simulation (max |deployed - simulated| / max |simulated|
-over a few timesteps). `--legacy` adds the deploy path as it was before affine 8-bit weights ran
-without an input-sum correction (`export_model(..., exact_affine_fold=False)`), for before/after ratios
-in one run. Ratios, not absolute times, are what compare across machines and loads.
+over a few timesteps). `--before` adds, for the models with affine 8-bit weights (Q-Diffusion, EDA-DM),
+the deployed graph as it was before the changes this script was written for - the GELU after a
+corrected GEMM in inductor's tanh form, the convolution correction's window sum as a one-channel
+convolution - so before/after ratios come from one run. Ratios, not absolute times, are what compare
+across machines and loads.
 """
 
 from __future__ import annotations
@@ -28,15 +30,53 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+from torch import nn
 
 import diffquant
 from diffquant.bench.peers import PT2E
 from diffquant.families import denoise
 from diffquant.quant import step_context
 from diffquant.runtime.deploy import agreement_with_simulation
-from diffquant.runtime.export import export_model
+from diffquant.runtime.export import DeployedDenoiser, export_model
+from diffquant.runtime.kernels import OneDNNInt8Conv2d, SigmoidFormGELU
 
 METHODS = ("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm")
+
+
+class _TanhGELU(nn.Module):
+    """The GELU after a corrected int8 GEMM as it ran before: torch's tanh form, compiled by inductor."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return F.gelu(self.proj(hidden_states), approximate="tanh")
+
+
+class _ConvWindowSum(OneDNNInt8Conv2d):
+    """The convolution correction's window sum as it ran before: a one-channel float convolution."""
+
+    def _window_sum(self, channel_sum: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
+
+
+def as_before(deployed) -> int:
+    """Turn an exported (uncompiled) model's graph back into the one before this change, in place;
+    returns how many modules changed (0: the change did not touch this model)."""
+    inner, changed = deployed.denoiser.inner, 0
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, SigmoidFormGELU):
+            parent_name, _, child = name.rpartition(".")
+            setattr(inner.get_submodule(parent_name) if parent_name else inner, child, _TanhGELU(module.proj))
+            changed += 1
+        elif isinstance(module, OneDNNInt8Conv2d) and module.input_sum_weight is not None:
+            module.__class__ = _ConvWindowSum
+            changed += 1
+    return changed
+
+
 CHEAP_RECONSTRUCTION = {"weight_iters": 2, "act_iters": 2, "batch_size": 8}
 
 
@@ -111,9 +151,10 @@ def bench_model(name: str, args) -> dict:
         variants[label] = deployed.denoiser
         kernels[label] = deployed.quantization["kernels"]
         agreement[label] = agreement_with_simulation(model, export_model(model, "onednn"))
-        if args.legacy:
-            legacy = export_model(model, "onednn", compile=True, exact_affine_fold=False)
-            variants[f"{label} (before)"] = legacy.denoiser
+        if args.before:
+            before = export_model(model, "onednn")
+            if as_before(before):
+                variants[f"{label} (before)"] = DeployedDenoiser(before.denoiser.inner, before.denoiser.clock, True)
 
     def call(module):
         def run():
@@ -157,7 +198,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--trajectories", type=int, default=4)
-    parser.add_argument("--legacy", action="store_true", help="also time the deploy path before this change")
+    parser.add_argument("--before", action="store_true", help="also time the deployed graphs before this change")
     parser.add_argument("--work", default="runs/deploy-gap")
     parser.add_argument("--out", default=None, help="JSON file for the results (printed only without it)")
     args = parser.parse_args()
