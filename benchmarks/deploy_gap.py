@@ -10,11 +10,11 @@ Calibration is deliberately cheap (a few trajectories, a few reconstruction iter
 and the graph - hence the speed - do not depend on how well the scales were calibrated.
 
 Every deployed model is also checked against its simulation (max |deployed - simulated| / max |simulated|
-over a few timesteps). `--before` adds, for the models with affine 8-bit weights (Q-Diffusion, EDA-DM),
-the deployed graph as it was before the changes this script was written for - the GELU after a
-corrected GEMM in inductor's tanh form, the convolution correction's window sum as a one-channel
-convolution - so before/after ratios come from one run. Ratios, not absolute times, are what compare
-across machines and loads.
+over a few timesteps). `--before` adds, for every model the changes this script was written for touch,
+its deployed graph as it was before them - the GELU after a corrected GEMM (affine 8-bit weights:
+Q-Diffusion, EDA-DM) in inductor's tanh form, the convolution correction's window sum as a one-channel
+convolution, float32 hand-offs to per-step input grids (TFMQ) - so before/after ratios come from one
+run. Ratios, not absolute times, are what compare across machines and loads.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from diffquant.families import denoise
 from diffquant.quant import step_context
 from diffquant.runtime.deploy import agreement_with_simulation
 from diffquant.runtime.export import DeployedDenoiser, export_model
-from diffquant.runtime.kernels import OneDNNInt8Conv2d, SigmoidFormGELU
+from diffquant.runtime.kernels import OneDNNInt8Conv2d, OneDNNInt8Linear, SigmoidFormGELU
 
 METHODS = ("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm")
 
@@ -74,7 +74,19 @@ def as_before(deployed) -> int:
         elif isinstance(module, OneDNNInt8Conv2d) and module.input_sum_weight is not None:
             module.__class__ = _ConvWindowSum
             changed += 1
+    for producer, consumer in chained_pairs(inner):  # per-step grids took float32 outputs before
+        if producer.output_grid.per_step:
+            object.__setattr__(producer, "output_grid", None)
+            consumer.takes_codes = False
+            changed += 1
     return changed
+
+
+def chained_pairs(inner: nn.Module) -> list[tuple[OneDNNInt8Linear, OneDNNInt8Linear]]:
+    """(producer, consumer) of every int8 GEMM that writes the next one's uint8 codes."""
+    linears = [m for m in inner.modules() if isinstance(m, OneDNNInt8Linear)]
+    by_grid = {id(m.input): m for m in linears}
+    return [(m, by_grid[id(m.output_grid)]) for m in linears if m.output_grid is not None]
 
 
 CHEAP_RECONSTRUCTION = {"weight_iters": 2, "act_iters": 2, "batch_size": 8}
