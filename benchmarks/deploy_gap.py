@@ -11,10 +11,10 @@ and the graph - hence the speed - do not depend on how well the scales were cali
 
 Every deployed model is also checked against its simulation (max |deployed - simulated| / max |simulated|
 over a few timesteps). `--before` adds, for every model the changes this script was written for touch,
-its deployed graph as it was before them - the GELU after a corrected GEMM (affine 8-bit weights:
-Q-Diffusion, EDA-DM) in inductor's tanh form, the convolution correction's window sum as a one-channel
-convolution, float32 hand-offs to per-step input grids (TFMQ) - so before/after ratios come from one
-run. Ratios, not absolute times, are what compare across machines and loads.
+its deployed graph as it was before them - NCHW codes into the int8 convolutions, the GELU after a
+corrected GEMM (affine 8-bit weights: Q-Diffusion, EDA-DM) in inductor's tanh form, the convolution
+correction's window sum as a one-channel convolution, float32 hand-offs to per-step input grids (TFMQ) -
+so before/after ratios come from one run. Ratios, not absolute times, are what compare across machines and loads.
 """
 
 from __future__ import annotations
@@ -55,11 +55,22 @@ class _TanhGELU(nn.Module):
         return F.gelu(self.proj(hidden_states), approximate="tanh")
 
 
-class _ConvWindowSum(OneDNNInt8Conv2d):
-    """The convolution correction's window sum as it ran before: a one-channel float convolution."""
+class _ConvBefore(OneDNNInt8Conv2d):
+    """The int8 convolution as it ran before: NCHW codes (oneDNN converted them to channels-last at
+    every call) and the correction's window sum as a one-channel float convolution."""
 
-    def _window_sum(self, channel_sum: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale, zero = self.input(x)
+        conv_args = (self.stride, self.padding, self.dilation, self.groups, self.kernel_size)
+        nhwc = torch.ops.diffquant.onednn_int8_conv2d(
+            codes, scale, zero, self.packed_weight, self.weight_scale, self.weight_zero, self.bias, *conv_args
+        )
+        out = nhwc.permute(0, 3, 1, 2)
+        if self.input_sum_weight is not None:
+            channel_sum = ((codes.float() - zero) * scale).sum(1, keepdim=True)
+            window_sum = F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
+            out = out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)
+        return out
 
 
 def as_before(deployed) -> int:
@@ -71,8 +82,8 @@ def as_before(deployed) -> int:
             parent_name, _, child = name.rpartition(".")
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, _TanhGELU(module.proj))
             changed += 1
-        elif isinstance(module, OneDNNInt8Conv2d) and module.input_sum_weight is not None:
-            module.__class__ = _ConvWindowSum
+        elif isinstance(module, OneDNNInt8Conv2d):
+            module.__class__ = _ConvBefore
             changed += 1
     for producer, consumer in chained_pairs(inner):  # per-step grids took float32 outputs before
         if producer.output_grid.per_step:
