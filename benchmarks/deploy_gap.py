@@ -12,9 +12,9 @@ and the graph - hence the speed - do not depend on how well the scales were cali
 Every deployed model is also checked against its simulation (max |deployed - simulated| / max |simulated|
 over a few timesteps). `--before` adds, for every model the changes this script was written for touch,
 its deployed graph as it was before them - NCHW codes into the int8 convolutions, the GELU after a
-corrected GEMM (affine 8-bit weights: Q-Diffusion, EDA-DM) in inductor's tanh form, the convolution
-correction's window sum as a one-channel convolution, float32 hand-offs to per-step input grids (TFMQ) -
-so before/after ratios come from one run. Ratios, not absolute times, are what compare across machines and loads.
+corrected GEMM (affine 8-bit weights: Q-Diffusion, EDA-DM) in inductor's tanh form, float32 hand-offs
+to per-step input grids (TFMQ) - so before/after ratios come from one run. Ratios, not absolute times,
+are what compare across machines and loads.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class _TanhGELU(nn.Module):
 
 class _ConvBefore(OneDNNInt8Conv2d):
     """The int8 convolution as it ran before: NCHW codes (oneDNN converted them to channels-last at
-    every call) and the correction's window sum as a one-channel float convolution."""
+    every call when the codes were not already laid out so)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.input(x)
@@ -226,6 +226,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the results (printed only without it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # a dozen models compiled in one process share the diffusers forward's code object: without room
+    # for one graph each, the last ones would fall back to eager
+    torch._dynamo.config.recompile_limit = 64
     results = {
         "note": "ratios of medians timed interleaved in one process at 1 thread; the machine carried other load, "
         "so absolute times are not reported",

@@ -431,18 +431,9 @@ class OneDNNInt8Conv2d(nn.Module):
         out = nhwc.permute(0, 3, 1, 2)
         if self.input_sum_weight is not None:  # groups == 1: the receptive field spans every input channel
             channel_sum = _dequantized(codes, scale, zero).sum(1, keepdim=True)
-            out = out - self._window_sum(channel_sum) * self.input_sum_weight.reshape(1, -1, 1, 1)
+            window_sum = F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
+            out = out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)
         return out
-
-    def _window_sum(self, channel_sum: torch.Tensor) -> torch.Tensor:
-        """The sum over each output's receptive field of a one-channel map. As a sum-pooling where it
-        can be one: compiled, inductor fuses that into the correction pass, while a one-channel
-        convolution is a oneDNN call with a layout conversion each (~1 ms at batch 64)."""
-        half_kernel = all(pad <= k // 2 for pad, k in zip(self.padding, self.kernel_size, strict=True))
-        poolable = self.dilation == [1, 1] and half_kernel
-        if poolable:  # zero padding counted and no division: exactly the sum over the window
-            return F.avg_pool2d(channel_sum, self.kernel_size, self.stride, self.padding, divisor_override=1)
-        return F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
 
 
 class DequantizedLayer(nn.Module):
