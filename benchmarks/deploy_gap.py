@@ -11,9 +11,9 @@ and the graph - hence the speed - do not depend on how well the scales were cali
 
 Every deployed model is also checked against its simulation (max |deployed - simulated| / max |simulated|
 over a few timesteps). `--before` adds, for every model the changes this script was written for touch,
-its deployed graph as it was before them - NCHW codes into the int8 convolutions, the GELU after a
-corrected GEMM (affine 8-bit weights: Q-Diffusion, EDA-DM) in inductor's tanh form, float32 hand-offs
-to per-step input grids (TFMQ) - so before/after ratios come from one run. Ratios, not absolute times,
+its deployed graph as it was before them - the GELU after a corrected GEMM (affine 8-bit weights:
+Q-Diffusion, EDA-DM) in inductor's tanh form, float32 hand-offs to per-step input grids (TFMQ) - so
+before/after ratios come from one run. Ratios, not absolute times,
 are what compare across machines and loads.
 """
 
@@ -39,7 +39,7 @@ from diffquant.families import denoise
 from diffquant.quant import step_context
 from diffquant.runtime.deploy import agreement_with_simulation
 from diffquant.runtime.export import DeployedDenoiser, export_model
-from diffquant.runtime.kernels import OneDNNInt8Conv2d, OneDNNInt8Linear, SigmoidFormGELU
+from diffquant.runtime.kernels import OneDNNInt8Linear, SigmoidFormGELU
 
 METHODS = ("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm")
 
@@ -55,24 +55,6 @@ class _TanhGELU(nn.Module):
         return F.gelu(self.proj(hidden_states), approximate="tanh")
 
 
-class _ConvBefore(OneDNNInt8Conv2d):
-    """The int8 convolution as it ran before: NCHW codes (oneDNN converted them to channels-last at
-    every call when the codes were not already laid out so)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, scale, zero = self.input(x)
-        conv_args = (self.stride, self.padding, self.dilation, self.groups, self.kernel_size)
-        nhwc = torch.ops.diffquant.onednn_int8_conv2d(
-            codes, scale, zero, self.packed_weight, self.weight_scale, self.weight_zero, self.bias, *conv_args
-        )
-        out = nhwc.permute(0, 3, 1, 2)
-        if self.input_sum_weight is not None:
-            channel_sum = ((codes.float() - zero) * scale).sum(1, keepdim=True)
-            window_sum = F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
-            out = out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)
-        return out
-
-
 def as_before(deployed) -> int:
     """Turn an exported (uncompiled) model's graph back into the one before this change, in place;
     returns how many modules changed (0: the change did not touch this model)."""
@@ -81,9 +63,6 @@ def as_before(deployed) -> int:
         if isinstance(module, SigmoidFormGELU):
             parent_name, _, child = name.rpartition(".")
             setattr(inner.get_submodule(parent_name) if parent_name else inner, child, _TanhGELU(module.proj))
-            changed += 1
-        elif isinstance(module, OneDNNInt8Conv2d):
-            module.__class__ = _ConvBefore
             changed += 1
     for producer, consumer in chained_pairs(inner):  # per-step grids took float32 outputs before
         if producer.output_grid.per_step:

@@ -411,9 +411,6 @@ class OneDNNInt8Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.input(x)
-        # oneDNN convolves channels-last: given NCHW codes it converts them itself, a copy per call (~1/3
-        # of a small conv's time); compiled, asking for this layout makes the quantize pass write it
-        codes = codes.contiguous(memory_format=torch.channels_last)
         nhwc = torch.ops.diffquant.onednn_int8_conv2d(
             codes,
             scale,
