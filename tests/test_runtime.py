@@ -19,6 +19,8 @@ from diffquant.runtime.kernels import (
     OneDNNInt8Linear,
     PackedWeightLayer,
     ScaledMMFloat8Linear,
+    SigmoidFormGELU,
+    gelu_tanh,
     int8_weight,
     weight_supported,
 )
@@ -203,10 +205,11 @@ def test_affine_8bit_conv_weights_run_in_int8_with_the_window_sum_correction(str
     assert ((candidate - reference).abs().max() / reference.abs().max()).item() < TOLERANCE
 
 
-@pytest.mark.parametrize(("abits", "per_step", "chained"), [(8, False, True), (6, False, False), (8, True, False)])
+@pytest.mark.parametrize(("abits", "per_step", "chained"), [(8, False, True), (6, False, False), (8, True, True)])
 def test_transformer_feedforward_chains_uint8_codes_and_agrees(abits, per_step, chained):
     # GELU projection -> linear: the first int8 GEMM writes the second's uint8 codes itself when the
-    # second's input grid is a static full 8-bit one; per-step or narrower grids keep the float hand-off
+    # second's input grid is a full 8-bit one (per-step too: the step's row is picked in the graph);
+    # narrower grids keep the float hand-off
     model = tiny_dit_model()
     calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
     quantized = diffquant.quantize(
@@ -233,9 +236,41 @@ def test_transformer_feedforward_chains_uint8_codes_and_agrees(abits, per_step, 
         x = torch.randn(64, 32) * 2  # the tiny DiT's width: 2 heads x 16
         with torch.no_grad():
             codes = net[0](x)
-            producer.output_scale, saved = 0.0, producer.output_scale
+            grid = producer.output_grid
+            object.__setattr__(producer, "output_grid", None)
             expected = consumer.input(net[0](x))[0]
-            producer.output_scale = saved
+            object.__setattr__(producer, "output_grid", grid)
         assert codes.dtype == torch.uint8
         difference = (codes.int() - expected.int()).abs()
         assert difference.max() <= 1 and (difference > 0).float().mean() < 0.01
+
+
+def test_tanh_gelu_in_sigmoid_form_equals_torch():
+    x = torch.linspace(-12, 12, 4001)
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    assert (gelu_tanh(x) - expected).abs().max().item() < 1e-6
+
+
+def test_affine_8bit_feedforward_keeps_its_correction_before_the_gelu():
+    # Q-Diffusion's asymmetric 8-bit weights need the weight-shift correction on the GEMM's output, so the
+    # GELU cannot run in oneDNN's epilogue: it runs after the correction, in the sigmoid form
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    quantized = diffquant.quantize(
+        model,
+        "qdiffusion",
+        calibration,
+        progress=False,
+        wbits=8,
+        abits=8,
+        reconstruction={"weight_iters": 2, "act_iters": 2, "batch_size": 8},
+    )
+    deployed = export_model(quantized, "onednn")
+    activation = deployed.denoiser.inner.transformer_blocks[0].ff.net[0]
+    assert isinstance(activation, SigmoidFormGELU) and activation.proj.input_sum_weight is not None
+    for index in (0, 3):
+        batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[index])
+        with torch.no_grad(), step_context(batch.step_index, batch.timestep, batch.num_steps):
+            reference = quantized.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+            candidate = deployed.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+        assert ((candidate - reference).abs().max() / reference.abs().max()).item() < 0.02

@@ -8,6 +8,7 @@ inside the graph, so `torch.compile` does not recompile at every sampling step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from diffquant.quant import IntFormat, Quantizer
 _LIBRARY = torch.library.Library("diffquant", "DEF")
 _LIBRARY.define(
     "onednn_int8_linear(Tensor codes, Tensor scale, Tensor zero, Tensor packed, Tensor weight_scale, "
-    "Tensor weight_zero, Tensor? bias, str post_op, str post_algorithm, float output_scale, int output_zero) "
+    "Tensor weight_zero, Tensor? bias, str post_op, str post_algorithm, Tensor? output_scale, Tensor? output_zero) "
     "-> Tensor",
     tags=(torch.Tag.flexible_layout,),
 )
@@ -47,11 +48,13 @@ def _onednn_int8_linear(
     bias: torch.Tensor | None,
     post_op: str,
     post_algorithm: str,
-    output_scale: float,
-    output_zero: int,
+    output_scale: torch.Tensor | None,
+    output_zero: torch.Tensor | None,
 ) -> torch.Tensor:
-    """u8 x s8 GEMM; float32 out, or uint8 codes on the next layer's grid when output_scale > 0."""
-    quantized_out = output_scale > 0
+    """u8 x s8 GEMM; float32 out, or uint8 codes on the next layer's grid when it is given. The grid
+    comes as tensors (a per-step row picked in the graph) and is read here, outside the compiled graph:
+    oneDNN takes it as a number."""
+    quantized_out = output_scale is not None
     return torch.ops.onednn.qlinear_pointwise.tensor(
         codes,
         scale,
@@ -60,8 +63,8 @@ def _onednn_int8_linear(
         weight_scale,
         weight_zero,
         bias,
-        output_scale if quantized_out else 1.0,
-        output_zero if quantized_out else 0,
+        float(output_scale) if quantized_out else 1.0,
+        int(output_zero) if quantized_out else 0,
         None if quantized_out else torch.float32,
         post_op,
         [],
@@ -114,7 +117,7 @@ for _key in ("CPU", "MkldnnCPU"):  # the prepacked weight is an MkldnnCPU tensor
 
 @torch.library.register_fake("diffquant::onednn_int8_linear")
 def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, post_op, post_algorithm, output_scale, output_zero):
-    dtype = torch.uint8 if output_scale > 0 else torch.float32
+    dtype = torch.uint8 if output_scale is not None else torch.float32
     return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=dtype)
 
 
@@ -272,7 +275,9 @@ class OneDNNInt8Linear(nn.Module):
         self.input = _InputQuantizer(layer.input_quantizer)
         self.register_buffer("packed_weight", torch.ops.onednn.qlinear_prepack(weight.values, None))
         self.post_op, self.post_algorithm = "none", ""
-        self.output_scale, self.output_zero = 0.0, 0  # float32 output unless emit_codes_for() is called
+        # float32 output unless emit_codes_for() names the consumer's input grid (kept off the module tree:
+        # the consumer owns it)
+        object.__setattr__(self, "output_grid", None)
         self.register_buffer("weight_scale", weight.scale)
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
         self.register_buffer("input_sum_weight", weight.input_sum_weight)
@@ -281,6 +286,7 @@ class OneDNNInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         codes, scale, zero = self.input(x.reshape(-1, shape[-1]))
+        output_scale, output_zero = (None, None) if self.output_grid is None else self.output_grid.params()
         out = torch.ops.diffquant.onednn_int8_linear(
             codes,
             scale,
@@ -291,8 +297,8 @@ class OneDNNInt8Linear(nn.Module):
             self.bias,
             self.post_op,
             self.post_algorithm,
-            self.output_scale,
-            self.output_zero,
+            output_scale,
+            output_zero,
         )
         out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
         return out.reshape(*shape[:-1], self.out_features)
@@ -305,13 +311,14 @@ class OneDNNInt8Linear(nn.Module):
 
     def emit_codes_for(self, consumer: OneDNNInt8Linear) -> bool:
         """Write uint8 codes on `consumer`'s input grid instead of float32 (the requantize happens in
-        the GEMM's epilogue, saving a float round trip through memory). Only for a static 8-bit grid:
-        oneDNN's output scale is a constant and it clamps to the full uint8 range."""
+        the GEMM's epilogue, saving a float round trip through memory). Only for full 8-bit grids with
+        integer zero-points (oneDNN clamps to the whole uint8 range); a per-step grid works too, the
+        step's row being picked in the graph like the consumer's own."""
         grid = consumer.input
-        zero = float(grid.zeros[0])
-        if not self.takes_epilogue or grid.per_step or (grid.qmin, grid.qmax) != (0, 255) or not zero.is_integer():
+        integer_zeros = torch.equal(grid.zeros, grid.zeros.round())
+        if not self.takes_epilogue or (grid.qmin, grid.qmax) != (0, 255) or not integer_zeros:
             return False
-        self.output_scale, self.output_zero = float(grid.scales[0]), int(zero)
+        object.__setattr__(self, "output_grid", grid)
         consumer.takes_codes = True
         return True
 
@@ -319,14 +326,13 @@ class OneDNNInt8Linear(nn.Module):
     def fused_with_neighbours(self) -> bool:
         """Whether its input or output is not the float tensor of the layer it replaced (a GELU epilogue,
         uint8 codes in or out): nothing may be added beside it after export."""
-        return self.post_op != "none" or self.output_scale > 0 or self.takes_codes
+        return self.post_op != "none" or self.output_grid is not None or self.takes_codes
 
     @property
     def kernel(self) -> str:
         """The kernel and what runs in its epilogue, e.g. `onednn::qlinear_pointwise (GELU fused, u8 out)`."""
-        epilogue = [
-            name for name, on in (("GELU fused", self.post_op == "gelu"), ("u8 out", self.output_scale > 0)) if on
-        ]
+        parts = (("GELU fused", self.post_op == "gelu"), ("u8 out", self.output_grid is not None))
+        epilogue = [name for name, on in parts if on]
         return "onednn::qlinear_pointwise" + (f" ({', '.join(epilogue)})" if epilogue else "")
 
     def fuse_gelu(self, approximate: str) -> None:
@@ -344,6 +350,29 @@ class FusedGELU(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.proj(hidden_states)
+
+
+# tanh-GELU as x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)), the same function since
+# (1 + tanh(u)) / 2 = sigmoid(2u): inductor's vectorized tanh costs about 4x its exp on CPU
+_GELU_TANH_SLOPE = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, written through sigmoid (equal up to float rounding)."""
+    return x * torch.sigmoid(_GELU_TANH_SLOPE * (x + 0.044715 * x * x * x))
+
+
+class SigmoidFormGELU(nn.Module):
+    """diffusers' tanh-approximate GELU activation (Linear then GELU) where the GELU cannot run in the
+    GEMM's epilogue (the output still needs a correction first): compiled, the sigmoid form fuses into
+    the correction pass at a quarter of the cost of inductor's tanh."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return gelu_tanh(self.proj(hidden_states))
 
 
 class OneDNNInt8Conv2d(nn.Module):

@@ -17,7 +17,14 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.modules.layers import QuantLayer
 from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, register_backend, weight_only_layer
-from diffquant.runtime.kernels import FusedGELU, OneDNNInt8Conv2d, OneDNNInt8Linear, input_supported, weight_supported
+from diffquant.runtime.kernels import (
+    FusedGELU,
+    OneDNNInt8Conv2d,
+    OneDNNInt8Linear,
+    SigmoidFormGELU,
+    input_supported,
+    weight_supported,
+)
 from diffquant.runtime.kernels_int4 import Int4PackMMLinear, int4pack_group_size
 
 INT8_KERNELS = {"linear": OneDNNInt8Linear, "conv2d": OneDNNInt8Conv2d}
@@ -56,10 +63,17 @@ def _fuse_activations(model: nn.Module) -> None:
     """Fold diffusers' GELU activations into the int8 GEMM before them (a oneDNN post-op): a separate
     tanh-GELU pass costs more than the int8 GEMM itself on CPU."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, GELU) and isinstance(module.proj, OneDNNInt8Linear) and module.proj.takes_epilogue:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, FusedGELU(module.proj, module.approximate))
+        if not isinstance(module, GELU) or not isinstance(module.proj, OneDNNInt8Linear):
+            continue
+        if module.proj.takes_epilogue:
+            replacement = FusedGELU(module.proj, module.approximate)
+        elif module.approximate == "tanh":  # the GEMM's output needs its weight-shift correction first
+            replacement = SigmoidFormGELU(module.proj)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement)
 
 
 def _chain_int8_outputs(model: nn.Module) -> None:
