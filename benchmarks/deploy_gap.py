@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 import diffquant
 from diffquant.bench.peers import PT2E
 from diffquant.families import denoise
+from diffquant.profiling import interleaved_medians
 from diffquant.quant import step_context
 from diffquant.runtime.deploy import agreement_with_simulation
 from diffquant.runtime.export import DeployedDenoiser, export_model
@@ -111,17 +111,6 @@ def inputs(model, batch: int):
     return x, t, kwargs
 
 
-def interleaved(calls: dict, repeats: int) -> dict[str, float]:
-    """Median ms per call; every variant runs once per round so load changes hit all alike."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(1000 * (time.perf_counter() - started))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def bench_model(name: str, args) -> dict:
     print(f"\n== {name}", flush=True)
     started = time.perf_counter()
@@ -172,7 +161,7 @@ def bench_model(name: str, args) -> dict:
             run()
             run()
             print(f"  warm {label}: {time.perf_counter() - begun:.0f} s", flush=True)
-    medians = interleaved(calls, args.repeats)
+    medians = interleaved_medians(calls, args.repeats)
     base, peer = medians["fp32 compiled"], medians["pt2e int8"]
     print(f"  {'variant':28s} {'vs fp32 compiled':>17s} {'vs pt2e':>8s}  max rel. error vs simulation")
     for label, value in medians.items():

@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -413,18 +412,6 @@ def resident_megabytes(module: nn.Module | None) -> float | None:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, the variants taking turns so load changes hit them all alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            with torch.no_grad():
-                call()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torch.Tensor]:
     """A `steps`-step DDIM-like loop at batch 1 (one denoiser call per step; the update is negligible)."""
     sample, _, conditioning = case.inputs(1, seed=3)
@@ -469,14 +456,20 @@ def bench_case(name: str, args) -> dict[str, Any]:
             variants[label] = variant
             rows[label] = {"setup_s": round(variant.setup_s, 2), "notes": variant.notes, "disk_mb": variant.disk_mb}
             print(f"  ready: {label} ({variant.setup_s:.1f} s)", flush=True)
+    from diffquant.profiling import interleaved_medians
+
     for batch in args.batches:
         calls = {label: (lambda v=v, inputs=examples[batch]: v.call(*inputs)) for label, v in variants.items()}
-        for label, seconds in interleaved(calls, args.repeats).items():
-            rows[label].setdefault("call_s", {})[str(batch)] = seconds
+        with torch.no_grad():
+            medians = interleaved_medians(calls, args.repeats)
+        for label, milliseconds in medians.items():
+            rows[label].setdefault("call_s", {})[str(batch)] = milliseconds / 1000
     if args.steps and 1 in args.batches:
         loops = {label: sampling_loop(v, case, args.steps) for label, v in variants.items()}
-        for label, seconds in interleaved(loops, 1).items():
-            rows[label][f"sampling_{args.steps}_steps_s"] = seconds
+        with torch.no_grad():
+            medians = interleaved_medians(loops, 1)
+        for label, milliseconds in medians.items():
+            rows[label][f"sampling_{args.steps}_steps_s"] = milliseconds / 1000
     for label, variant in variants.items():
         row = rows[label]
         row["resident_weights_mb"] = resident_megabytes(variant.resident)

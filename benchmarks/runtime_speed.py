@@ -16,7 +16,6 @@ import copy
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch._inductor.config as inductor_config
 import diffquant
 from diffquant.evaluation import psnr
 from diffquant.modules import quant_layers
-from diffquant.profiling import measure_resources
+from diffquant.profiling import interleaved_medians, measure_resources
 from diffquant.quant import step_context
 from diffquant.reporting import directory_megabytes
 from diffquant.runtime.export import export_model
@@ -47,20 +46,6 @@ def model_inputs(model, batch: int, seed: int = 0):
 def resident_megabytes(module: torch.nn.Module) -> float:
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
-
-
-def interleaved_medians(calls: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median milliseconds per call, the variants taking turns so load changes hit them all alike."""
-    for call in calls.values():  # warm-up (compilation happens here)
-        call()
-        call()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(1000 * (time.perf_counter() - started))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def quantized_layer_sizes(quantized) -> dict[str, float]:
@@ -122,7 +107,7 @@ def bench_model(name: str, args) -> dict:
         "W4A16 on-the-fly compiled": call(w4_on_the_fly.denoiser),
         "W4A16 on-the-fly eager": call(w4_on_the_fly_eager.denoiser),
     }
-    medians = interleaved_medians(variants, args.repeats)
+    medians = interleaved_medians(variants, args.repeats, warmup=2)
     base = medians["fp32 compiled"]
     memory = {}
     for label, module in [

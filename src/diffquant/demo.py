@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import sys
 import time
 import warnings
@@ -25,6 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
+
+from diffquant.profiling import interleaved_medians
 
 PEER_LOGGERS = ("torchao", "optimum", "modelopt", "torch.utils._pytree", "diffusers.quantizers")
 NON_TTY_WIDTH = 160
@@ -101,16 +102,8 @@ def measure_speedup(source, deployed, batch: int, repeats: int, compile: bool) -
         _call(fp32, (x, t, kwargs))()
         inductor_config.freezing = False
     calls = {"fp32": _call(fp32, (x, t, kwargs)), "int8": _call(deployed.denoiser, (x, t, kwargs))}
-    for call in calls.values():  # warm-up: compilation happens here
-        call()
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(1000 * (time.perf_counter() - started))
-    fp32_ms, int8_ms = statistics.median(times["fp32"]), statistics.median(times["int8"])
+    medians = interleaved_medians(calls, repeats, warmup=2)
+    fp32_ms, int8_ms = medians["fp32"], medians["int8"]
     return {"fp32_ms": fp32_ms, "int8_ms": int8_ms, "speedup": fp32_ms / int8_ms, "batch": batch}
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -51,3 +53,19 @@ class measure_resources:  # noqa: N801 - used as a context manager
         self.usage.wall_time_s = time.perf_counter() - self._started
         self.usage.peak_rss_mb = self._peak / 2**20
         self.usage.peak_increase_mb = (self._peak - self._baseline) / 2**20
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 0) -> dict[str, float]:
+    """Median milliseconds per call; the variants take turns, so a load change on a shared machine hits
+    them all alike (ratios from one such run are what speed claims rest on). `warmup` untimed calls each
+    first (compilation happens there)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(1000 * (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in times.items()}
