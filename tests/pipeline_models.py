@@ -46,6 +46,16 @@ def _clip(seed: int, vocab: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(config).eval()
 
 
+def _tiny_vae() -> AutoencoderKL:
+    """A 16x16x1 <-> 8x8x4 autoencoder (the seed is the caller's)."""
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
+        shift_factor=0.0, scaling_factor=1.0,
+    ).eval()
+
+
 def tiny_sd3_pipeline(scratch: Path, seed: int = 0) -> StableDiffusion3Pipeline:
     tokenizer = local_tokenizer(scratch / "tokenizer")
     torch.manual_seed(seed)
@@ -54,12 +64,7 @@ def tiny_sd3_pipeline(scratch: Path, seed: int = 0) -> StableDiffusion3Pipeline:
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
         pos_embed_max_size=8,
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
-        shift_factor=0.0, scaling_factor=1.0,
-    ).eval()
+    vae = _tiny_vae()
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -82,12 +87,7 @@ def tiny_flux_pipeline(scratch: Path, seed: int = 0) -> FluxPipeline:
         num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8, guidance_embeds=False,
         axes_dims_rope=(4, 6, 6),
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, sample_size=16,
-        shift_factor=0.0, scaling_factor=1.0,
-    ).eval()
+    vae = _tiny_vae()
     torch.manual_seed(seed + 1)
     clip = CLIPTextModel(
         CLIPTextConfig(
