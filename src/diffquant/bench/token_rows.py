@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -31,9 +31,6 @@ from diffquant.tokens.generator import TokenGenerator
 from diffquant.tokens.quantization import quantize_token_denoiser, record_token_calibration, vq_token_denoiser
 from diffquant.tokens.storage import save_quantized_token_denoiser
 
-if TYPE_CHECKING:
-    from diffquant.bench.runner import BenchRunner
-
 MAX_CALIBRATION_RUNS = 256
 """Full-precision sampling runs recorded for a method (its `calibration.trajectories`, capped): every run
 gives all of the sampler's network calls, CFG branches apart, so 256 runs are 4096 inputs at 8 steps."""
@@ -50,7 +47,8 @@ def _parameters(module: torch.nn.Module) -> int:
 class TokenRows:
     """Rows of one token generator, written into the runner's results folder like any other model's."""
 
-    def __init__(self, runner: BenchRunner, name: str, path: Path) -> None:
+    def __init__(self, runner: Any, name: str, path: Path) -> None:
+        # runner: the bench.runner.BenchRunner that owns these rows (not imported: it imports this module)
         self.runner, self.name = runner, name
         self.generator = TokenGenerator.load(path)
         self.path = path
