@@ -410,3 +410,14 @@ def test_top_level_train_builds_a_token_generator(tmp_path):
     card = json.loads((run / "model" / "diffquant.json").read_text())["training"]
     assert card["command"].startswith("diffquant ") and card["wall_minutes"] > 0
     assert generator.denoiser.config.num_tokens == 49
+
+
+@pytest.mark.parametrize("args", [["--denoiser-depth", "0"], ["--denoiser-width", "130"], ["--tokenizer-width", "2"]])
+def test_tokens_train_refuses_bad_sizes_with_one_clear_error(tmp_path, args):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    result = CliRunner().invoke(app, ["tokens", "train", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "model").exists()

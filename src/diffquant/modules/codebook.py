@@ -13,6 +13,7 @@ from torch import nn
 
 from diffquant.errors import ConfigError
 from diffquant.modules.kinds import LayerKind, register_kind
+from diffquant.modules.structure import run_with_hooks
 from diffquant.quant.codebook import CodebookSpec, CodebookWeight, packed_bytes, quantize_weight
 
 
@@ -103,12 +104,7 @@ def _capture_inputs(model: nn.Module, names: list[str], run: Callable[[], None],
             seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
         handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(run, handles)
     out = {}
     for name, chunks in seen.items():
         rows = torch.cat(chunks)

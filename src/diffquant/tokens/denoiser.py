@@ -29,6 +29,8 @@ class DenoiserConfig:
     mlp_ratio: int = 4
 
     def validate(self) -> None:
+        if self.depth < 1 or self.heads < 1:
+            raise ConfigError(f"depth and heads must be >= 1, got depth {self.depth}, heads {self.heads}.")
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} must be divisible by heads {self.heads}.")
         if self.codebook_size < 2 or self.num_tokens < 1:

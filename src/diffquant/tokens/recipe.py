@@ -39,6 +39,9 @@ def train_reference(
     A tokenizer already saved in run_dir/tokenizer is reused (resume after the first stage).
     """
     run_dir = Path(run_dir)
+    # bad sizes fail now, not after the data is loaded or the tokenizer has trained for an hour
+    tokenizer_config.validate()
+    DenoiserConfig(width=denoiser_width, depth=denoiser_depth).validate()
     started = time.perf_counter()
     train = load_fashion_mnist("train", data_dir)
     test = load_fashion_mnist("test", data_dir)
