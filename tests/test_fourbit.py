@@ -353,6 +353,7 @@ def test_milp_allocation_is_optimal_and_meets_the_budget():
 # --- 3. group-wise weights for every method; save -> load -> export of the low-rank kind ---------------
 import diffquant  # noqa: E402
 from diffquant.methods import make_config  # noqa: E402
+from diffquant.methods.svdquant import branch_rank  # noqa: E402
 from diffquant.modules import quant_layers  # noqa: E402
 from diffquant.runtime.export import export_model  # noqa: E402
 from tests.conftest import relative_error  # noqa: E402
@@ -466,6 +467,16 @@ def test_svdquant_presets_hold_the_paper_defaults():
     assert make_config("svdquant", "fast", abits=8).setting == "W4A8"
     with pytest.raises(ConfigError, match="alphas"):
         make_config("svdquant", "fast", smoothing_alphas=(1.5,))
+
+
+def test_svdquant_rank_is_absolute_or_a_fraction_of_the_layer_width():
+    paper, scaled = make_config("svdquant", "paper"), make_config("svdquant", "scaled")
+    assert branch_rank(paper, 3072, 3072) == 32 and branch_rank(paper, 64, 16) == 16  # capped by the layer
+    # the PixArt ratio: 32 of 1152 channels there, 4 of a 128-wide DiT layer, never below 1
+    assert branch_rank(scaled, 1152, 1152) == 32 and branch_rank(scaled, 512, 128) == 4
+    assert branch_rank(scaled, 8, 8) == 1
+    with pytest.raises(ConfigError, match="rank_fraction"):
+        make_config("svdquant", rank_fraction=0.0)
 
 
 def test_svdquant_on_a_dit_keeps_the_official_skip_list_in_16_bits():

@@ -13,8 +13,8 @@ import torch
 
 
 def cache_dir() -> Path:
-    """$DIFFQUANT_CACHE, else ~/.cache/diffquant."""
-    return Path(os.environ.get("DIFFQUANT_CACHE", Path.home() / ".cache" / "diffquant"))
+    """$DIFFQUANT_CACHE, else ~/.cache/diffquant (an empty value means unset, not the working directory)."""
+    return Path(os.environ.get("DIFFQUANT_CACHE") or Path.home() / ".cache" / "diffquant")
 
 
 def safe_name(name: str, limit: int = 64) -> str:

@@ -35,6 +35,8 @@ from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
 from diffquant.quant import QuantSpec
 
+PIXART_RANK_FRACTION = 32 / 1152
+"""The paper's rank-to-width ratio on PixArt-Sigma (rank 32, 1152 channels): a branch of ~0.9 bits per weight."""
 PAPER_ALPHAS = tuple(round(i / 20, 2) for i in range(1, 20))  # deepcompressor: num_grids 20
 SKIPPED_NAME_PATTERNS = ("*shortcut*", "*samplers*", "*proj_in*", "*proj_out*", "*pos_embed*", "*emb*")
 """SVDQuant's skip list by name: shortcuts, down/up-samplers, transformer proj in/out, embeddings."""
@@ -52,6 +54,7 @@ class SVDQuantConfig(MethodConfig):
             "activation_group_size": 16,
             "calibration": {"trajectories": 128, "policy": "all"},
         },
+        "scaled": {"rank_fraction": PIXART_RANK_FRACTION, "calibration": {"trajectories": 128, "policy": "all"}},
         "fast": {
             "smoothing_alphas": (0.25, 0.4, 0.5, 0.6, 0.75),
             "calibration_samples": 128,
@@ -67,6 +70,10 @@ class SVDQuantConfig(MethodConfig):
     """Channels per dynamic activation scale, per token (paper: 64 for INT4, 16 for NVFP4)."""
     rank: int = 32
     """Rank of the 16-bit low-rank branch (capped at each layer's smaller dimension)."""
+    rank_fraction: float | None = None
+    """If set, each layer's rank is this fraction of its smaller dimension (at least 1) instead of `rank`:
+    rank 32 is ~1-3 % of the paper's 1152-3072-wide layers but half of a 64-wide one, where the branch
+    would cost more bits than the 4-bit residual (`scaled` preset: the PixArt ratio 32/1152)."""
     smoothing_alphas: tuple[float, ...] = PAPER_ALPHAS
     """Migration strengths tried per layer (plus no smoothing); empty = no smoothing."""
     rotate: bool = False
@@ -91,6 +98,8 @@ class SVDQuantConfig(MethodConfig):
         super().validate()
         if self.rank < 0 or self.activation_group_size <= 0:
             raise ConfigError("svdquant: rank must be >= 0 and activation_group_size positive.")
+        if self.rank_fraction is not None and not 0.0 < self.rank_fraction <= 1.0:
+            raise ConfigError(f"svdquant: rank_fraction must lie in (0, 1], got {self.rank_fraction}.")
         if any(not 0.0 <= a <= 1.0 for a in self.smoothing_alphas):
             raise ConfigError(f"svdquant: smoothing alphas must lie in [0, 1], got {self.smoothing_alphas}.")
         if self.calibration_samples <= 0 or self.search_samples <= 0:
@@ -116,6 +125,14 @@ def sensitive_layers(denoiser: nn.Module, batch) -> list[str]:
     names = [n for n, m in denoiser.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES) and n]
     by_name = [n for n in names if any(pattern_matches(p, n) for p in SKIPPED_NAME_PATTERNS)]
     return sorted({*edge_and_embedder_layers(denoiser, batch), *by_name})
+
+
+def branch_rank(config: SVDQuantConfig, out_features: int, in_features: int) -> int:
+    """The low-rank branch's rank for one layer: `rank`, or `rank_fraction` of its smaller side."""
+    smaller = min(out_features, in_features)
+    if config.rank_fraction is not None:
+        return max(1, round(config.rank_fraction * smaller))
+    return min(config.rank, smaller)
 
 
 def _record_inputs(
@@ -176,7 +193,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     absmax, inputs = _record_inputs(denoiser, originals, data, config, progress)
     targets = {name: originals[name](inputs[name]).detach() for name in plans}
 
-    ranks = {name: min(config.rank, w.shape[0], w[0].numel()) for name, w in weights.items()}
+    ranks = {name: branch_rank(config, w.shape[0], w[0].numel()) for name, w in weights.items()}
     lowrank_plans = {
         name: replace(plan, lowrank={"rank": ranks[name], "rotate": config.rotate}) for name, plan in plans.items()
     }
