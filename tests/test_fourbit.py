@@ -187,11 +187,11 @@ def test_smoothing_rotation_and_full_rank_leave_the_float_output_unchanged(conv)
             smooth = smoothing_scales(channel_absmax(x, 1 if conv else 2), weight_channel_absmax(layer.weight), 0.5)
             wrapped.decompose(layer.weight, smooth, rank)
             assert torch.allclose(wrapped(x), expected, atol=1e-4, rtol=1e-4), (rotate, rank)
-    # rank = full: the branch alone is the (transformed) float layer and the residual vanishes
+    # rank = full: the branch alone is the (transformed) float layer; the residual holds only its 16-bit rounding
     wrapped = LowRankQuantLayer(layer, QuantSpec("int4", granularity="per_channel"), None, rank=full_rank)
     wrapped.decompose(layer.weight, rank=full_rank)
-    assert wrapped.residual.weight.abs().max() < 1e-5
-    assert torch.allclose(wrapped(x), expected, atol=1e-4, rtol=1e-4)
+    assert wrapped.residual.weight.abs().max() < 1e-3 * layer.weight.abs().max()
+    assert torch.allclose(wrapped(x), expected, atol=1e-3, rtol=1e-3)  # equal to 16-bit precision
 
 
 def test_hadamard_rotation_is_orthogonal():
@@ -424,6 +424,10 @@ def test_svdquant_save_load_export_keeps_branch_smoothing_and_groups(svdquant_un
         original_scales = svdquant_unet.denoiser.get_submodule(layer_name).smooth
         assert torch.equal(reloaded.denoiser.get_submodule(layer_name).smooth, original_scales)
     assert torch.equal(after.lora_down, before.lora_down) and torch.equal(after.lora_up, before.lora_up)
+    from safetensors import safe_open
+
+    with safe_open(str(next((tmp_path / "q").glob("*.safetensors"))), "pt") as stored:
+        assert stored.get_slice(f"{name}.lora_up").get_dtype() == "F16"  # the branch costs 16 bits on disk
     weight_spec = after.residual.weight_quantizer.spec
     input_spec = after.residual.input_quantizer.spec
     assert (weight_spec.granularity, weight_spec.group_size, weight_spec.format) == ("group", 32, "int4")

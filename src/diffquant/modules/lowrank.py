@@ -37,6 +37,16 @@ def transform_weight(weight: torch.Tensor, smooth: torch.Tensor, rotation: torch
     return rotate_weight(scaled, rotation) if rotation is not None else scaled
 
 
+BRANCH_DTYPE = torch.float16
+"""The low-rank branch's storage precision (SVDQuant keeps it in 16 bits); it runs in float32."""
+BRANCH_SUFFIXES = (".lora_up", ".lora_down")
+
+
+def branch_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` rounded to the branch's 16-bit storage precision, kept in float32."""
+    return tensor.to(BRANCH_DTYPE).float()
+
+
 @register_kind
 class LowRankQuantLayer(LayerKind, nn.Module):
     """A linear or conv layer as smoothing/rotation + quantized residual + 16-bit low-rank branch."""
@@ -94,8 +104,8 @@ class LowRankQuantLayer(LayerKind, nn.Module):
                 raise ConfigError(f"smooth must hold {self.in_channels} positive scales.")
             self.smooth = smooth.detach().float().clone()
         transformed = transform_weight(weight.detach().float(), self.smooth, self.rotation)
-        if rank:
-            up, down = low_rank_split(transformed, rank)
+        if rank:  # the branch is a 16-bit one: round it here so the file and the simulation agree exactly
+            up, down = (branch_precision(t) for t in low_rank_split(transformed, rank))
         else:
             up, down = torch.zeros(weight.shape[0], 0), torch.zeros(0, *weight.shape[1:])
         self.lora_up = nn.Parameter(up, requires_grad=False)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import DiffquantError
+from diffquant.modules.lowrank import BRANCH_DTYPE, BRANCH_SUFFIXES
 from diffquant.modules.surgery import quant_layers
 from diffquant.quant import pack_codes, unpack_codes
 
@@ -29,9 +30,16 @@ def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, d
             bits = layers[key.removesuffix(CODES_SUFFIX)].weight_quantizer.spec.bits
             tensors[key + PACKED_SUFFIX] = pack_codes(value.to(torch.int64), bits)
             index[key] = {"bits": bits, "shape": list(value.shape), "dtype": str(value.dtype).split(".")[1]}
+        elif key.endswith(BRANCH_SUFFIXES) and _fits_branch_dtype(value):
+            tensors[key] = value.detach().to(BRANCH_DTYPE).contiguous()  # loading copies it back into float32
         else:
             tensors[key] = value.detach().contiguous()
     return tensors, index
+
+
+def _fits_branch_dtype(value: torch.Tensor) -> bool:
+    """A low-rank branch is written in 16 bits when that loses nothing (a user's LoRA may not fit)."""
+    return value.dtype == torch.float32 and torch.equal(value.to(BRANCH_DTYPE).float(), value)
 
 
 def unpacked_state(tensors: dict[str, torch.Tensor], index: dict[str, dict[str, Any]], where: str) -> None:
