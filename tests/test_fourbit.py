@@ -494,7 +494,12 @@ def test_svdquant_on_a_dit_keeps_the_official_skip_list_in_16_bits():
     quantized = diffquant.quantize(model, config, calibration, progress=False)
     kept = set(quantized.quantization["details"]["kept_16bit"])
     assert {"pos_embed.proj", "proj_out_1", "proj_out_2"} <= kept
-    assert {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"} <= kept
+    assert "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1" in kept
+    # adaLN modulation: 4-bit weights, float inputs, no branch (W4A16, as Nunchaku runs it)
+    modulation = quantized.quantization["details"]["weight_only_modulation"]
+    assert "transformer_blocks.0.norm1.linear" in modulation and not set(modulation) & kept
+    adaln = quantized.denoiser.get_submodule("transformer_blocks.0.norm1.linear")
+    assert isinstance(adaln, QuantLinear) and adaln.weight_quantizer.spec.bits == 4 and adaln.input_quantizer is None
     lowrank = {n for n, m in quantized.denoiser.named_modules() if isinstance(m, LowRankQuantLayer)}
     assert "transformer_blocks.0.attn1.to_q" in lowrank and "transformer_blocks.1.ff.net.2" in lowrank
     assert not lowrank & kept

@@ -1,9 +1,10 @@
 """SVDQuant (Li et al., ICLR 2025): absorb 4-bit outliers with a 16-bit low-rank branch.
 
 Algorithm (deepcompressor's defaults; `paper` preset INT4, `nvfp4` preset NVFP4, `fast` for CPUs):
-  1. keep the sensitive layers in 16 bits: embeddings, time projections and norm modulation (every
-     layer whose input depends only on timestep/conditioning), shortcuts, down/up-samplers, the
-     input and output projections; attention matmuls stay in floating point;
+  1. keep the sensitive layers in 16 bits: embeddings and time projections (layers whose input depends
+     only on timestep/conditioning), shortcuts, down/up-samplers, the input and output projections;
+     adaLN modulation linears get 4-bit weights with float inputs (W4A16, no branch); attention
+     matmuls stay in floating point;
   2. weights: INT4 symmetric, one scale per 64 input weights (NVFP4: E2M1, group 16, E4M3 scales);
      activations: dynamic, one scale per token and group of 64 channels, computed at run time;
   3. per layer, smoothing x/s, W diag(s) with s = max|X|^a / max|W|^(1-a), a searched on a grid (and
@@ -33,6 +34,7 @@ from diffquant.methods.base import CalibrationConfig, MethodConfig
 from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
+from diffquant.modules.structure import modulation_layers
 from diffquant.quant import QuantSpec
 
 PIXART_RANK_FRACTION = 32 / 1152
@@ -84,6 +86,9 @@ class SVDQuantConfig(MethodConfig):
     gptq_block_size: int = 128
     keep_sensitive: bool = True
     """Keep the official skip list in 16 bits (see the module docstring)."""
+    modulation_weight_only: bool = True
+    """adaLN modulation linears get 4-bit weights and float inputs (W4A16, as Nunchaku runs them) rather
+    than staying whole in 16 bits; no branch, no smoothing."""
     calibration_samples: int = 512
     """Calibration entries used for activation ranges and GPTQ Hessians."""
     search_samples: int = 64
@@ -184,9 +189,12 @@ def _accumulate_hessians(
 def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConfig, progress: bool = True) -> dict:
     batch = next(calibration.batches(min(8, config.batch_size)))
     skipped = sensitive_layers(denoiser, batch) if config.keep_sensitive else []
+    modulation = [n for n in modulation_layers(denoiser) if n in skipped] if config.modulation_weight_only else []
+    skipped = [n for n in skipped if n not in modulation]
     policy = config.layer_policy()
     policy = replace(policy, keep_fp=tuple(dict.fromkeys((*policy.keep_fp, *skipped))))
     plans, attention = resolve_policy(denoiser, policy)
+    weight_only = {name: replace(plans.pop(name), input=None) for name in modulation if name in plans}
     originals = {name: denoiser.get_submodule(name) for name in plans}
     weights = {name: module.weight.detach().clone() for name, module in originals.items()}
     data = random_subset(calibration, config.calibration_samples, config.calibration.seed)
@@ -197,7 +205,9 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     lowrank_plans = {
         name: replace(plan, lowrank={"rank": ranks[name], "rotate": config.rotate}) for name, plan in plans.items()
     }
-    apply_plans(denoiser, lowrank_plans, attention)
+    apply_plans(denoiser, {**lowrank_plans, **weight_only}, attention)
+    for name in weight_only:
+        denoiser.get_submodule(name).calibrate_weight()
     layers: dict[str, LowRankQuantLayer] = {name: denoiser.get_submodule(name) for name in plans}
     chosen: dict[str, float | None] = {}
     gains: list[float] = []
@@ -216,6 +226,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     branch_values = sum(layer.lora_up.numel() + layer.lora_down.numel() for layer in layers.values())
     return {
         "kept_16bit": skipped,
+        "weight_only_modulation": sorted(weight_only),
         "lowrank_layers": len(layers),
         "smoothing_alphas": chosen,
         "smoothing_error_ratio_mean": round(sum(gains) / max(1, len(gains)), 4),

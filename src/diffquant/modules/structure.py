@@ -166,3 +166,18 @@ def text_stream_layers(model: nn.Module, run: Callable[[], object], text_tokens:
             "told apart from the image stream. Name the text layers explicitly (text_layers=...)."
         )
     return text
+
+
+MODULATION_PREFIXES = ("AdaLayerNorm", "SD35AdaLayerNorm")
+"""diffusers' adaptive norms (AdaLayerNorm, ...Zero, ...ZeroSingle, ...Continuous, ...Single, SD35...X)."""
+
+
+def modulation_layers(model: nn.Module) -> list[str]:
+    """The adaLN modulation linears: the weight layers directly inside a diffusers adaptive norm (its
+    `linear`), not those of a timestep embedder nested in it (AdaLayerNormSingle's `emb`)."""
+    names = []
+    for parent_name, parent in model.named_modules():
+        if type(parent).__name__.startswith(MODULATION_PREFIXES):
+            prefix = f"{parent_name}." if parent_name else ""
+            names += [prefix + n for n, child in parent.named_children() if isinstance(child, WEIGHT_LAYER_TYPES)]
+    return sorted(names)
