@@ -502,4 +502,9 @@ def test_svdquant_on_a_dit_keeps_the_official_skip_list_in_16_bits():
     assert isinstance(adaln, QuantLinear) and adaln.weight_quantizer.spec.bits == 4 and adaln.input_quantizer is None
     lowrank = {n for n, m in quantized.denoiser.named_modules() if isinstance(m, LowRankQuantLayer)}
     assert "transformer_blocks.0.attn1.to_q" in lowrank and "transformer_blocks.1.ff.net.2" in lowrank
+    # the feed-forward output projection reads post-GELU values: its 4-bit grid spends no level below zero
+    unsigned = set(quantized.quantization["details"]["post_gelu_unsigned_inputs"])
+    assert "transformer_blocks.1.ff.net.2" in unsigned and "transformer_blocks.0.attn1.to_q" not in unsigned
+    ff_input = quantized.denoiser.get_submodule("transformer_blocks.1.ff.net.2").residual.input_quantizer.spec
+    assert not ff_input.symmetric and ff_input.dynamic
     assert not lowrank & kept

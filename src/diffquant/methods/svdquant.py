@@ -7,6 +7,7 @@ Algorithm (deepcompressor's defaults; `paper` preset INT4, `nvfp4` preset NVFP4,
      matmuls stay in floating point;
   2. weights: INT4 symmetric, one scale per 64 input weights (NVFP4: E2M1, group 16, E4M3 scales);
      activations: dynamic, one scale per token and group of 64 channels, computed at run time;
+     post-GELU inputs (never below GELU's minimum) use all 16 levels on their non-negative range;
   3. per layer, smoothing x/s, W diag(s) with s = max|X|^a / max|W|^(1-a), a searched on a grid (and
      "no smoothing") by the layer's output error with both operands quantized and the branch on;
   4. the SVD of the smoothed weight gives a rank-32 branch U D kept in 16 bits; the 4-bit grid holds
@@ -39,6 +40,8 @@ from diffquant.quant import QuantSpec
 
 PIXART_RANK_FRACTION = 32 / 1152
 """The paper's rank-to-width ratio on PixArt-Sigma (rank 32, 1152 channels): a branch of ~0.9 bits per weight."""
+GELU_MINIMUM = -0.171875
+"""deepcompressor's shift for post-GELU activations (GELU's minimum is -0.16997)."""
 PAPER_ALPHAS = tuple(round(i / 20, 2) for i in range(1, 20))  # deepcompressor: num_grids 20
 SKIPPED_NAME_PATTERNS = ("*shortcut*", "*samplers*", "*proj_in*", "*proj_out*", "*pos_embed*", "*emb*")
 """SVDQuant's skip list by name: shortcuts, down/up-samplers, transformer proj in/out, embeddings."""
@@ -86,6 +89,10 @@ class SVDQuantConfig(MethodConfig):
     gptq_block_size: int = 128
     keep_sensitive: bool = True
     """Keep the official skip list in 16 bits (see the module docstring)."""
+    unsigned_post_gelu: bool = True
+    """Inputs that never go below GELU's minimum (post-GELU) get an asymmetric grid, so all 16 levels cover
+    their range (deepcompressor shifts them by 0.171875 and uses unsigned INT4; a per-group zero point
+    reaches the same levels without a fixed shift)."""
     modulation_weight_only: bool = True
     """adaLN modulation linears get 4-bit weights and float inputs (W4A16, as Nunchaku runs them) rather
     than staying whole in 16 bits; no branch, no smoothing."""
@@ -132,6 +139,13 @@ def sensitive_layers(denoiser: nn.Module, batch) -> list[str]:
     return sorted({*edge_and_embedder_layers(denoiser, batch), *by_name})
 
 
+def _unsigned(spec: QuantSpec | None) -> QuantSpec | None:
+    """An integer input grid made asymmetric: all its levels on a range that is (almost) non-negative."""
+    if spec is None or not spec.format.startswith("int"):
+        return spec  # float formats (NVFP4) keep their sign bit
+    return spec.replace(symmetric=False)
+
+
 def branch_rank(config: SVDQuantConfig, out_features: int, in_features: int) -> int:
     """The low-rank branch's rank for one layer: `rank`, or `rank_fraction` of its smaller side."""
     smaller = min(out_features, in_features)
@@ -142,10 +156,11 @@ def branch_rank(config: SVDQuantConfig, out_features: int, in_features: int) -> 
 
 def _record_inputs(
     denoiser: nn.Module, modules: dict[str, nn.Module], data: CalibrationSet, config: SVDQuantConfig, progress: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per layer: the per-channel max |x| over `data`, and a sample of about `search_samples` inputs
-    spread over the sampling steps."""
+) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, torch.Tensor]]:
+    """Per layer: the per-channel max |x| over `data`, the smallest input value, and a sample of about
+    `search_samples` inputs spread over the sampling steps."""
     absmax: dict[str, torch.Tensor] = {}
+    lowest: dict[str, float] = {}
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     batches = max(1, len(data.steps))
     per_batch = max(1, math.ceil(config.search_samples / batches))
@@ -155,6 +170,7 @@ def _record_inputs(
             x = args[0].detach()
             amax = channel_absmax(x, 1 if isinstance(module, nn.Conv2d) else x.ndim - 1)
             absmax[name] = amax if name not in absmax else torch.maximum(absmax[name], amax)
+            lowest[name] = min(lowest.get(name, float("inf")), x.min().item())
             kept[name].append(x[:per_batch].clone())
 
         return grab
@@ -165,7 +181,7 @@ def _record_inputs(
     finally:
         for handle in handles:
             handle.remove()
-    return absmax, {name: torch.cat(parts)[: config.search_samples] for name, parts in kept.items()}
+    return absmax, lowest, {name: torch.cat(parts)[: config.search_samples] for name, parts in kept.items()}
 
 
 def _accumulate_hessians(
@@ -198,12 +214,18 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     originals = {name: denoiser.get_submodule(name) for name in plans}
     weights = {name: module.weight.detach().clone() for name, module in originals.items()}
     data = random_subset(calibration, config.calibration_samples, config.calibration.seed)
-    absmax, inputs = _record_inputs(denoiser, originals, data, config, progress)
+    absmax, lowest, inputs = _record_inputs(denoiser, originals, data, config, progress)
     targets = {name: originals[name](inputs[name]).detach() for name in plans}
 
     ranks = {name: branch_rank(config, w.shape[0], w[0].numel()) for name, w in weights.items()}
+    post_gelu = [name for name in plans if config.unsigned_post_gelu and lowest[name] >= GELU_MINIMUM]
     lowrank_plans = {
-        name: replace(plan, lowrank={"rank": ranks[name], "rotate": config.rotate}) for name, plan in plans.items()
+        name: replace(
+            plan,
+            input=_unsigned(plan.input) if name in post_gelu else plan.input,
+            lowrank={"rank": ranks[name], "rotate": config.rotate},
+        )
+        for name, plan in plans.items()
     }
     apply_plans(denoiser, {**lowrank_plans, **weight_only}, attention)
     for name in weight_only:
@@ -227,6 +249,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     return {
         "kept_16bit": skipped,
         "weight_only_modulation": sorted(weight_only),
+        "post_gelu_unsigned_inputs": post_gelu,
         "lowrank_layers": len(layers),
         "smoothing_alphas": chosen,
         "smoothing_error_ratio_mean": round(sum(gains) / max(1, len(gains)), 4),
