@@ -458,3 +458,13 @@ def test_a_cache_without_room_is_skipped_with_a_warning_before_recording(tmp_pat
     with pytest.warns(UserWarning, match="will not be cached: Not enough disk space"):
         calibration = diffquant.record_calibration(tiny_unet_model(), config, progress=False)
     assert len(calibration) == 4 and not (tmp_path / "cache" / "calibration").exists()
+
+
+def test_an_empty_cache_variable_means_the_default_cache_not_the_working_directory(monkeypatch, tmp_path):
+    from diffquant.cache import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DIFFQUANT_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "diffquant"
+    monkeypatch.setenv("DIFFQUANT_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
