@@ -21,7 +21,16 @@ from diffquant.model import DDPM_LINEAR_SCHEDULE, DiffusionModel, ModelInfo
 from diffquant.modules import attention_processors
 from diffquant.modules.attention import wrap_processor
 from diffquant.quant import QuantSpec
-from tests.family_models import BUILDERS, METHODS, SETTINGS, build_family, family_inputs, family_model, matrix_row
+from tests.family_models import (
+    BUILDERS,
+    METHODS,
+    SETTINGS,
+    TINY_OPTIONS,
+    build_family,
+    family_inputs,
+    family_model,
+    matrix_row,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXPECTED = {  # family -> (adapter, block classes, number of blocks)
@@ -308,3 +317,22 @@ def test_export_directory_checks_agreement_on_a_text_conditioned_family(tmp_path
     from tests.family_models import outputs, relative_mse
 
     assert relative_mse(outputs(quantized, fresh), outputs(deployed, fresh)) < 1e-3
+
+
+@pytest.mark.parametrize("family", ["sdxl-unet", "pixart", "sana", "sd3", "flux"])
+def test_svdquant_w4a4_runs_saves_and_exports_on_every_family(family, tmp_path, monkeypatch):
+    import diffquant
+    from diffquant.modules.structure import modulation_layers
+
+    monkeypatch.setitem(SETTINGS, "W4A4", (4, 4))
+    small = {"preset": "fast", "rank": 4, "smoothing_alphas": (0.5,), "calibration_samples": 16, "search_samples": 8}
+    monkeypatch.setitem(TINY_OPTIONS, "svdquant", small)
+    row = matrix_row(family, "svdquant", "W4A4", tmp_path / "q")
+    assert row["reload_identical"] and row["export_rel_error"] < 1e-3 and row["rel_error"] < 0.5
+    # the adaLN modulation of every transformer family is found and runs weight-only (W4A16)
+    quantized = diffquant.load(tmp_path / "q")
+    details = quantized.quantization["details"]
+    assert set(details["weight_only_modulation"]) == set(modulation_layers(family_model(family).denoiser))
+    assert bool(details["weight_only_modulation"]) == (family != "sdxl-unet")
+    if family == "sana":  # its depthwise conv has no low-rank form: a plain 4-bit layer instead of a crash
+        assert details["plain_grouped_convs"]

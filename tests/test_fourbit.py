@@ -481,6 +481,10 @@ def test_svdquant_rank_is_absolute_or_a_fraction_of_the_layer_width():
     assert branch_rank(scaled, 8, 8) == 1
     with pytest.raises(ConfigError, match="rank_fraction"):
         make_config("svdquant", rank_fraction=0.0)
+    # options of the wrong type fail at configuration, naming the option (not deep inside quantization)
+    for bad in ({"unsigned_post_gelu": "yes"}, {"rank_fraction": "half"}, {"rank": True}, {"gptq": 1}):
+        with pytest.raises(ConfigError, match=f"option '{next(iter(bad))}' must be"):
+            make_config("svdquant", **bad)
 
 
 def test_svdquant_on_a_dit_keeps_the_official_skip_list_in_16_bits():

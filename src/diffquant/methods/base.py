@@ -121,6 +121,7 @@ class MethodConfig:
 
     # validation -------------------------------------------------------------------------------
     def validate(self) -> None:
+        _check_scalar_types(self)
         _check_bits("wbits", self.wbits)
         if self.abits is not None and self.abits not in FLOAT_ACTIVATION_BITS:
             _check_bits("abits", self.abits)
@@ -236,3 +237,22 @@ def _check_bits(name: str, bits: Any) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_INT_BITS:
         hint = " (use 16 or 32, or None, for float activations)" if name == "abits" else ""
         raise ConfigError(f"{name} must be an integer between 1 and {MAX_INT_BITS}, got {bits!r}{hint}.")
+
+
+SCALAR_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float)}
+"""Option annotations checked at validation (`x | None` allows None), so `--option gptq=3` fails clearly."""
+
+
+def _check_scalar_types(config: MethodConfig) -> None:
+    for item in fields(config):
+        annotation = str(item.type)
+        allowed = SCALAR_TYPES.get(annotation.removesuffix(" | None"))
+        value = getattr(config, item.name)
+        if allowed is None or (value is None and annotation.endswith(" | None")):
+            continue
+        if isinstance(value, bool) and annotation.split()[0] != "bool" or not isinstance(value, allowed):
+            raise ConfigError(
+                f"{config.name}: option '{item.name}' must be {annotation}, got {value!r}. "
+                f"Pass a JSON value, e.g. --option {item.name}=" + ("true" if annotation.startswith("bool") else "1")
+                + "."
+            )

@@ -36,7 +36,7 @@ from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
 from diffquant.modules.structure import modulation_layers
-from diffquant.quant import QuantSpec
+from diffquant.quant import IntFormat, QuantSpec
 
 PIXART_RANK_FRACTION = 32 / 1152
 """The paper's rank-to-width ratio on PixArt-Sigma (rank 32, 1152 channels): a branch of ~0.9 bits per weight."""
@@ -141,7 +141,7 @@ def sensitive_layers(denoiser: nn.Module, batch) -> list[str]:
 
 def _unsigned(spec: QuantSpec | None) -> QuantSpec | None:
     """An integer input grid made asymmetric: all its levels on a range that is (almost) non-negative."""
-    if spec is None or not spec.format.startswith("int"):
+    if spec is None or not isinstance(spec.number_format, IntFormat):
         return spec  # float formats (NVFP4) keep their sign bit
     return spec.replace(symmetric=False)
 
@@ -211,6 +211,8 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     policy = replace(policy, keep_fp=tuple(dict.fromkeys((*policy.keep_fp, *skipped))))
     plans, attention = resolve_policy(denoiser, policy)
     weight_only = {name: replace(plans.pop(name), input=None) for name in modulation if name in plans}
+    # grouped (depthwise) convs have no low-rank form: they keep a plain 4-bit layer, no branch (SANA)
+    plain = {name: plans.pop(name) for name in list(plans) if getattr(denoiser.get_submodule(name), "groups", 1) != 1}
     originals = {name: denoiser.get_submodule(name) for name in plans}
     weights = {name: module.weight.detach().clone() for name, module in originals.items()}
     data = random_subset(calibration, config.calibration_samples, config.calibration.seed)
@@ -227,8 +229,8 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
         )
         for name, plan in plans.items()
     }
-    apply_plans(denoiser, {**lowrank_plans, **weight_only}, attention)
-    for name in weight_only:
+    apply_plans(denoiser, {**lowrank_plans, **weight_only, **plain}, attention)
+    for name in (*weight_only, *plain):
         denoiser.get_submodule(name).calibrate_weight()
     layers: dict[str, LowRankQuantLayer] = {name: denoiser.get_submodule(name) for name in plans}
     chosen: dict[str, float | None] = {}
@@ -249,6 +251,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     return {
         "kept_16bit": skipped,
         "weight_only_modulation": sorted(weight_only),
+        "plain_grouped_convs": sorted(plain),
         "post_gelu_unsigned_inputs": post_gelu,
         "lowrank_layers": len(layers),
         "smoothing_alphas": chosen,
