@@ -411,6 +411,27 @@ def test_svdquant_w4a4_is_far_better_than_naive_w4a4(trained_unet, calibration, 
     assert details["lowrank_layers"] > 0
 
 
+def test_svdquant_reconstruction_beats_gptq_and_trains_a_16bit_branch(
+    trained_unet, calibration, held_out, svdquant_unet, tmp_path
+):
+    # block AdaRound with the 4-bit activations on, the branch trained beside it (`reconstructed` preset)
+    options = {"rank": 8, "checkpoint_dir": str(tmp_path / "ckpt")}
+    options["reconstruction"] = {"weight_iters": 400, "batch_size": 16, "float_lr": 1e-4}
+    rebuilt = diffquant.quantize(trained_unet, "svdquant", calibration, progress=False, preset="reconstructed", **options)
+    nearest = diffquant.quantize(trained_unet, "svdquant", calibration, progress=False, preset="fast", rank=8, gptq=False)
+    ours, gptq = relative_error(trained_unet, rebuilt, held_out), relative_error(trained_unet, svdquant_unet, held_out)
+    rtn = relative_error(trained_unet, nearest, held_out)
+    assert ours < gptq < rtn and ours < 0.8 * rtn, (ours, gptq, rtn)
+    name = "down_blocks.1.resnets.0.conv2"
+    trained, initial = rebuilt.denoiser.get_submodule(name), svdquant_unet.denoiser.get_submodule(name)
+    assert not torch.equal(trained.lora_up, initial.lora_up)  # the branch moved off its SVD start
+    assert torch.equal(trained.lora_up, trained.lora_up.half().float())  # and stays what 16 bits hold
+    assert not trained.lora_up.requires_grad
+    assert not any((tmp_path / "ckpt").iterdir())  # the finished run leaves no checkpoint behind
+    with pytest.raises(ConfigError, match="INT weight format"):
+        make_config("svdquant", "reconstructed", weight_format="nvfp4", weight_group_size=16)
+
+
 def test_svdquant_save_load_export_keeps_branch_smoothing_and_groups(svdquant_unet, tmp_path):
     diffquant.save(svdquant_unet, tmp_path / "q")
     reloaded = diffquant.load(tmp_path / "q")

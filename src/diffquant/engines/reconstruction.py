@@ -38,7 +38,7 @@ from diffquant.engines.units import ReconstructionUnit
 from diffquant.errors import ConfigError, DiffquantError
 from diffquant.fileio import atomic_directory
 from diffquant.modules.attention import QuantAttnProcessor
-from diffquant.modules.kinds import kind_owner
+from diffquant.modules.kinds import is_kind, kind_owner
 from diffquant.modules.layers import QuantLayer
 from diffquant.modules.surgery import set_activation_quantization
 from diffquant.process_group import DataParallel, agree
@@ -74,6 +74,9 @@ class ReconstructionConfig:
     """QDrop: probability of keeping an activation in full precision while reconstructing."""
     asym: bool = True
     """Inputs from the quantized model, targets from the full-precision one (BRECQ's asym)."""
+    float_lr: float = 0.0
+    """Adam learning rate of the float parameters a layer kind offers (SVDQuant's 16-bit low-rank branch),
+    trained beside the rounding; 0 keeps them fixed."""
     joint: bool = False
     """Optimise rounding and step sizes together, without the rounding regulariser (EDA-DM)."""
     joint_round_loss: bool = False
@@ -91,6 +94,8 @@ class ReconstructionConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}.")
+        if self.float_lr < 0:
+            raise ConfigError(f"float_lr must be >= 0, got {self.float_lr}.")
         if not 0.0 <= self.qdrop_prob < 1.0:
             raise ConfigError(f"qdrop_prob must be in [0, 1), got {self.qdrop_prob}.")
 
@@ -367,6 +372,24 @@ class Reconstructor:
         names = [n for n in unit.layers if n not in self.frozen_layers and self.model.get_submodule(n).rounding]
         self.state["adaround"] = sorted(set(self.state["adaround"]) | set(names))
 
+    def _start_float_training(self, unit: ReconstructionUnit) -> list[nn.Module]:
+        """The unit's layer kinds with float parameters to train (none unless `float_lr` is set)."""
+        if self.config.float_lr <= 0:
+            return []
+        owners = dict.fromkeys(kind_owner(self.model, name) for name in unit.layers if name not in self.frozen_layers)
+        kinds = [self.model.get_submodule(name) for name in owners]
+        kinds = [kind for kind in kinds if is_kind(kind) and kind.trainable_float_parameters()]
+        for kind in kinds:
+            for parameter in kind.trainable_float_parameters():
+                parameter.requires_grad_(True)
+        return kinds
+
+    def _finish_float_training(self, kinds: list[nn.Module]) -> None:
+        for kind in kinds:
+            for parameter in kind.trainable_float_parameters():
+                parameter.requires_grad_(False)
+            kind.finish_float_training()
+
     def _start_step_sizes(self, unit: ReconstructionUnit) -> list[Quantizer]:
         quantizers = [q for q in unit_activation_quantizers(self.model, unit) if q.enabled and q.scale is not None]
         for quantizer in quantizers:
@@ -410,9 +433,13 @@ class Reconstructor:
             try:
                 layers = self._start_rounding(unit) if rounding else []
                 quantizers = self._start_step_sizes(unit) if step_sizes else []
+                kinds = self._start_float_training(unit) if rounding else []
                 groups = []
                 if layers:
                     groups.append({"params": [layer.rounding.alpha for layer in layers], "lr": self.config.weight_lr})
+                if kinds:
+                    floats = [p for kind in kinds for p in kind.trainable_float_parameters()]
+                    groups.append({"params": floats, "lr": self.config.float_lr})
                 if quantizers:
                     groups.append(
                         {"params": [p for q in quantizers for p in q.trainable_step_sizes()], "lr": self.config.act_lr}
@@ -423,15 +450,17 @@ class Reconstructor:
                 )
                 if rounding:
                     self._finish_rounding(unit, layers)
+                    self._finish_float_training(kinds)
                 if step_sizes:
                     self._finish_step_sizes(quantizers)
             finally:
                 data.close()
             self.mark_done(key)
 
-    def weight_pass(self, units: list[ReconstructionUnit]) -> None:
-        """AdaRound each unit with activation quantization off."""
-        set_activation_quantization(self.model, False)
+    def weight_pass(self, units: list[ReconstructionUnit], with_activations: bool = False) -> None:
+        """AdaRound each unit with activation quantization off, or on (`with_activations`: for dynamic
+        activations, which have no step sizes to learn but whose error the rounding can compensate)."""
+        set_activation_quantization(self.model, with_activations)
         try:
             self._reconstruct_units(
                 units,

@@ -13,6 +13,9 @@ Algorithm (deepcompressor's defaults; `paper` preset INT4, `nvfp4` preset NVFP4,
   4. the SVD of the smoothed weight gives a rank-32 branch U D kept in 16 bits; the 4-bit grid holds
      only the residual R = W diag(s) - U D;
   5. GPTQ rounds the residual (damping 0.01, blocks of 128) on the Hessian of its real inputs.
+  5'. not in the paper (`reconstructed` preset): the residuals' rounding is instead learned block by
+     block (AdaRound/BRECQ, as TFMQ-DM does) against the full-precision block outputs, with the dynamic
+     4-bit activations on, so the rounding also compensates the activation error.
 Parameters do not depend on the sampling step. The low-rank branch adds (out + in) x rank 16-bit
 values per layer; `details["branch_bits_per_weight"]` reports that cost on the quantized layers.
 """
@@ -27,16 +30,24 @@ from torch import nn
 
 from diffquant.calibration import CalibrationSet, feed_calibration
 from diffquant.calibration.dataset import random_subset
+from diffquant.engines import discover_units, probe
 from diffquant.engines.gptq import GPTQConfig, HessianAccumulator, gptq_layer
 from diffquant.engines.sensitivity import edge_and_embedder_layers
 from diffquant.engines.smoothing import channel_absmax, search_smoothing
 from diffquant.errors import ConfigError
-from diffquant.methods.base import CalibrationConfig, MethodConfig
+from diffquant.methods.base import CalibrationConfig
+from diffquant.methods.reconstruction_base import (
+    ReconstructionMethodConfig,
+    finish_reconstruction,
+    full_precision_copy,
+    start_reconstruction,
+)
 from diffquant.methods.registry import register_method
 from diffquant.modules import LowRankQuantLayer, apply_plans, resolve_policy
 from diffquant.modules.policy import WEIGHT_LAYER_TYPES, pattern_matches
 from diffquant.modules.structure import modulation_layers
 from diffquant.quant import IntFormat, QuantSpec
+from diffquant.quant.formats import parse_format
 
 PIXART_RANK_FRACTION = 32 / 1152
 """The paper's rank-to-width ratio on PixArt-Sigma (rank 32, 1152 channels): a branch of ~0.9 bits per weight."""
@@ -47,8 +58,16 @@ SKIPPED_NAME_PATTERNS = ("*shortcut*", "*samplers*", "*proj_in*", "*proj_out*", 
 """SVDQuant's skip list by name: shortcuts, down/up-samplers, transformer proj in/out, embeddings."""
 
 
+_FAST = {
+    "smoothing_alphas": (0.25, 0.4, 0.5, 0.6, 0.75),
+    "calibration_samples": 128,
+    "search_samples": 32,
+    "calibration": {"trajectories": 32, "policy": "uniform", "uniform_steps": 10},
+}
+
+
 @dataclass
-class SVDQuantConfig(MethodConfig):
+class SVDQuantConfig(ReconstructionMethodConfig):
     name = "svdquant"
     PRESETS = {
         "paper": {"calibration": {"trajectories": 128, "policy": "all"}},
@@ -60,11 +79,11 @@ class SVDQuantConfig(MethodConfig):
             "calibration": {"trajectories": 128, "policy": "all"},
         },
         "scaled": {"rank_fraction": PIXART_RANK_FRACTION, "calibration": {"trajectories": 128, "policy": "all"}},
-        "fast": {
-            "smoothing_alphas": (0.25, 0.4, 0.5, 0.6, 0.75),
-            "calibration_samples": 128,
-            "search_samples": 32,
-            "calibration": {"trajectories": 32, "policy": "uniform", "uniform_steps": 10},
+        "fast": _FAST,
+        "reconstructed": {
+            **_FAST,
+            "reconstruct": True,
+            "reconstruction": {"weight_iters": 400, "weight_lr": 1e-2, "batch_size": 32, "float_lr": 1e-4},
         },
     }
     wbits: int = 4
@@ -87,6 +106,9 @@ class SVDQuantConfig(MethodConfig):
     """Round the residual with GPTQ (else round to nearest)."""
     gptq_damping: float = 0.01
     gptq_block_size: int = 128
+    reconstruct: bool = False
+    """Not in the paper: learn the residuals' rounding block by block (AdaRound, `reconstruction` settings)
+    with the activations quantized, instead of GPTQ."""
     keep_sensitive: bool = True
     """Keep the official skip list in 16 bits (see the module docstring)."""
     unsigned_post_gelu: bool = True
@@ -119,6 +141,8 @@ class SVDQuantConfig(MethodConfig):
         if self.weight_observer not in ("lp", "minmax"):
             raise ConfigError("svdquant: weight_observer must be lp or minmax.")
         GPTQConfig(self.gptq_damping, self.gptq_block_size).validate()
+        if self.reconstruct and not isinstance(parse_format(self.weight_format or f"int{self.wbits}"), IntFormat):
+            raise ConfigError("svdquant: reconstruct learns integer rounding (AdaRound); use an INT weight format.")
 
     def weight_spec(self) -> QuantSpec:
         # shrink grid up to 20 % (deepcompressor: max_shrink 0.2), Lp error
@@ -213,6 +237,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
     weight_only = {name: replace(plans.pop(name), input=None) for name in modulation if name in plans}
     # grouped (depthwise) convs have no low-rank form: they keep a plain 4-bit layer, no branch (SANA)
     plain = {name: plans.pop(name) for name in list(plans) if getattr(denoiser.get_submodule(name), "groups", 1) != 1}
+    full_precision = full_precision_copy(denoiser) if config.reconstruct else None
     originals = {name: denoiser.get_submodule(name) for name in plans}
     weights = {name: module.weight.detach().clone() for name, module in originals.items()}
     data = random_subset(calibration, config.calibration_samples, config.calibration.seed)
@@ -241,7 +266,13 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
         )
         chosen[name] = result.alpha
         gains.append(result.error / max(result.baseline_error, 1e-30))
-    if config.gptq:
+    resumed: dict = {}
+    if config.reconstruct:
+        reconstructor = start_reconstruction(denoiser, full_precision, calibration, config, progress)
+        units = discover_units(denoiser, probe(denoiser, calibration), block_patterns=config.blocks)
+        reconstructor.weight_pass(units, with_activations=not config.weight_only)
+        resumed = finish_reconstruction(reconstructor)
+    elif config.gptq:
         accumulators = _accumulate_hessians(denoiser, layers, data, config, progress)
         gptq = GPTQConfig(config.gptq_damping, config.gptq_block_size)
         for name, layer in layers.items():
@@ -257,4 +288,5 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
         "smoothing_alphas": chosen,
         "smoothing_error_ratio_mean": round(sum(gains) / max(1, len(gains)), 4),
         "branch_bits_per_weight": round(16 * branch_values / max(1, quantized_weights), 3),
+        **resumed,
     }

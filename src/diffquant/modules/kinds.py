@@ -77,6 +77,15 @@ class LayerKind:
         """The part whose weight and input specs the saved plan records (None: the kind is not saved by plan)."""
         return next(iter(self.quantized_parts().values()), None)
 
+    # reconstruction --------------------------------------------------------------------------------
+    def trainable_float_parameters(self) -> list[nn.Parameter]:
+        """Float parameters beside the quantized parts that reconstruction may train with the rounding
+        (a 16-bit low-rank branch); empty when the kind has none."""
+        return []
+
+    def finish_float_training(self) -> None:
+        """Reconstruction has trained `trainable_float_parameters()`: bring them to their stored precision."""
+
     # runtime export --------------------------------------------------------------------------------
     def float_paths(self) -> dict[str, str]:
         """What this kind computes itself around its quantized parts after export, by path name: how it

@@ -126,6 +126,16 @@ class LowRankQuantLayer(LayerKind, nn.Module):
         scaled_up = scale * up.detach().float()
         self.lora_up = nn.Parameter(torch.cat([self.lora_up.detach(), scaled_up], 1), requires_grad=False)
 
+    # reconstruction ---------------------------------------------------------------------------------
+    def trainable_float_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_up, self.lora_down] if self.rank else []
+
+    def finish_float_training(self) -> None:
+        # the branch is stored in 16 bits: the simulation must run what the file will hold
+        with torch.no_grad():
+            for parameter in (self.lora_up, self.lora_down):
+                parameter.copy_(branch_precision(parameter))
+
     # running ------------------------------------------------------------------------------------
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """x_t = (x / s) H along the channel axis."""
