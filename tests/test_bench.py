@@ -247,3 +247,15 @@ def test_latency_of_the_same_kernels_is_kept_across_n(tmp_path):
     # other kernels (or another library version) are timed again
     assert runner._earlier_latency(spec, {"version": "1", "kernels": {"linear: float": 3}}) is None
     assert runner._earlier_latency(spec, {"version": "2", "kernels": kernels}) is None
+
+
+@pytest.mark.parametrize("peer", ["quanto", "torchao", "modelopt", "pt2e"])
+def test_a_peer_without_w4a4_says_why_in_its_row(peer, tmp_path, monkeypatch):
+    import diffquant.bench.peers as peers
+
+    monkeypatch.setattr(peers, "_version", lambda package: "1.0")  # installed or not, the reason is the mode
+    monkeypatch.setattr(BenchRunner, "model_state", lambda self, model: {"source": None})
+    runner = BenchRunner(BENCH_PRESETS["full"], tmp_path, progress=False)
+    row = runner.run_row(RowSpec("fmnist-dit", peer, "W4A4", "peer"))
+    assert row["status"] == f"skipped: {PEERS[peer].missing['W4A4']}"
+    assert "has no" not in row["status"]  # a real reason, not the generic one

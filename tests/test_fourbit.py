@@ -417,8 +417,12 @@ def test_svdquant_reconstruction_beats_gptq_and_trains_a_16bit_branch(
     # block AdaRound with the 4-bit activations on, the branch trained beside it (`reconstructed` preset)
     options = {"rank": 8, "checkpoint_dir": str(tmp_path / "ckpt")}
     options["reconstruction"] = {"weight_iters": 400, "batch_size": 16, "float_lr": 1e-4}
-    rebuilt = diffquant.quantize(trained_unet, "svdquant", calibration, progress=False, preset="reconstructed", **options)
-    nearest = diffquant.quantize(trained_unet, "svdquant", calibration, progress=False, preset="fast", rank=8, gptq=False)
+    rebuilt = diffquant.quantize(
+        trained_unet, "svdquant", calibration, progress=False, preset="reconstructed", **options
+    )
+    nearest = diffquant.quantize(
+        trained_unet, "svdquant", calibration, progress=False, preset="fast", rank=8, gptq=False
+    )
     ours, gptq = relative_error(trained_unet, rebuilt, held_out), relative_error(trained_unet, svdquant_unet, held_out)
     rtn = relative_error(trained_unet, nearest, held_out)
     assert ours < gptq < rtn and ours < 0.8 * rtn, (ours, gptq, rtn)

@@ -62,6 +62,8 @@ class Peer(ABC):
     name = "peer"
     package = ""
     settings: tuple[str, ...] = ()
+    missing: dict[str, str] = {}
+    """Why a setting outside `settings` cannot run here (shown in the skipped row)."""
 
     def unavailable(self) -> str | None:
         """None when usable, else why not."""
@@ -80,6 +82,7 @@ class Peer(ABC):
 class Quanto(Peer):
     name, package = "quanto", "optimum-quanto"
     settings = ("W8A8", "W4A8", "W4A16", "W8A16")
+    missing = {"W4A4": "quanto quantizes activations to qint8 or float8 only (no 4-bit activations)"}
 
     def quantize(self, denoiser, setting, batches):
         from optimum.quanto import Calibration, freeze, qint4, qint8, quantization_map, quantize
@@ -112,6 +115,7 @@ class Quanto(Peer):
 class TorchAO(Peer):
     name, package = "torchao", "torchao"
     settings = ("W8A8", "W4A8", "W4A16", "W8A16")
+    missing = {"W4A4": "torchao's 4-bit-activation configs (int4 dynamic, NVFP4/MX) run on CUDA kernels only"}
 
     def quantize(self, denoiser, setting, batches):
         from torchao.quantization import (
@@ -140,6 +144,10 @@ class TorchAO(Peer):
 class ModelOpt(Peer):
     name, package = "modelopt", "nvidia-modelopt"
     settings = ("W8A8", "W4A8", "W4A16")
+    missing = {
+        "W4A4": "ModelOpt's W4A4 configs (NVFP4_DEFAULT_CFG, NVFP4_SVDQUANT_DEFAULT_CFG) fail on CPU: "
+        "'amax must be a CUDA tensor for dynamic block quantization'"
+    }
 
     def quantize(self, denoiser, setting, batches):
         import modelopt.torch.opt as mto
@@ -223,6 +231,7 @@ def _roots(keys: tuple[str, ...]) -> set[str]:
 class PT2E(Peer):
     name, package = "pt2e", "torchao"
     settings = ("W8A8",)
+    missing = {"W4A4": "X86InductorQuantizer annotates int8 only"}
 
     def quantize(self, denoiser, setting, batches):
         import torch._inductor.config as inductor_config

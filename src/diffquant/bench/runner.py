@@ -242,7 +242,8 @@ class BenchRunner:
             peer = get_peer(spec.method)
             reason = peer.unavailable()
             if reason or spec.setting not in peer.settings:
-                return {**base, "status": f"skipped: {reason or f'{peer.name} has no {spec.setting} mode'}"}
+                reason = reason or peer.missing.get(spec.setting, f"{peer.name} has no {spec.setting} mode")
+                return {**base, "status": f"skipped: {reason}"}
             with measure_resources() as usage:
                 result = peer.quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
             candidate = DiffusionModel(
