@@ -494,6 +494,9 @@ def test_svdquant_presets_hold_the_paper_defaults():
     assert nvfp4.weight_spec().format == "nvfp4" and nvfp4.weight_spec().group_size == 16
     assert nvfp4.activation_spec().format == "nvfp4" and nvfp4.activation_spec().group_size == 16
     assert make_config("svdquant", "fast", abits=8).setting == "W4A8"
+    rebuilt = make_config("svdquant", "reconstructed-scaled")
+    assert rebuilt.reconstruct and rebuilt.rank_fraction == 32 / 1152 and rebuilt.reconstruction.weight_iters == 400
+    assert not paper.reconstruct  # the paper rounds with GPTQ
     with pytest.raises(ConfigError, match="alphas"):
         make_config("svdquant", "fast", smoothing_alphas=(1.5,))
 

@@ -86,6 +86,7 @@ class SVDQuantConfig(ReconstructionMethodConfig):
             "reconstruction": {"weight_iters": 400, "weight_lr": 1e-2, "batch_size": 32, "float_lr": 1e-4},
         },
     }
+    PRESETS["reconstructed-scaled"] = {**PRESETS["reconstructed"], "rank_fraction": PIXART_RANK_FRACTION}
     wbits: int = 4
     abits: int | None = 4
     weight_group_size: int | None = 64
