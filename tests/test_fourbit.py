@@ -497,6 +497,8 @@ def test_svdquant_presets_hold_the_paper_defaults():
     rebuilt = make_config("svdquant", "reconstructed-scaled")
     assert rebuilt.reconstruct and rebuilt.rank_fraction == 32 / 1152 and rebuilt.reconstruction.weight_iters == 400
     assert not paper.reconstruct  # the paper rounds with GPTQ
+    fine = make_config("svdquant", "reconstructed-fine")
+    assert fine.activation_spec().group_size == 16 and not fine.modulation_weight_only and fine.reconstruct
     with pytest.raises(ConfigError, match="alphas"):
         make_config("svdquant", "fast", smoothing_alphas=(1.5,))
 

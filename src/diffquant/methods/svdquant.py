@@ -87,6 +87,12 @@ class SVDQuantConfig(ReconstructionMethodConfig):
         },
     }
     PRESETS["reconstructed-scaled"] = {**PRESETS["reconstructed"], "rank_fraction": PIXART_RANK_FRACTION}
+    # finer 4-bit activations (one dynamic scale per 16 channels, NVFP4's block) and adaLN kept in 16 bits
+    PRESETS["reconstructed-fine"] = {
+        **PRESETS["reconstructed"],
+        "activation_group_size": 16,
+        "modulation_weight_only": False,
+    }
     wbits: int = 4
     abits: int | None = 4
     weight_group_size: int | None = 64
