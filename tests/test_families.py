@@ -336,3 +336,15 @@ def test_svdquant_w4a4_runs_saves_and_exports_on_every_family(family, tmp_path, 
     assert bool(details["weight_only_modulation"]) == (family != "sdxl-unet")
     if family == "sana":  # its depthwise conv has no low-rank form: a plain 4-bit layer instead of a crash
         assert details["plain_grouped_convs"]
+
+
+@pytest.mark.parametrize("family", ["sdxl-unet", "pixart", "sd3", "flux"])
+def test_svdquant_reconstructed_finds_the_blocks_and_trains_branches_on_every_family(family, tmp_path, monkeypatch):
+    monkeypatch.setitem(SETTINGS, "W4A4", (4, 4))
+    small = {"preset": "reconstructed", "rank": 4, "smoothing_alphas": (0.5,), "calibration_samples": 16}
+    small |= {"search_samples": 8, "checkpoint_dir": str(tmp_path / "ckpt")}
+    small["reconstruction"] = {"weight_iters": 4, "batch_size": 4, "float_lr": 1e-4}
+    monkeypatch.setitem(TINY_OPTIONS, "svdquant", small)
+    row = matrix_row(family, "svdquant", "W4A4", tmp_path / "q")
+    assert row["reload_identical"] and row["export_rel_error"] < 1e-3 and row["rel_error"] < 0.5
+    assert not any((tmp_path / "ckpt").iterdir())  # the finished run leaves no checkpoint

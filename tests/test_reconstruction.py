@@ -192,3 +192,35 @@ def test_edadm_records_tdac_calibration(trained_unet):
     calibration = diffquant.record_calibration(trained_unet, config, progress=False, use_cache=False)
     assert isinstance(calibration, CalibrationSet) and len(calibration) == 40
     assert calibration.meta["policy"] == "allocated(40 samples)"
+
+
+def test_killed_svdquant_reconstruction_resumes_to_the_same_model(trained_unet, calibration, tmp_path, monkeypatch):
+    options = {"preset": "reconstructed", "rank": 4, "calibration_samples": 32, "search_samples": 8}
+    options["reconstruction"] = {"weight_iters": 6, "batch_size": 8, "float_lr": 1e-3}
+    straight = diffquant.quantize(
+        trained_unet, "svdquant", calibration, progress=False, checkpoint_dir=str(tmp_path / "a"), **options
+    )
+    original = Reconstructor.mark_done
+    calls = {"count": 0}
+
+    def crash_after_three(self, key):
+        original(self, key)
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Reconstructor, "mark_done", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        diffquant.quantize(
+            trained_unet, "svdquant", calibration, progress=False, checkpoint_dir=str(tmp_path / "b"), **options
+        )
+    monkeypatch.setattr(Reconstructor, "mark_done", original)
+    resumed = diffquant.quantize(
+        trained_unet, "svdquant", calibration, progress=False, checkpoint_dir=str(tmp_path / "b"), **options
+    )
+    assert resumed.quantization["details"]["resumed_units"] >= 3
+    # trained branches and learned rounding of the finished units come back from the checkpoint exactly
+    for (name, a), (_, b) in zip(
+        straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
