@@ -432,6 +432,10 @@ def test_svdquant_reconstruction_beats_gptq_and_trains_a_16bit_branch(
     assert torch.equal(trained.lora_up, trained.lora_up.half().float())  # and stays what 16 bits hold
     assert not trained.lora_up.requires_grad
     assert not any((tmp_path / "ckpt").iterdir())  # the finished run leaves no checkpoint behind
+    with pytest.raises(ConfigError, match="float_lr"):
+        make_config("svdquant", "reconstructed", reconstruction={"float_lr": -1.0})
+    assert rebuilt.quantization["details"]["rounding"] == "adaround"
+    assert svdquant_unet.quantization["details"]["rounding"] == "gptq"
     with pytest.raises(ConfigError, match="INT weight format"):
         make_config("svdquant", "reconstructed", weight_format="nvfp4", weight_group_size=16)
 

@@ -379,9 +379,8 @@ class Reconstructor:
         owners = dict.fromkeys(kind_owner(self.model, name) for name in unit.layers if name not in self.frozen_layers)
         kinds = [self.model.get_submodule(name) for name in owners]
         kinds = [kind for kind in kinds if is_kind(kind) and kind.trainable_float_parameters()]
-        for kind in kinds:
-            for parameter in kind.trainable_float_parameters():
-                parameter.requires_grad_(True)
+        for parameter in (p for kind in kinds for p in kind.trainable_float_parameters()):
+            parameter.requires_grad_(True)
         return kinds
 
     def _finish_float_training(self, kinds: list[nn.Module]) -> None:

@@ -110,7 +110,7 @@ class SVDQuantConfig(ReconstructionMethodConfig):
     rotate: bool = False
     """Hadamard-rotate the layer input as well (QuaRot-style; not in the paper)."""
     gptq: bool = True
-    """Round the residual with GPTQ (else round to nearest)."""
+    """Round the residual with GPTQ (else round to nearest); `reconstruct` replaces it."""
     gptq_damping: float = 0.01
     gptq_block_size: int = 128
     reconstruct: bool = False
@@ -295,5 +295,7 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: SVDQuantConf
         "smoothing_alphas": chosen,
         "smoothing_error_ratio_mean": round(sum(gains) / max(1, len(gains)), 4),
         "branch_bits_per_weight": round(16 * branch_values / max(1, quantized_weights), 3),
+        # reconstruct takes the place of GPTQ: say which rounding the residuals got
+        "rounding": "adaround" if config.reconstruct else "gptq" if config.gptq else "nearest",
         **resumed,
     }
