@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -243,9 +244,11 @@ def _diffquant_model(case: Case, tiny: bool):
     from diffquant.families import adapter_for
     from diffquant.model import DDPM_LINEAR_SCHEDULE, DiffusionModel, ModelInfo
 
+    # diffquant calls the bare diffusers model by keyword through its family adapter (no suite wrapper)
+    denoiser = case.denoiser.inner
     # speed does not depend on the schedule: DDPM's linear betas where the family does not imply one
-    schedule = None if adapter_for(case.denoiser).flow_matching else dict(DDPM_LINEAR_SCHEDULE)
-    return DiffusionModel(case.denoiser, ModelInfo(case.name, "realsize", case.latent), schedule)
+    schedule = None if adapter_for(denoiser).flow_matching else dict(DDPM_LINEAR_SCHEDULE)
+    return DiffusionModel(denoiser, ModelInfo(case.name, "realsize", case.latent), schedule)
 
 
 def _calibration(case: Case, count: int):
@@ -261,6 +264,7 @@ def _calibration(case: Case, count: int):
 
 def make_diffquant(case: Case, args, method: str, wbits: int, abits: int | None) -> Variant:
     import diffquant
+    from diffquant.families import denoise
     from diffquant.runtime.export import export_model
 
     started = time.perf_counter()
@@ -278,7 +282,11 @@ def make_diffquant(case: Case, args, method: str, wbits: int, abits: int | None)
     except Exception as error:  # noqa: BLE001 - saving is a separate feature; keep the timing
         print(f"    (save failed: {type(error).__name__}: {error})", flush=True)
     kernels = ", ".join(f"{k} x{v}" for k, v in deployed.quantization["kernels"].items())
-    return Variant(_module_call(deployed.denoiser), deployed.denoiser.inner, False, setup, disk, [kernels])
+
+    def call(sample, timestep, conditioning):
+        return denoise(deployed.denoiser, sample, timestep, conditioning)
+
+    return Variant(call, deployed.denoiser.inner, False, setup, disk, [kernels])
 
 
 class _FloatTimestep(nn.Module):
@@ -533,6 +541,109 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- the BENCHMARKS.md section ------------------------------------------------------------------
+SECTION = Path(__file__).parent / "results" / "full" / "sections" / "realsize.md"
+PEERS = ("pt2e", "torchao", "openvino")
+W8A8_TARGET = 2.5
+
+
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """One results dict from per-model runs (each model timed in its own process, same settings)."""
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    merged = {**payloads[0], "models": {}}
+    for payload in payloads:
+        merged["models"].update(payload["models"])
+    return merged
+
+
+def _speed(row: dict[str, Any], batch: int) -> float | None:
+    return row.get("speedup_vs_fp32", {}).get(str(batch))
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """Per model and batch: diffquant's best W8A8 against fp32 compiled and the best peer; W4 memory."""
+    lines = []
+    for name, model in results["models"].items():
+        rows = model["rows"]
+        for batch in results["batches"]:
+            ours = {k: _speed(r, batch) for k, r in rows.items() if k.startswith("diffquant W8A8") and _speed(r, batch)}
+            peers = {k: _speed(r, batch) for k, r in rows.items() if k in PEERS and _speed(r, batch)}
+            if not ours:
+                continue
+            best, best_speed = max(ours.items(), key=lambda item: item[1])
+            text = f"- **{name}, batch {batch}**: {best} {best_speed:.2f}x fp32 compiled (target {W8A8_TARGET}x)"
+            if peers:
+                peer, peer_speed = max(peers.items(), key=lambda item: item[1])
+                text += f"; best peer {peer} {peer_speed:.2f}x, so diffquant runs at {best_speed / peer_speed:.2f}x it"
+            w4 = rows.get("diffquant W4 weight-only (packed)", {})
+            if _speed(w4, batch) and batch == 1:
+                text += (
+                    f". W4 weight-only {_speed(w4, batch):.2f}x fp32 compiled, resident weights "
+                    f"{w4.get('resident_fraction_of_fp32', float('nan')):.3f} of fp32"
+                )
+            lines.append(text + ".")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: every variant's speed against fp32 compiled, per model and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.8), squeeze=False)
+    for axis, name in zip(axes[0], models, strict=True):
+        rows = {k: r for k, r in results["models"][name]["rows"].items() if "speedup_vs_fp32" in r}
+        labels = list(rows)
+        width = 0.8 / len(results["batches"])
+        for index, batch in enumerate(results["batches"]):
+            values = [_speed(rows[label], batch) or 0.0 for label in labels]
+            positions = [i + (index - (len(results["batches"]) - 1) / 2) * width for i in range(len(labels))]
+            axis.barh(positions, values, height=width, label=f"batch {batch}")
+        axis.axvline(1.0, color="grey", linewidth=0.8)
+        axis.axvline(W8A8_TARGET, color="red", linestyle="--", linewidth=0.8, label=f"W8A8 target {W8A8_TARGET}x")
+        axis.set_yticks(range(len(labels)), [label.replace("diffquant ", "dq ") for label in labels], fontsize=8)
+        axis.invert_yaxis()
+        axis.set_xlabel(f"speed vs {results['models'][name]['baseline']} (one interleaved run)")
+        axis.set_title(f"{name} ({results['models'][name]['parameters'] / 1e6:.0f} M)", fontsize=10)
+        axis.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_section(paths: list[Path], section: Path = SECTION, out_dir: Path = RESULTS) -> str:
+    """Merge per-model result files into OUT_DIR/real.json, a plot and the BENCHMARKS.md companion section."""
+    results = merge_results(paths)
+    figure = out_dir / "speedup.png"
+    plot(results, figure)
+    (out_dir / "real.json").write_text(json.dumps(results, indent=2) + "\n")
+    link = Path(os.path.relpath(figure.resolve(), Path.cwd().resolve())).as_posix()
+    text = "\n".join(
+        [
+            "## Real-size CPU speed (seeded random weights, batch 1 and 2)",
+            "",
+            "Denoisers at the sizes people run, each model timed in one interleaved run "
+            f"(`python benchmarks/realsize_speed.py`, {results['repeats']} repeats, medians); W8A8 rows are "
+            "diffquant's deployed form (oneDNN int8, compiled), W4 keeps packed int4 weights. "
+            f"Results: `{Path(os.path.relpath(out_dir.resolve(), Path.cwd().resolve())).as_posix()}/real.json`.",
+            "",
+            *headline(results),
+            "",
+            f"![real-size speed]({link})",
+            "",
+            markdown(results),
+        ]
+    )
+    section.parent.mkdir(parents=True, exist_ok=True)
+    section.write_text(text.strip() + "\n")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -549,6 +660,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile everywhere")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/realsize/<real|tiny>)")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--section",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="only merge these per-model result files into real.json, a plot and the BENCHMARKS.md section",
+    )
     args = parser.parse_args(argv)
     if 1 not in args.batches:
         args.batches = [1, *args.batches]  # the error and the sampling loop are measured at batch 1
@@ -557,6 +675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.section:
+        print(write_section(args.section))
+        return merge_results(args.section)
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
         "machine": {
