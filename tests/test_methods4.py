@@ -174,6 +174,51 @@ def test_mixdq_integer_program_meets_the_budget_with_decoupled_groups(mixdq_t2i)
     assert len(details["protected_inputs"]) == 1 and layers[details["protected_inputs"][0]].input_quantizer is None
 
 
+def test_regridded_quantizer_keeps_the_calibrated_range_at_another_width():
+    x = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    for symmetric, fmt in ((False, "uint8"), (True, "int8")):
+        quantizer = Quantizer(QuantSpec(fmt, symmetric=symmetric, observer="minmax"))
+        quantizer.start_observing()
+        quantizer(x)
+        quantizer.finish_observing()
+        four = quantizer.regridded(quantizer.spec.replace(format=fmt.replace("8", "4")))
+        out = four(x)
+        assert out.unique().numel() <= 16 and (out - x).abs().max() <= four.scale * 0.5 + 1e-5
+        assert torch.allclose(out.amax(), quantizer(x).amax(), rtol=0.1)  # the same range, a coarser grid
+        same = quantizer.regridded(quantizer.spec)  # the same width reproduces the calibrated grid
+        assert torch.allclose(same.scale, quantizer.scale) and torch.equal(same.zero_point, quantizer.zero_point)
+
+
+def test_mixdq_activation_mixed_precision_meets_its_budget_and_beats_uniform_4bit(t2i, tmp_path):
+    from diffquant.engines.sensitivity import input_sizes
+
+    model, calibration = t2i
+    config = make_config("mixdq", "mixed-activations", average_activation_bits=6.0, protect_share=0.0)
+    mixed = diffquant.quantize(model, config, calibration, progress=False)
+    details = mixed.quantization["details"]
+    inputs = {n: m for n, m in quant_layers(mixed.denoiser) if m.input_quantizer is not None}
+    plan = details["activation_bits"]
+    assert plan == {n: m.input_quantizer.spec.bits for n, m in inputs.items()}
+    assert set(plan.values()) == {4, 8}  # genuinely mixed
+    batch = next(calibration.batches(64))
+    sizes = input_sizes(mixed.denoiser, inputs, batch)
+    assert sum(sizes[n] * b for n, b in plan.items()) <= 6.0 * sum(sizes.values())
+    assert details["average_activation_bits"] <= 6.0 and details["activation_plan_output_error"]  # one per feasible K
+
+    uniform = diffquant.quantize(model, make_config("mixdq", "fast", abits=4, protect_share=0.0), calibration)
+    assert "activation_bits" not in uniform.quantization["details"]  # abits is the narrowest width: no plan
+    ours, theirs = _relative_error(model, mixed, calibration), _relative_error(model, uniform, calibration)
+    assert ours < theirs, (ours, theirs)
+
+    diffquant.save(mixed, tmp_path / "mixed")
+    reloaded = diffquant.load(tmp_path / "mixed")
+    assert {n: m.input_quantizer.spec.bits for n, m in quant_layers(reloaded.denoiser) if m.input_quantizer} == plan
+    for a, b in zip(_outputs(mixed, calibration), _outputs(reloaded, calibration), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="average_activation_bits needs quantized activations"):
+        make_config("mixdq", "fast", abits=None, average_activation_bits=7.0).validate()
+
+
 def test_mixdq_and_dgq_reload_from_a_pipeline_directory_identically(t2i, mixdq_t2i, dgq_t2i, tmp_path):
     _, calibration = t2i
     for name, quantized in (("mixdq", mixdq_t2i), ("dgq", dgq_t2i)):

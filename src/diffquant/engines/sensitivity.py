@@ -92,6 +92,39 @@ def requantize_weight(layer: QuantLayer, bits: int) -> None:
     layer.weight_quantizer = quantizer
 
 
+def requantize_input(layer: QuantLayer, bits: int) -> None:
+    """Give `layer`'s calibrated input quantizer a `bits`-wide grid of the same kind over the same range."""
+    if layer.input_quantizer is None:
+        raise ConfigError("Only a layer with an input quantizer can change its activation bits.")
+    quantizer = layer.input_quantizer
+    layer.input_quantizer = quantizer.regridded(spec_with_bits(quantizer.spec, bits))
+    layer.input_quantizer.enabled = quantizer.enabled
+
+
+def input_sizes(denoiser: nn.Module, layers: dict[str, QuantLayer], batch: CalibrationBatch) -> dict[str, int]:
+    """Elements of each layer's input per sample on `batch`: the weight of its activation width in an
+    average-bits budget (MixDQ's activation tensor ratios)."""
+    sizes: dict[str, int] = {}
+
+    def recorder(name: str):
+        def record(_module, args) -> None:
+            sizes[name] = sizes.get(name, 0) + args[0].numel() // max(batch.sample.shape[0], 1)
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad(), quantizers_disabled(denoiser):
+            call_denoiser(denoiser, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(layers) - set(sizes))
+    if missing:
+        raise ConfigError(f"Layers never called on the probe batch, so no activation size: {missing[:5]}.")
+    return sizes
+
+
 def _outputs(denoiser: nn.Module, batches: list[CalibrationBatch]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [call_denoiser(denoiser, batch).detach() for batch in batches]
@@ -135,6 +168,29 @@ def weight_sensitivity(
                 requantize_weight(layer, bits)
                 costs[name][bits] = output_cost(denoiser, batches, references, metric_of[name])
             layer.weight_quantizer = original
+    return costs
+
+
+def activation_bit_sensitivity(
+    denoiser: nn.Module,
+    layers: dict[str, QuantLayer],
+    candidates: tuple[int, ...],
+    metric_of: dict[str, str],
+    batches: list[CalibrationBatch],
+) -> dict[str, dict[int, float]]:
+    """Cost of each layer's calibrated input quantizer alone at each candidate width (everything else in
+    float), the activation counterpart of `weight_sensitivity`."""
+    references = float_outputs(denoiser, batches)
+    costs: dict[str, dict[int, float]] = {}
+    with quantizers_disabled(denoiser):
+        for name, layer in layers.items():
+            original = layer.input_quantizer
+            costs[name] = {}
+            for bits in candidates:
+                requantize_input(layer, bits)
+                layer.input_quantizer.enabled = True
+                costs[name][bits] = output_cost(denoiser, batches, references, metric_of[name])
+            layer.input_quantizer = original
     return costs
 
 

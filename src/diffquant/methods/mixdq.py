@@ -14,15 +14,21 @@ Algorithm (`paper` preset: the released W4A8 recipe; `fast` for CPUs):
      total sensitivity, the group's parameter-weighted average within its budget; a ratio K splits the
      average budget between content and quality layers, each K in the scan gives one plan, and the
      plan whose output is closest to float (MSE, weights only) wins;
-  5. activation protection: the layers whose quantized input alone hurts the output most (top 1 %)
+  5. activation mixed precision, after the weights: each layer's input quantized alone at each candidate
+     width, scored by the same decoupled metrics; the same two integer programs and K scan, the average
+     weighted by each input's size (MixDQ's activation tensor ratios); the plan closest to float wins;
+  6. activation protection: the layers whose quantized input alone hurts the output most (top 1 %)
      keep float inputs.
-Candidate widths: content {2, 4, 8}, quality {4, 8}; activations stay at abits elsewhere.
+Candidate widths: weights content {2, 4, 8}, quality {4, 8}; activations {4, 8}. The activation average
+defaults to abits (every input at abits when abits is the widest candidate); the `mixed-activations`
+preset sets 7.77, one of the released configs' activation averages.
 Only for text-conditioned models: without a text input, one clear error says so.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from torch import nn
@@ -35,10 +41,13 @@ from diffquant.engines.allocation import Allocation, allocate_bits, budget_for_a
 from diffquant.engines.sensitivity import (
     CONTENT,
     QUALITY,
+    activation_bit_sensitivity,
     activation_sensitivity,
     float_outputs,
+    input_sizes,
     output_cost,
     quantizers_disabled,
+    requantize_input,
     requantize_weight,
     weight_sensitivity,
 )
@@ -66,6 +75,12 @@ class MixDQConfig(MethodConfig):
             "sensitivity_samples": 8,
             "calibration": {"trajectories": 16, "policy": "uniform", "uniform_steps": 8},
         },
+        "mixed-activations": {
+            "average_activation_bits": 7.77,
+            "budget_ratios": (0.9, 1.0, 1.1),
+            "sensitivity_samples": 8,
+            "calibration": {"trajectories": 16, "policy": "uniform", "uniform_steps": 8},
+        },
     }
     wbits: int = 4
     abits: int | None = 8
@@ -77,6 +92,10 @@ class MixDQConfig(MethodConfig):
     """Parameter-weighted average weight width of the plan; None = wbits."""
     budget_ratios: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2)
     """Values of K scanned: content layers get K x the average budget, quality layers the rest."""
+    activation_bit_choices: tuple[int, ...] = (4, 8)
+    """Candidate input widths of every quantized activation."""
+    average_activation_bits: float | None = None
+    """Input-size-weighted average activation width of the plan; None = abits."""
     protect_share: float = 0.01
     """Share of layers (the most activation-sensitive, at least one when > 0) whose inputs stay float."""
     bos_aware: bool = True
@@ -91,12 +110,14 @@ class MixDQConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("content_bit_choices", "quality_bit_choices"):
+        for name in ("content_bit_choices", "quality_bit_choices", "activation_bit_choices"):
             choices = getattr(self, name)
             if not choices or any(not 1 <= b <= 16 for b in choices):
                 raise ConfigError(f"mixdq: {name} must be widths in 1-16, got {choices}.")
         if not self.budget_ratios or any(k <= 0 for k in self.budget_ratios):
             raise ConfigError(f"mixdq: budget_ratios must be positive, got {self.budget_ratios}.")
+        if self.average_activation_bits is not None and self.abits is None:
+            raise ConfigError("mixdq: average_activation_bits needs quantized activations; set abits (e.g. --abits 8).")
         if not 0.0 <= self.protect_share < 1.0 or self.sensitivity_samples <= 0:
             raise ConfigError("mixdq: protect_share must lie in [0, 1) and sensitivity_samples be positive.")
 
@@ -116,17 +137,21 @@ def _group_plan(
 
 
 def candidate_plans(
-    sensitivity: dict[str, dict[int, float]], sizes: dict[str, int], content: list[str], config: MixDQConfig
+    sensitivity: dict[str, dict[int, float]],
+    sizes: dict[str, int],
+    content: list[str],
+    average: float,
+    ratios: tuple[float, ...],
+    what: str = "weight",
 ) -> dict[float, dict[str, int]]:
-    """One bit plan per budget ratio K that both groups' programs can meet."""
-    average = config.wbits if config.average_weight_bits is None else config.average_weight_bits
+    """One bit plan per budget ratio K that both groups' programs can meet (`sizes` weigh the average)."""
     quality = [n for n in sizes if n not in content]
     if not content or not quality:
         return {1.0: _group_plan(sensitivity, sizes, list(sizes), average).bits}
     total = average * sum(sizes.values())
     content_size, quality_size = sum(sizes[n] for n in content), sum(sizes[n] for n in quality)
     plans: dict[float, dict[str, int]] = {}
-    for ratio in config.budget_ratios:
+    for ratio in ratios:
         content_average = ratio * average
         quality_average = (total - content_average * content_size) / quality_size
         try:
@@ -138,10 +163,73 @@ def candidate_plans(
             continue
     if not plans:
         raise DiffquantError(
-            f"mixdq: no budget ratio in {config.budget_ratios} gives a feasible plan at {average} bits per weight; "
-            "widen content_bit_choices/quality_bit_choices or raise average_weight_bits."
+            f"mixdq: no budget ratio in {ratios} gives a feasible {what} plan at {average} average bits; widen "
+            f"the candidate widths (content/quality/activation_bit_choices) or raise average_{what}_bits."
         )
     return plans
+
+
+def weighted_average(bits: dict[str, int], sizes: dict[str, int]) -> float:
+    return sum(sizes[n] * b for n, b in bits.items()) / sum(sizes[n] for n in bits)
+
+
+def best_plan(
+    denoiser: nn.Module,
+    plans: dict[float, dict[str, int]],
+    set_width: Callable[[str, int], None],
+    probe: list,
+    references: list,
+    weights_only: bool,
+) -> tuple[float, dict[float, float]]:
+    """Apply every candidate plan, score the model's output against float, keep the closest plan."""
+    scores: dict[float, float] = {}
+    for ratio, bits in plans.items():
+        for name, width in bits.items():
+            set_width(name, width)
+        if weights_only:  # MixDQ scores the weight plans with float activations
+            with quantizers_disabled(denoiser):
+                for module in denoiser.modules():
+                    if isinstance(module, QuantLayer) and module.weight_quantizer is not None:
+                        module.weight_quantizer.enabled = True
+                scores[ratio] = output_cost(denoiser, probe, references)
+        else:
+            scores[ratio] = output_cost(denoiser, probe, references)
+    chosen = min(scores, key=scores.get)
+    for name, width in plans[chosen].items():
+        set_width(name, width)
+    return chosen, scores
+
+
+def activation_plan(
+    denoiser: nn.Module,
+    inputs: dict[str, QuantLayer],
+    content: list[str],
+    metric_of: dict[str, str],
+    probe: list,
+    references: list,
+    config: MixDQConfig,
+) -> dict:
+    """Step 5: input widths from the decoupled sensitivities, one program per group, K scanned."""
+    average = config.abits if config.average_activation_bits is None else config.average_activation_bits
+    choices = tuple(sorted(config.activation_bit_choices))
+    forced = average is not None and (average >= choices[-1] == config.abits or average <= choices[0] == config.abits)
+    if not inputs or average is None or forced:
+        return {}  # the budget leaves every input at abits: nothing to allocate
+    metrics = {n: metric_of.get(n, QUALITY) for n in inputs}
+    sensitivity = activation_bit_sensitivity(denoiser, inputs, choices, metrics, probe)
+    sizes = input_sizes(denoiser, inputs, probe[0])
+    plans = candidate_plans(
+        sensitivity, sizes, [n for n in inputs if n in content], average, config.budget_ratios, "activation"
+    )
+    chosen, scores = best_plan(
+        denoiser, plans, lambda n, b: requantize_input(inputs[n], b), probe, references, weights_only=False
+    )
+    return {
+        "activation_bits": plans[chosen],
+        "activation_budget_ratio": chosen,
+        "activation_plan_output_error": {str(k): round(v, 6) for k, v in scores.items()},
+        "average_activation_bits": round(weighted_average(plans[chosen], sizes), 4),
+    }
 
 
 @register_method(
@@ -179,22 +267,18 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: MixDQConfig,
         ),
     }
     sizes = {n: layer.weight.numel() for n, layer in layers.items()}
+    average = config.wbits if config.average_weight_bits is None else config.average_weight_bits
+    weight_plans = candidate_plans(sensitivity, sizes, content, average, config.budget_ratios)
     references = float_outputs(denoiser, probe)
-    scores: dict[float, float] = {}
-    plans_by_ratio = candidate_plans(sensitivity, sizes, content, config)
-    for ratio, bits in plans_by_ratio.items():
-        for name, width in bits.items():
-            requantize_weight(layers[name], width)
-        with quantizers_disabled(denoiser):
-            for layer in layers.values():
-                layer.weight_quantizer.enabled = True
-            scores[ratio] = output_cost(denoiser, probe, references)
-    chosen = min(scores, key=scores.get)
-    for name, width in plans_by_ratio[chosen].items():
-        requantize_weight(layers[name], width)
+    chosen, scores = best_plan(
+        denoiser, weight_plans, lambda n, b: requantize_weight(layers[n], b), probe, references, weights_only=True
+    )
 
-    # step 5: protect the most activation-sensitive inputs
+    # step 5: activation mixed precision, planned like the weights once the weights are fixed
     inputs = {n: m for n, m in quant_layers(denoiser) if m.input_quantizer is not None}
+    activation = activation_plan(denoiser, inputs, content, metric_of, probe, references, config)
+
+    # step 6: protect the most activation-sensitive inputs
     protected: list[str] = []
     if inputs and config.protect_share > 0:
         costs = activation_sensitivity(denoiser, inputs, {n: metric_of.get(n, QUALITY) for n in inputs}, probe)
@@ -205,11 +289,10 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: MixDQConfig,
         "text_layers": text,
         "bos_aware": config.bos_aware,
         "content_layers": content,
-        "weight_bits": plans_by_ratio[chosen],
+        "weight_bits": weight_plans[chosen],
         "budget_ratio": chosen,
         "plan_output_error": {str(k): round(v, 6) for k, v in scores.items()},
-        "average_weight_bits": round(
-            sum(sizes[n] * b for n, b in plans_by_ratio[chosen].items()) / sum(sizes.values()), 4
-        ),
+        "average_weight_bits": round(weighted_average(weight_plans[chosen], sizes), 4),
+        **activation,
         "protected_inputs": protected,
     }

@@ -263,6 +263,23 @@ class Quantizer(nn.Module):
         self._observer_for_step().update(group_view(tensor.detach(), self.grouping))
         self.finish_observing()
 
+    def regridded(self, spec: QuantSpec) -> Quantizer:
+        """A quantizer with `spec` (another integer width) over the range this one was calibrated to,
+        per-step banks included: mixed-precision probes change widths without re-observing data."""
+        quantizer = Quantizer(spec)
+        scale = self.step_size()
+        if self.spec.dynamic or scale is None:  # nothing calibrated to carry over
+            return quantizer
+        if not isinstance(self.fmt, IntFormat) or not isinstance(quantizer.fmt, IntFormat):
+            raise ConfigError(f"Only integer grids change width over a range; got {self.fmt} -> {quantizer.fmt}.")
+        scale = scale.detach()
+        high = (self.fmt.qmax - self.zero_point) * scale
+        low = -high if self.spec.symmetric else (self.fmt.qmin - self.zero_point) * scale
+        quantizer._set_params(*params_from_range(low, high, quantizer.fmt, spec.symmetric))
+        if self.bank_timesteps is not None:
+            quantizer.bank_timesteps = self.bank_timesteps.clone()
+        return quantizer
+
     @property
     def calibrated(self) -> bool:
         return self.spec.dynamic or self.step_size() is not None
