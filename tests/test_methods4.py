@@ -272,6 +272,20 @@ def test_dgq_beats_naive_per_tensor_on_outlier_channels(t2i, wbits, abits, log_s
     assert ours < 0.7 * theirs, (ours, theirs)
 
 
+def test_dgq_brecq_reconstruction_beats_round_to_nearest_and_leaves_no_checkpoint(t2i, dgq_t2i, tmp_path):
+    model, calibration = t2i
+    options = {"groups": 4, "checkpoint_dir": str(tmp_path), "reconstruction": {"weight_iters": 150}}
+    config = make_config("dgq", "reconstructed", **options)
+    assert config.reconstruct and config.reconstruction.weight_lr == 1e-2  # the preset's engine settings kept
+    brecq = diffquant.quantize(model, config, calibration, progress=False)
+    assert brecq.quantization["details"]["rounding"] == "adaround"
+    assert dgq_t2i.quantization["details"]["rounding"] == "nearest"
+    ours, theirs = _relative_error(model, brecq, calibration), _relative_error(model, dgq_t2i, calibration)
+    assert ours < 0.9 * theirs, (ours, theirs)
+    assert not any(tmp_path.iterdir())  # the finished run deletes its checkpoint
+    assert make_config("dgq", "paper-sd").reconstruction.weight_iters == 20000
+
+
 @pytest.mark.parametrize("method", ["mixdq", "dgq"])
 def test_text_methods_refuse_a_model_without_text(method):
     model = tiny_dit_model()

@@ -1,8 +1,10 @@
 """DGQ (Ryu et al., ICLR 2025): distribution-aware group quantization for text-to-image diffusion models.
 
-Algorithm (`paper` preset: G = 8 groups, ranges per sampling step; `fast` for CPUs):
-  1. weights: one scale per output channel, min-max, round to nearest (the paper's SDXL-Turbo setting;
-     its SD v1.4 runs add BRECQ weight reconstruction, not included here);
+Algorithm (`paper` preset: G = 8 groups, ranges per sampling step, the SDXL-Turbo setting; `paper-sd`:
+the SD v1.4 setting with BRECQ; `fast` and `reconstructed` for CPUs):
+  1. weights: one scale per output channel, min-max, round to nearest (the paper's SDXL-Turbo setting);
+     with `reconstruct` (its SD v1.4 setting) the rounding is then learned block by block, BRECQ as
+     Q-Diffusion forks it (AdaRound, activation quantization off), before the activation ranges;
   2. outlier-preserving group activation quantization: record every layer input's per-channel and
      per-token min/max over the calibration set, pick the dimension whose ranges spread more
      (D_d = range of the maxima + range of the minima), cluster that dimension's (min, max) pairs by
@@ -27,10 +29,16 @@ from torch import nn
 from diffquant.calibration import CalibrationSet, feed_calibration
 from diffquant.calibration.dataset import random_subset
 from diffquant.calibration.validation import text_token_count
-from diffquant.engines import calibrate_ranges
+from diffquant.engines import calibrate_ranges, discover_units, probe
 from diffquant.engines.text_stream import text_layers
 from diffquant.errors import ConfigError
-from diffquant.methods.base import CalibrationConfig, MethodConfig
+from diffquant.methods.base import CalibrationConfig
+from diffquant.methods.reconstruction_base import (
+    ReconstructionMethodConfig,
+    finish_reconstruction,
+    full_precision_copy,
+    start_reconstruction,
+)
 from diffquant.methods.registry import register_method
 from diffquant.modules import apply_plans, quant_layers, resolve_policy
 from diffquant.quant import QuantSpec
@@ -40,18 +48,26 @@ CHANNEL_AXIS, TOKEN_AXIS = -1, 1
 
 
 @dataclass
-class DGQConfig(MethodConfig):
+class DGQConfig(ReconstructionMethodConfig):
     name = "dgq"
     needs_text = True
     PRESETS = {
         "paper": {"calibration": {"trajectories": 64, "policy": "all", "steps": 25}},
+        "paper-sd": {
+            "calibration": {"trajectories": 64, "policy": "all", "steps": 25},
+            "reconstruct": True,
+            "reconstruction": {"weight_iters": 20000, "batch_size": 8},
+        },
         "fast": {
             "statistics_samples": 64,
             "calibration": {"trajectories": 16, "policy": "uniform", "uniform_steps": 8},
         },
     }
-    wbits: int = 4
-    abits: int | None = 8
+    PRESETS["reconstructed"] = {
+        **PRESETS["fast"],
+        "reconstruct": True,
+        "reconstruction": {"weight_iters": 400, "weight_lr": 1e-2, "batch_size": 32},
+    }
     groups: int = 8
     """Activation range groups per layer, G (the paper tries 1, 8, 16; G = 1 is per-tensor)."""
     activation_per_step: bool = True
@@ -64,6 +80,8 @@ class DGQConfig(MethodConfig):
     """Patterns of the layers fed the text stream; None = found by running the model."""
     statistics_samples: int = 256
     """Calibration entries whose inputs decide each layer's grouping dimension."""
+    reconstruct: bool = False
+    """BRECQ weight reconstruction (the paper's SD v1.4 setting; `reconstruction` settings)."""
     calibration: CalibrationConfig = field(
         default_factory=lambda: CalibrationConfig(trajectories=64, policy="uniform", uniform_steps=25)
     )
@@ -167,13 +185,21 @@ def apply(denoiser: nn.Module, calibration: CalibrationSet, config: DGQConfig, p
         plans[name] = replace(plans[name], input=spec.replace(fp_leading_tokens=1) if bos else spec)
     if config.bos_aware:
         attention = {name: replace(plan, fp_text_bos=True) for name, plan in attention.items()}
+    full_precision = full_precision_copy(denoiser) if config.reconstruct else None
     apply_plans(denoiser, plans, attention)
     for _, layer in quant_layers(denoiser):
         layer.calibrate_weight()
+    resumed: dict = {}
+    if config.reconstruct:  # step 1, SD v1.4 setting: BRECQ rounding before the activation ranges
+        reconstructor = start_reconstruction(denoiser, full_precision, calibration, config, progress)
+        reconstructor.weight_pass(discover_units(denoiser, probe(denoiser, calibration), block_patterns=config.blocks))
+        resumed = finish_reconstruction(reconstructor)
     calibrate_ranges(denoiser, calibration, config.batch_size, progress)
     return {
         "groups": config.groups,
         "token_grouped_layers": sorted(n for n, a in axes.items() if a == TOKEN_AXIS),
         "text_layers": sorted(text),
         "log_softmax_attention": len(attention) if config.log_softmax else 0,
+        "rounding": "adaround" if config.reconstruct else "nearest",
+        **resumed,
     }
