@@ -147,6 +147,36 @@ def float_outputs(denoiser: nn.Module, batches: list[CalibrationBatch]) -> list[
         return _outputs(denoiser, batches)
 
 
+def _width_sensitivity(
+    denoiser: nn.Module,
+    layers: dict[str, QuantLayer],
+    candidates: tuple[int, ...],
+    metric_of: dict[str, str],
+    batches: list[CalibrationBatch],
+    role: str,
+) -> dict[str, dict[int, float]]:
+    """Cost of each layer's `role` quantizer ("weight" or "input") alone at each candidate width."""
+    unknown = {metric_of[name] for name in layers} - set(METRICS)
+    if unknown:
+        raise ConfigError(f"Unknown sensitivity metric(s) {sorted(unknown)}; choose from {sorted(METRICS)}.")
+    attribute, requantize = {
+        "weight": ("weight_quantizer", requantize_weight),
+        "input": ("input_quantizer", requantize_input),
+    }[role]
+    references = float_outputs(denoiser, batches)
+    costs: dict[str, dict[int, float]] = {}
+    with quantizers_disabled(denoiser):
+        for name, layer in layers.items():
+            original = getattr(layer, attribute)
+            costs[name] = {}
+            for bits in candidates:
+                requantize(layer, bits)
+                getattr(layer, attribute).enabled = True
+                costs[name][bits] = output_cost(denoiser, batches, references, metric_of[name])
+            setattr(layer, attribute, original)
+    return costs
+
+
 def weight_sensitivity(
     denoiser: nn.Module,
     layers: dict[str, QuantLayer],
@@ -155,20 +185,7 @@ def weight_sensitivity(
     batches: list[CalibrationBatch],
 ) -> dict[str, dict[int, float]]:
     """Cost of each layer's weights alone at each candidate width (everything else in float)."""
-    unknown = {metric_of[name] for name in layers} - set(METRICS)
-    if unknown:
-        raise ConfigError(f"Unknown sensitivity metric(s) {sorted(unknown)}; choose from {sorted(METRICS)}.")
-    references = float_outputs(denoiser, batches)
-    costs: dict[str, dict[int, float]] = {}
-    with quantizers_disabled(denoiser):
-        for name, layer in layers.items():
-            original = layer.weight_quantizer
-            costs[name] = {}
-            for bits in candidates:
-                requantize_weight(layer, bits)
-                costs[name][bits] = output_cost(denoiser, batches, references, metric_of[name])
-            layer.weight_quantizer = original
-    return costs
+    return _width_sensitivity(denoiser, layers, candidates, metric_of, batches, "weight")
 
 
 def activation_bit_sensitivity(
@@ -180,18 +197,7 @@ def activation_bit_sensitivity(
 ) -> dict[str, dict[int, float]]:
     """Cost of each layer's calibrated input quantizer alone at each candidate width (everything else in
     float), the activation counterpart of `weight_sensitivity`."""
-    references = float_outputs(denoiser, batches)
-    costs: dict[str, dict[int, float]] = {}
-    with quantizers_disabled(denoiser):
-        for name, layer in layers.items():
-            original = layer.input_quantizer
-            costs[name] = {}
-            for bits in candidates:
-                requantize_input(layer, bits)
-                layer.input_quantizer.enabled = True
-                costs[name][bits] = output_cost(denoiser, batches, references, metric_of[name])
-            layer.input_quantizer = original
-    return costs
+    return _width_sensitivity(denoiser, layers, candidates, metric_of, batches, "input")
 
 
 def activation_sensitivity(
