@@ -25,6 +25,7 @@ Writes JSON and a markdown table (`--out`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -385,11 +386,10 @@ def variant_labels(name: str, args) -> list[str]:
 def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
     if name == "fp32-eager":
         return Variant(_module_call(case.denoiser), case.denoiser)
-    if name == "fp32-compiled":
+    if name == "fp32-compiled":  # compiles the eager module itself: a second fp32 copy would not fit in RAM
         started = time.perf_counter()
-        module = copy.deepcopy(case.denoiser)
-        compiled = _compiled(module, args.compile)
-        return Variant(_module_call(compiled), module, True, time.perf_counter() - started)
+        compiled = _compiled(case.denoiser, args.compile)
+        return Variant(_module_call(compiled), case.denoiser, True, time.perf_counter() - started)
     if name == "bf16-compiled":
         module = copy.deepcopy(case.denoiser).to(torch.bfloat16)
         compiled = _compiled(module, args.compile)
@@ -413,6 +413,27 @@ def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
 
 
 # --- measuring ------------------------------------------------------------------------------------
+def release_memory() -> float:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and the
+    real-size variants only fit in RAM side by side if the copies made while building them are returned).
+    Returns the process's resident MB."""
+    import ctypes
+    import gc
+
+    import psutil
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _looped(label: str, args) -> bool:
+    """Whether a row gets the whole sampling run (`--loop-variants`; a variant name covers its rows)."""
+    chosen = args.loop_variants
+    return chosen is None or any(label in variant_labels(name, args) for name in chosen)
+
+
 def resident_megabytes(module: nn.Module | None) -> float | None:
     if module is None:
         return None
@@ -463,7 +484,7 @@ def bench_case(name: str, args) -> dict[str, Any]:
                 continue
             variants[label] = variant
             rows[label] = {"setup_s": round(variant.setup_s, 2), "notes": variant.notes, "disk_mb": variant.disk_mb}
-            print(f"  ready: {label} ({variant.setup_s:.1f} s)", flush=True)
+            print(f"  ready: {label} ({variant.setup_s:.1f} s, process RSS {release_memory():.0f} MB)", flush=True)
     from diffquant.profiling import interleaved_medians
 
     for batch in args.batches:
@@ -473,7 +494,8 @@ def bench_case(name: str, args) -> dict[str, Any]:
         for label, milliseconds in medians.items():
             rows[label].setdefault("call_s", {})[str(batch)] = milliseconds / 1000
     if args.steps and 1 in args.batches:
-        loops = {label: sampling_loop(v, case, args.steps) for label, v in variants.items()}
+        looped = {label: v for label, v in variants.items() if _looped(label, args)}
+        loops = {label: sampling_loop(v, case, args.steps) for label, v in looped.items()}
         with torch.no_grad():
             medians = interleaved_medians(loops, 1)
         for label, milliseconds in medians.items():
@@ -651,6 +673,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["naive"], help="diffquant methods for the W8A8 rows")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=20, help="sampling-loop length (0: skip the loop)")
+    parser.add_argument(
+        "--loop-variants",
+        nargs="+",
+        default=None,
+        choices=VARIANTS,
+        help="variants that get the sampling run (default: all; at real size each run is 20 denoiser calls)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calibration", type=int, default=4, help="synthetic calibration samples")
