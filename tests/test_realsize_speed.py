@@ -62,20 +62,28 @@ def test_unknown_peer_failure_is_recorded_not_raised(suite, tmp_path, monkeypatc
     assert results["models"]["sd-unet"]["rows"]["torchao"]["skipped"] == "failed: RuntimeError: simulated peer crash"
 
 
-def test_section_merges_per_model_runs_into_one_table_plot_and_headline(suite, tmp_path):
-    argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0"]
-    variants = ["fp32-eager", "diffquant-w8a8", "diffquant-w4", "torchao"]
-    for model in ("sd-unet", "mmdit"):
-        suite.main([*argv, "--models", model, "--variants", *variants, "--out", str(tmp_path / model)])
+def test_section_merges_runs_into_one_table_plot_and_headline(suite, tmp_path):
+    argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "2"]
+    int8 = ["--variants", "fp32-eager", "diffquant-w8a8", "torchao", "--loop-variants", "diffquant-w8a8"]
+    runs = {  # a model's variants split over two processes, as at real size where they do not fit in RAM
+        "sd-int8": ["--models", "sd-unet", *int8],
+        "sd-float": ["--models", "sd-unet", "--variants", "fp32-eager", "diffquant-w4"],
+        "mmdit": ["--models", "mmdit", "--batches", "1", *int8],
+    }
+    for stem, options in runs.items():
+        suite.main([*argv, *options, "--out", str(tmp_path / stem)])
     section = tmp_path / "sections" / "realsize.md"
-    paths = [tmp_path / "sd-unet.json", tmp_path / "mmdit.json"]
-    text = suite.write_section(paths, section, tmp_path)
+    text = suite.write_section([tmp_path / f"{stem}.json" for stem in runs], section, tmp_path)
     merged = __import__("json").loads((tmp_path / "real.json").read_text())
-    assert merged["models"].keys() == {"sd-unet", "mmdit"}
+    assert merged["models"].keys() == {"sd-unet", "mmdit"} and merged["batches"] == [1, 2]
+    rows = merged["models"]["sd-unet"]["rows"]
+    assert rows["fp32-eager"]["run"] == 1 and rows["fp32-eager (run 2)"]["run"] == 2  # each run keeps its baseline
+    assert rows["diffquant W4 weight-only (packed)"]["run"] == 2
+    assert "sampling_2_steps_s" in rows["diffquant W8A8 naive"] and "sampling_2_steps_s" not in rows["torchao"]
     assert (tmp_path / "speedup.png").stat().st_size > 10_000
     assert section.read_text().strip() == text.strip()
     for model in ("sd-unet", "mmdit"):  # a headline per model and batch: ours vs fp32 and the best peer
         ours = merged["models"][model]["rows"]["diffquant W8A8 naive"]["speedup_vs_fp32"]["1"]
         assert f"- **{model}, batch 1**: diffquant W8A8 naive {ours:.2f}x fp32" in text
-        assert "best peer torchao" in text and "W4 weight-only" in text
-    assert text.count("### ") == 2 and "speedup.png)" in text
+    assert text.count("best peer torchao") == 3 and "- **mmdit, batch 2**" not in text
+    assert "W4 weight-only" in text and text.count("### ") == 2 and "speedup.png)" in text
