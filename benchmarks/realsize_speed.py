@@ -569,11 +569,25 @@ PEERS = ("pt2e", "torchao", "openvino")
 W8A8_TARGET = 2.5
 
 
+def _result_file(path: Path) -> dict[str, Any]:
+    """One run's results, or one clear error naming the file and what to do."""
+    try:
+        payload = json.loads(path.read_text())
+        if not isinstance(payload.get("models"), dict) or "batches" not in payload:
+            raise ValueError("no 'models'/'batches' entries")
+    except (OSError, ValueError, AttributeError) as error:
+        raise SystemExit(
+            f"--section: {path} is not a result file of this script ({type(error).__name__}: {error}); "
+            "pass the .json files a run wrote with --out, or rerun that model."
+        ) from None
+    return payload
+
+
 def merge_results(paths: list[Path]) -> dict[str, Any]:
     """One results dict from several runs (a model may be timed in more than one process when its variants
     do not fit in RAM together; each run has its own fp32 baseline, so a row's ratios stay within its run,
     and a label repeated by a later run gets the suffix "(run N)")."""
-    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    payloads = [_result_file(Path(path)) for path in paths]
     merged = {**payloads[0], "models": {}, "batches": sorted({b for p in payloads for b in p["batches"]})}
     for payload in payloads:
         for name, model in payload["models"].items():

@@ -87,8 +87,16 @@ def test_import_graph_has_no_cycle():
         if node not in state:
             visit(node, [node])
     # nothing below the zoo imports it
-    below = ("diffquant.model", "diffquant.families", "diffquant.runtime", "diffquant.calibration",
-             "diffquant.engines", "diffquant.sampling", "diffquant.evaluation", "diffquant.training")
+    below = (
+        "diffquant.model",
+        "diffquant.families",
+        "diffquant.runtime",
+        "diffquant.calibration",
+        "diffquant.engines",
+        "diffquant.sampling",
+        "diffquant.evaluation",
+        "diffquant.training",
+    )
     for name, edges in graph.items():
         if name.startswith(below):
             assert not any(e.startswith("diffquant.zoo") for e in edges), name
@@ -134,9 +142,20 @@ def test_adapter_calls_by_keyword_and_returns_the_prediction(family):
         output = denoise(model, sample, timestep, conditioning)
     positional, keywords = calls[0]
     assert positional == 0 and {adapter.sample_arg, adapter.timestep_arg} <= keywords
-    assert set(conditioning) <= keywords <= set(adapter.conditioning) | {
-        adapter.sample_arg, adapter.timestep_arg, "return_dict", "img_ids", "txt_ids", "img_shapes", "added_cond_kwargs"
-    }
+    assert (
+        set(conditioning)
+        <= keywords
+        <= set(adapter.conditioning)
+        | {
+            adapter.sample_arg,
+            adapter.timestep_arg,
+            "return_dict",
+            "img_ids",
+            "txt_ids",
+            "img_shapes",
+            "added_cond_kwargs",
+        }
+    )
     assert output.shape == sample.shape and torch.isfinite(output).all()
 
 
@@ -348,3 +367,20 @@ def test_svdquant_reconstructed_finds_the_blocks_and_trains_branches_on_every_fa
     row = matrix_row(family, "svdquant", "W4A4", tmp_path / "q")
     assert row["reload_identical"] and row["export_rel_error"] < 1e-3 and row["rel_error"] < 0.5
     assert not any((tmp_path / "ckpt").iterdir())  # the finished run leaves no checkpoint
+
+
+@pytest.mark.parametrize("family", ["sdxl-unet", "pixart", "sd3", "flux"])
+def test_dgq_reconstructed_and_mixdq_mixed_activations_run_on_every_text_family(family, tmp_path, monkeypatch):
+    dgq = {"preset": "reconstructed", "groups": 4, "checkpoint_dir": str(tmp_path / "ckpt")}
+    dgq["reconstruction"] = {"weight_iters": 4, "batch_size": 4}
+    monkeypatch.setitem(TINY_OPTIONS, "dgq", dgq)
+    row = matrix_row(family, "dgq", "W4A8", tmp_path / "dgq")
+    assert row["reload_identical"] and row["rel_error"] < 0.5
+    assert diffquant.load(tmp_path / "dgq").quantization["details"]["rounding"] == "adaround"
+    assert not any((tmp_path / "ckpt").iterdir())  # the finished run leaves no checkpoint
+    mixed = {"preset": "mixed-activations", "average_activation_bits": 6.0, "sensitivity_samples": 2}
+    monkeypatch.setitem(TINY_OPTIONS, "mixdq", mixed)
+    row = matrix_row(family, "mixdq", "W4A8", tmp_path / "mixdq")
+    assert row["reload_identical"] and row["rel_error"] < 0.5
+    details = diffquant.load(tmp_path / "mixdq").quantization["details"]
+    assert set(details["activation_bits"].values()) <= {4, 8} and details["average_activation_bits"] <= 6.0

@@ -272,7 +272,7 @@ def test_dgq_beats_naive_per_tensor_on_outlier_channels(t2i, wbits, abits, log_s
     assert ours < 0.7 * theirs, (ours, theirs)
 
 
-def test_dgq_brecq_reconstruction_beats_round_to_nearest_and_leaves_no_checkpoint(t2i, dgq_t2i, tmp_path):
+def test_dgq_brecq_reconstruction_beats_round_to_nearest_and_resumes_after_a_kill(t2i, dgq_t2i, tmp_path, monkeypatch):
     model, calibration = t2i
     options = {"groups": 4, "checkpoint_dir": str(tmp_path), "reconstruction": {"weight_iters": 150}}
     config = make_config("dgq", "reconstructed", **options)
@@ -284,6 +284,19 @@ def test_dgq_brecq_reconstruction_beats_round_to_nearest_and_leaves_no_checkpoin
     assert ours < 0.9 * theirs, (ours, theirs)
     assert not any(tmp_path.iterdir())  # the finished run deletes its checkpoint
     assert make_config("dgq", "paper-sd").reconstruction.weight_iters == 20000
+
+    # killed after two blocks, rerun with the same settings: resumes to the identical model
+    from tests.test_reconstruction import quantize_killed
+
+    options = {**options, "preset": "reconstructed"}
+    del options["checkpoint_dir"]
+    quantize_killed(model, "dgq", calibration, tmp_path / "killed", 2, monkeypatch, **options)
+    resumed = diffquant.quantize(
+        model, "dgq", calibration, progress=False, checkpoint_dir=str(tmp_path / "killed"), **options
+    )
+    assert resumed.quantization["details"]["resumed_units"] >= 2
+    for a, b in zip(_outputs(brecq, calibration), _outputs(resumed, calibration), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("method", ["mixdq", "dgq"])

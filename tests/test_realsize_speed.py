@@ -87,3 +87,15 @@ def test_section_merges_runs_into_one_table_plot_and_headline(suite, tmp_path):
         assert f"- **{model}, batch 1**: diffquant W8A8 naive {ours:.2f}x fp32" in text
     assert text.count("best peer torchao") == 3 and "- **mmdit, batch 2**" not in text
     assert "W4 weight-only" in text and text.count("### ") == 2 and "speedup.png)" in text
+
+
+def test_section_refuses_a_missing_or_corrupt_result_file_in_one_line(suite, tmp_path):
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"models": ')
+    other = tmp_path / "other.json"
+    other.write_text('{"rows": []}')
+    cases = ((tmp_path / "missing.json", "FileNotFoundError"), (corrupt, "JSONDecodeError"), (other, "'models'"))
+    for path, reason in cases:
+        with pytest.raises(SystemExit, match=f"is not a result file of this script .*{reason}"):
+            suite.write_section([path], tmp_path / "section.md", tmp_path)
+    assert not (tmp_path / "section.md").exists() and not (tmp_path / "real.json").exists()

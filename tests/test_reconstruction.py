@@ -50,6 +50,23 @@ def test_adaround_lowers_block_error_below_nearest_rounding(trained_unet, calibr
         assert ((h < 0.05) | (h > 0.95)).float().mean() > 0.95  # the regulariser drove h to {0, 1}
 
 
+def quantize_killed(model, method, calibration, checkpoint_dir, after_units, monkeypatch, **options) -> None:
+    """Quantize with `method` and kill the run (KeyboardInterrupt) once `after_units` units are checkpointed."""
+    original = Reconstructor.mark_done
+    calls = {"count": 0}
+
+    def crash(self, key):
+        original(self, key)
+        calls["count"] += 1
+        if calls["count"] == after_units:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Reconstructor, "mark_done", crash)
+    with pytest.raises(KeyboardInterrupt):
+        diffquant.quantize(model, method, calibration, progress=False, checkpoint_dir=str(checkpoint_dir), **options)
+    monkeypatch.setattr(Reconstructor, "mark_done", original)
+
+
 def test_resumed_run_equals_uninterrupted(trained_unet, calibration, tmp_path, monkeypatch):
     options = dict(wbits=4, abits=8, preset="fast", **FAST)
     straight = diffquant.quantize(
@@ -57,21 +74,7 @@ def test_resumed_run_equals_uninterrupted(trained_unet, calibration, tmp_path, m
     )
     assert not any((tmp_path / "a").iterdir())  # a finished run removes its checkpoint
 
-    original = Reconstructor.mark_done
-    calls = {"count": 0}
-
-    def crash_after_five(self, key):
-        original(self, key)
-        calls["count"] += 1
-        if calls["count"] == 5:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Reconstructor, "mark_done", crash_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        diffquant.quantize(
-            trained_unet, "qdiffusion", calibration, progress=False, checkpoint_dir=str(tmp_path / "b"), **options
-        )
-    monkeypatch.setattr(Reconstructor, "mark_done", original)
+    quantize_killed(trained_unet, "qdiffusion", calibration, tmp_path / "b", 5, monkeypatch, **options)
     checkpoints = list((tmp_path / "b").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "progress.json").is_file()
 
@@ -200,21 +203,7 @@ def test_killed_svdquant_reconstruction_resumes_to_the_same_model(trained_unet, 
     straight = diffquant.quantize(
         trained_unet, "svdquant", calibration, progress=False, checkpoint_dir=str(tmp_path / "a"), **options
     )
-    original = Reconstructor.mark_done
-    calls = {"count": 0}
-
-    def crash_after_three(self, key):
-        original(self, key)
-        calls["count"] += 1
-        if calls["count"] == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(Reconstructor, "mark_done", crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        diffquant.quantize(
-            trained_unet, "svdquant", calibration, progress=False, checkpoint_dir=str(tmp_path / "b"), **options
-        )
-    monkeypatch.setattr(Reconstructor, "mark_done", original)
+    quantize_killed(trained_unet, "svdquant", calibration, tmp_path / "b", 3, monkeypatch, **options)
     resumed = diffquant.quantize(
         trained_unet, "svdquant", calibration, progress=False, checkpoint_dir=str(tmp_path / "b"), **options
     )
