@@ -419,13 +419,15 @@ def release_memory() -> float:
     Returns the process's resident MB."""
     import ctypes
     import gc
-
-    import psutil
+    import resource
 
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return psutil.Process().memory_info().rss / 2**20
+    statm = Path("/proc/self/statm")
+    if statm.exists():  # current resident pages (Linux); elsewhere the peak is the best there is
+        return int(statm.read_text().split()[1]) * resource.getpagesize() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def _looped(label: str, args) -> bool:
