@@ -50,6 +50,7 @@ VARIANTS = (
     "fp32-compiled",
     "bf16-compiled",
     "diffquant-w8a8",
+    "diffquant-w8a8-bf16",
     "diffquant-w4",
     "pt2e",
     "torchao",
@@ -263,7 +264,9 @@ def _calibration(case: Case, count: int):
     return CalibrationSet(sample, timesteps, steps, conditioning, num_steps=count)
 
 
-def make_diffquant(case: Case, args, method: str, wbits: int, abits: int | None) -> Variant:
+def make_diffquant(
+    case: Case, args, method: str, wbits: int, abits: int | None, compute_dtype: str = "float32"
+) -> Variant:
     import diffquant
     from diffquant.families import denoise
     from diffquant.runtime.export import export_model
@@ -275,7 +278,7 @@ def make_diffquant(case: Case, args, method: str, wbits: int, abits: int | None)
         quantized = diffquant.quantize(model, config, _calibration(case, args.calibration), progress=False)
     except Exception as error:  # noqa: BLE001 - recorded as the reason this row is missing
         raise Skipped(f"diffquant could not quantize this model: {type(error).__name__}: {error}") from error
-    deployed = export_model(quantized, "onednn", compile=args.compile)
+    deployed = export_model(quantized, "onednn", compile=args.compile, compute_dtype=compute_dtype)
     setup = time.perf_counter() - started
     disk = None
     try:
@@ -378,6 +381,8 @@ def variant_labels(name: str, args) -> list[str]:
     """The rows a variant name stands for (diffquant-w8a8 gives one per method)."""
     if name == "diffquant-w8a8":
         return [f"diffquant W8A8 {method}" for method in args.methods]
+    if name == "diffquant-w8a8-bf16":
+        return [f"diffquant W8A8 {method} (bf16 compute)" for method in args.methods]
     if name == "diffquant-w4":
         return ["diffquant W4 weight-only (packed)"]
     return [name]
@@ -401,6 +406,8 @@ def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
         return Variant(call, module, True)
     if name == "diffquant-w8a8":
         return make_diffquant(case, args, label.rsplit(" ", 1)[1], 8, 8)
+    if name == "diffquant-w8a8-bf16":
+        return make_diffquant(case, args, label.split(" ")[2], 8, 8, compute_dtype="bfloat16")
     if name == "diffquant-w4":
         return make_diffquant(case, args, "naive", 4, None)
     if name == "pt2e":

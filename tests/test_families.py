@@ -384,3 +384,21 @@ def test_dgq_reconstructed_and_mixdq_mixed_activations_run_on_every_text_family(
     assert row["reload_identical"] and row["rel_error"] < 0.5
     details = diffquant.load(tmp_path / "mixdq").quantization["details"]
     assert set(details["activation_bits"].values()) <= {4, 8} and details["average_activation_bits"] <= 6.0
+
+
+@pytest.mark.parametrize("family", ["sdxl-unet", "pixart", "sd3", "flux", "wan"])
+def test_bfloat16_compute_export_runs_every_family_near_float32(family):
+    from diffquant.runtime.export import export_model
+    from diffquant.runtime.kernels_int4 import bf16_matmul_supported
+    from tests.family_models import outputs, relative_mse
+
+    if not bf16_matmul_supported():
+        pytest.skip("no bfloat16 matrix units on this CPU (the refusal is tested in test_runtime.py)")
+    model = family_model(family)
+    quantized = diffquant.quantize(model, "naive", family_inputs(model), progress=False, wbits=8, abits=8)
+    fresh = family_inputs(model, per_step=2, seed=7)
+    float32 = outputs(export_model(quantized, "onednn"), fresh)
+    bfloat16 = outputs(export_model(quantized, "onednn", compute_dtype="bfloat16"), fresh)
+    assert all(o.dtype == torch.float32 and torch.isfinite(o).all() for o in bfloat16)
+    # bfloat16 rounding (8 mantissa bits) around the same int8 kernels, with timesteps and positions kept float32
+    assert 0 < relative_mse(float32, bfloat16) < 5e-3

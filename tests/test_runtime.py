@@ -274,3 +274,45 @@ def test_affine_8bit_feedforward_keeps_its_correction_before_the_gelu():
             reference = quantized.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
             candidate = deployed.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
         assert ((candidate - reference).abs().max() / reference.abs().max()).item() < 0.02
+
+
+def test_bfloat16_compute_keeps_int8_kernels_and_float32_grids_and_io(w8a8, calibration, tmp_path):
+    from diffquant.runtime.kernels_int4 import bf16_matmul_supported
+
+    if not bf16_matmul_supported():
+        pytest.skip("this CPU has no bfloat16 matrix units (the refusal is tested below)")
+    float32 = export_model(w8a8, "onednn")
+    bfloat16 = export_model(w8a8, "onednn", compute_dtype="bfloat16")
+    assert bfloat16.quantization["kernels"] == float32.quantization["kernels"]
+    assert bfloat16.quantization["compute_dtype"] == "bfloat16"
+    inner = bfloat16.denoiser.inner
+    kernels = [m for m in inner.modules() if isinstance(m, (OneDNNInt8Conv2d, OneDNNInt8Linear))]
+    assert kernels and all(m.out_dtype == torch.bfloat16 for m in kernels)
+    assert all(m.input.scales.dtype == torch.float32 and m.weight_scale.dtype == torch.float32 for m in kernels)
+    norms = [m for m in inner.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(m.weight.dtype == torch.bfloat16 for m in norms)
+    seen = []  # the timestep reaches the sinusoidal embedding in float32 (bfloat16 rounds 999 to 1000)
+    inner.time_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    batch = next(calibration.batches(4))
+    with torch.no_grad():
+        bfloat16.denoiser(batch.sample, batch.timesteps.float())  # positionally
+        bfloat16.denoiser(batch.sample, timestep=batch.timesteps.float())  # and by keyword
+    reference, candidate = outputs(float32, calibration), outputs(bfloat16, calibration)
+    assert seen[:2] == [torch.float32] * 2 and candidate.dtype == torch.float32
+    relative = ((candidate - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 3e-2  # bfloat16 rounding, not a different model
+    diffquant.save(w8a8, tmp_path / "q")  # the choice is part of an exported directory
+    result = CliRunner().invoke(
+        app,
+        ["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "e"), "--compute-dtype", "bfloat16"],
+    )
+    assert result.exit_code == 0, result.output
+    assert diffquant.load(tmp_path / "e").quantization["compute_dtype"] == "bfloat16"
+
+
+def test_bfloat16_compute_is_refused_clearly(w8a8, monkeypatch):
+    with pytest.raises(DiffquantError, match="compute_dtype must be one of float32, bfloat16, got 'fp8'"):
+        export_model(w8a8, "onednn", compute_dtype="fp8")
+    monkeypatch.setattr("diffquant.runtime.export.bf16_matmul_supported", lambda: False)
+    with pytest.raises(DiffquantError, match="needs a CPU with bfloat16 matrix units"):
+        export_model(w8a8, "onednn", compute_dtype="bfloat16")

@@ -561,6 +561,11 @@ def export_command(
     weight_only_mode: str = typer.Option(
         "packed", help="Weight-only layers: packed (<= 4-bit kept packed, bf16 GEMM), at-load, on-the-fly, int4-kernel."
     ),
+    compute_dtype: str = typer.Option(
+        "float32",
+        help="What runs around the int8 kernels: float32 (the simulation's numerics) or bfloat16 (faster on CPUs "
+        "with AMX/AVX512-BF16, about 1e-2 relative away).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds something else."),
     threads: int = typer.Option(None),
     format: str = typer.Option("kernels", "--format", help="kernels (a deployed directory), gguf or diffusers."),
@@ -578,7 +583,9 @@ def export_command(
             return
         from diffquant.runtime.deploy import export_directory
 
-        report = export_directory(model, out, backend, compile, weight_only_mode, overwrite=overwrite)
+        report = export_directory(
+            model, out, backend, compile, weight_only_mode, overwrite=overwrite, compute_dtype=compute_dtype
+        )
         for kernel, count in sorted(report["kernels"].items()):
             typer.echo(f"  {count:3d} x {kernel}")
         agreement = report["agreement"]

@@ -73,9 +73,9 @@ class MethodConfig:
 
     name: ClassVar[str] = "base"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Named bundles of defaults (e.g. 'paper' and 'fast'); values given explicitly win."""
     needs_text: ClassVar[bool] = False
     """The method quantizes a text conditioning (MixDQ, DGQ): models without one are refused up front."""
-    """Named bundles of defaults (e.g. 'paper' and 'fast'); values given explicitly win."""
 
     wbits: int = 8
     """Weight bit width (1-16)."""

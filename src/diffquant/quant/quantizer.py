@@ -332,6 +332,8 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):  # a model deployed in half precision: same float32 grid
+            return self.forward(x.float()).to(x.dtype)
         kept = self.spec.fp_leading_tokens
         if kept and x.ndim == 3:  # leading tokens bypass the quantizer and its range
             return torch.cat([x[:, :kept], self._quantize(x[:, kept:])], 1)

@@ -65,16 +65,20 @@ def export_directory(
     compile: bool = False,
     weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE,
     overwrite: bool = False,
+    compute_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Export the quantized directory `source` to `backend`, verify it, and write `out`."""
     check_output(out, EXPORT_FILE, overwrite)
     _refuse_outside_links(Path(source))
     simulated = load_quantized(source)
-    deployed = export_model(simulated, backend, compile=False, weight_only_mode=weight_only_mode)
+    deployed = export_model(
+        simulated, backend, compile=False, weight_only_mode=weight_only_mode, compute_dtype=compute_dtype
+    )
     report = {
         "backend": backend,
         "compile": compile,
         "weight_only_mode": weight_only_mode,
+        "compute_dtype": compute_dtype,
         "kernels": deployed.quantization["kernels"],
         "agreement": agreement_with_simulation(simulated, deployed),
     }
@@ -106,5 +110,9 @@ def load_exported(directory: str | Path) -> DiffusionModel:
         raise DiffquantError(f"{directory / EXPORT_FILE} is unreadable: {error}.") from error
     model = load_quantized(directory)
     return export_model(
-        model, report["backend"], report.get("compile", False), report.get("weight_only_mode", DEFAULT_WEIGHT_ONLY_MODE)
+        model,
+        report["backend"],
+        report.get("compile", False),
+        report.get("weight_only_mode", DEFAULT_WEIGHT_ONLY_MODE),
+        compute_dtype=report.get("compute_dtype", "float32"),
     )

@@ -33,7 +33,7 @@ from diffquant.model import DiffusionModel
 from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.kinds import is_kind
 from diffquant.modules.surgery import quant_layers
-from diffquant.quant import current_step
+from diffquant.quant import Quantizer, current_step
 from diffquant.runtime.backends import (
     BACKEND_CLASSES,
     DEFAULT_WEIGHT_ONLY_MODE,
@@ -45,6 +45,8 @@ from diffquant.runtime.backends import (
 )
 from diffquant.runtime.kernels import StepClock, _InputQuantizer
 from diffquant.runtime.kernels_attention import Int8AttnProcessor, attention_supported
+from diffquant.runtime.kernels_int4 import bf16_matmul_supported
+from diffquant.runtime.storage import argument_names, cast_float_inputs
 
 BACKENDS = BACKEND_CLASSES
 """The backend names (a live view of the registry in runtime/backends/, user backends included)."""
@@ -61,13 +63,33 @@ __all__ = [
 ]
 
 
-class DeployedDenoiser(nn.Module):
-    """The converted model, optionally compiled, behind the diffusers call signature."""
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""What the layers around the kernels compute in: float32 (the simulation's numerics) or bfloat16."""
 
-    def __init__(self, inner: nn.Module, clock: StepClock, compile: bool) -> None:
+
+def _float32_output(output):
+    """A denoiser's output (tensor, tuple or diffusers output object) with its tensors back in float32."""
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    if isinstance(output, tuple):
+        return tuple(_float32_output(v) for v in output)
+    if hasattr(output, "sample"):  # diffusers' BaseOutput
+        output.sample = output.sample.float()
+    return output
+
+
+class DeployedDenoiser(nn.Module):
+    """The converted model, optionally compiled, behind the diffusers call signature. With a bfloat16
+    compute dtype it takes and returns float32 like the simulation (timesteps and positions stay float32)."""
+
+    def __init__(
+        self, inner: nn.Module, clock: StepClock, compile: bool, compute_dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.clock = clock
+        self.compute_dtype = compute_dtype
+        self._argument_names = argument_names(inner)
         self._call = torch.compile(inner, dynamic=False) if compile else inner
 
     @property
@@ -87,7 +109,10 @@ class DeployedDenoiser(nn.Module):
         step = current_step()
         if step is not None:
             self.clock.set(step.timestep)
-        return self._call(*args, **kwargs)
+        if self.compute_dtype == torch.float32:
+            return self._call(*args, **kwargs)
+        args, kwargs = cast_float_inputs(self._argument_names, args, kwargs, self.compute_dtype)
+        return _float32_output(self._call(*args, **kwargs))
 
 
 def check_backend(backend: str) -> None:
@@ -123,22 +148,60 @@ def _share_step_banks(model: nn.Module) -> None:
             module.bank_timesteps = shared
 
 
+def _compute_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the float layers around the kernels (norms, embeddings, layers left in float) to `dtype` and
+    let the int8 kernels write it: no float32 pass is left between them. Quantization grids stay float32
+    (quantizers, and the buffers of kernels that say `keeps_float32_state`: scales, zero-points, per-step
+    banks); a kernel's bias follows the model, so diffusers' dtype probes (the first parameter) see it."""
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        if hasattr(module, "out_dtype"):
+            module.out_dtype = dtype
+        if isinstance(module, Quantizer):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        if getattr(module, "keeps_float32_state", False):
+            continue
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
+
+
+def _check_compute_dtype(compute_dtype: str, target: Backend) -> torch.dtype:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise DiffquantError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{compute_dtype}'.")
+    if compute_dtype == "bfloat16" and target.device == "cpu" and not bf16_matmul_supported():
+        raise DiffquantError(
+            "compute_dtype='bfloat16' needs a CPU with bfloat16 matrix units (AVX512-BF16 or AMX), which this "
+            "one lacks: bfloat16 would run slower than float32 here. Use compute_dtype='float32'."
+        )
+    return COMPUTE_DTYPES[compute_dtype]
+
+
 def export_model(
     model: DiffusionModel,
     backend: str = "onednn",
     compile: bool = False,
     weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE,
     integer_attention: bool = False,
+    compute_dtype: str = "float32",
 ) -> DiffusionModel:
     """A copy of a quantized `model` running on `backend`'s kernels; `quantization['kernels']` says
     how many layers run on which kernel. `integer_attention` runs quantized attention matmuls on exact
-    integer GEMMs (opt-in: slower than the compiled fake-quant form on CPU, see the module docstring)."""
+    integer GEMMs (opt-in: slower than the compiled fake-quant form on CPU, see the module docstring).
+    `compute_dtype="bfloat16"` runs everything around the int8 kernels in bfloat16 and lets the kernels
+    write bfloat16: faster on CPUs with bfloat16 matrix units, at bfloat16's rounding (about 1e-2
+    relative) away from the float32 simulation; the model still takes and returns float32."""
     target = get_backend(backend)
     target.check_available()
     if weight_only_mode not in WEIGHT_ONLY_MODES:
         raise DiffquantError(
             f"weight_only_mode must be one of {', '.join(WEIGHT_ONLY_MODES)}, got '{weight_only_mode}'."
         )
+    dtype = _check_compute_dtype(compute_dtype, target)
     if model.quantization is None:
         raise DiffquantError("export_model takes a quantized model: run diffquant.quantize() first.")
     inner = copy.deepcopy(model.denoiser.inner if isinstance(model.denoiser, DeployedDenoiser) else model.denoiser)
@@ -167,12 +230,14 @@ def export_model(
         if hasattr(module, "attach_clock"):
             module.attach_clock(clock.timestep)
     _share_step_banks(inner)
-    denoiser = DeployedDenoiser(inner.eval(), clock, compile)
+    _compute_in(inner, dtype)
+    denoiser = DeployedDenoiser(inner.eval(), clock, compile, dtype)
     record = {
         **model.quantization,
         "backend": backend,
         "compiled": compile,
         "weight_only_mode": weight_only_mode,
+        "compute_dtype": compute_dtype,
         "kernels": dict(kernels),
     }
     return DiffusionModel(denoiser, model.info, model.scheduler_config, model.path, record, model.pipeline)

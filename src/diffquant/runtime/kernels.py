@@ -26,14 +26,14 @@ from diffquant.quant import IntFormat, Quantizer
 _LIBRARY = torch.library.Library("diffquant", "DEF")
 _LIBRARY.define(
     "onednn_int8_linear(Tensor codes, Tensor scale, Tensor zero, Tensor packed, Tensor weight_scale, "
-    "Tensor weight_zero, Tensor? bias, str post_op, str post_algorithm, Tensor? output_scale, Tensor? output_zero) "
-    "-> Tensor",
+    "Tensor weight_zero, Tensor? bias, str post_op, str post_algorithm, Tensor? output_scale, Tensor? output_zero, "
+    "ScalarType out_dtype) -> Tensor",
     tags=(torch.Tag.flexible_layout,),
 )
 _LIBRARY.define(
     "onednn_int8_conv2d(Tensor codes, Tensor scale, Tensor zero, Tensor packed, Tensor weight_scale, "
     "Tensor weight_zero, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, "
-    "int[] kernel_size) -> Tensor",
+    "int[] kernel_size, ScalarType out_dtype) -> Tensor",
     tags=(torch.Tag.flexible_layout,),
 )
 
@@ -50,8 +50,9 @@ def _onednn_int8_linear(
     post_algorithm: str,
     output_scale: torch.Tensor | None,
     output_zero: torch.Tensor | None,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """u8 x s8 GEMM; float32 out, or uint8 codes on the next layer's grid when it is given. The grid
+    """u8 x s8 GEMM; float out (float32 or bfloat16), or uint8 codes on the next layer's grid when it is given. The grid
     comes as tensors (a per-step row picked in the graph) and is read here, outside the compiled graph:
     oneDNN takes it as a number."""
     quantized_out = output_scale is not None
@@ -65,7 +66,7 @@ def _onednn_int8_linear(
         bias,
         float(output_scale) if quantized_out else 1.0,
         int(output_zero) if quantized_out else 0,
-        None if quantized_out else torch.float32,
+        None if quantized_out else out_dtype,
         post_op,
         [],
         post_algorithm,
@@ -85,6 +86,7 @@ def _onednn_int8_conv2d(
     dilation: list[int],
     groups: int,
     kernel_size: list[int],
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     out = torch.ops.onednn.qconv2d_pointwise.tensor(
         codes,
@@ -100,7 +102,7 @@ def _onednn_int8_conv2d(
         groups,
         1.0,
         0,
-        torch.float32,
+        out_dtype,
         "none",
         [],
         "",
@@ -116,19 +118,46 @@ for _key in ("CPU", "MkldnnCPU"):  # the prepacked weight is an MkldnnCPU tensor
 
 
 @torch.library.register_fake("diffquant::onednn_int8_linear")
-def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, post_op, post_algorithm, output_scale, output_zero):
-    dtype = torch.uint8 if output_scale is not None else torch.float32
+def _(
+    codes,
+    scale,
+    zero,
+    packed,
+    weight_scale,
+    weight_zero,
+    bias,
+    post_op,
+    post_algorithm,
+    output_scale,
+    output_zero,
+    out_dtype,
+):
+    dtype = torch.uint8 if output_scale is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=dtype)
 
 
 @torch.library.register_fake("diffquant::onednn_int8_conv2d")
-def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, stride, padding, dilation, groups, kernel_size):
+def _(
+    codes,
+    scale,
+    zero,
+    packed,
+    weight_scale,
+    weight_zero,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    kernel_size,
+    out_dtype,
+):
     batch, _, height, width = codes.shape
     sizes = [
         (size + 2 * pad - dil * (k - 1) - 1) // st + 1
         for size, pad, dil, k, st in zip((height, width), padding, dilation, kernel_size, stride, strict=True)
     ]
-    return codes.new_empty((batch, *sizes, weight_scale.shape[0]), dtype=torch.float32)
+    return codes.new_empty((batch, *sizes, weight_scale.shape[0]), dtype=out_dtype)
 
 
 class StepClock(nn.Module):
@@ -216,6 +245,8 @@ def input_supported(quantizer: Quantizer | None, max_bits: int = 8) -> bool:
 class _InputQuantizer(nn.Module):
     """Quantizes float inputs to uint8 codes with the calibrated scale/zero-point (or the step's row)."""
 
+    keeps_float32_state = True  # the grid stays float32 in a bfloat16 model
+
     def __init__(self, quantizer: Quantizer) -> None:
         super().__init__()
         fmt = quantizer.fmt
@@ -248,7 +279,8 @@ class _InputQuantizer(nn.Module):
         scale, zero = self.params()
         if x.dtype == torch.uint8:  # already codes on this grid (written by the previous int8 GEMM)
             return x, scale, zero.to(torch.int32)
-        codes = torch.clamp(torch.round(x / scale) + zero, self.qmin, self.qmax).to(torch.uint8)
+        # in float32 whatever the compute dtype: bfloat16 cannot hold x / scale to the nearest code above 128
+        codes = torch.clamp(torch.round(x.float() / scale) + zero, self.qmin, self.qmax).to(torch.uint8)
         return codes, scale, zero.to(torch.int32)
 
 
@@ -260,11 +292,13 @@ def _undo_weight_shift(out: torch.Tensor, codes: torch.Tensor, scale, zero, inpu
     """A linear's output with the per-channel weight shift of `int8_weight` undone (no-op without one)."""
     if input_sum_weight is None:
         return out
-    return out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * input_sum_weight
+    return (out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * input_sum_weight).to(out.dtype)
 
 
 class OneDNNInt8Linear(nn.Module):
-    """Linear on oneDNN's u8s8 int8 GEMM (`onednn::qlinear_pointwise`), float32 out."""
+    """Linear on oneDNN's u8s8 int8 GEMM (`onednn::qlinear_pointwise`), float32 (or bfloat16) out."""
+
+    keeps_float32_state = True  # weight scales stay float32; `out_dtype` says what it writes
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -282,6 +316,7 @@ class OneDNNInt8Linear(nn.Module):
         self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.int64))
         self.register_buffer("input_sum_weight", weight.input_sum_weight)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.out_dtype = torch.float32  # bfloat16 when the model around it computes in bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -299,6 +334,7 @@ class OneDNNInt8Linear(nn.Module):
             self.post_algorithm,
             output_scale,
             output_zero,
+            self.out_dtype,
         )
         out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
         return out.reshape(*shape[:-1], self.out_features)
@@ -376,9 +412,10 @@ class SigmoidFormGELU(nn.Module):
 
 
 class OneDNNInt8Conv2d(nn.Module):
-    """Conv2d on oneDNN's u8s8 int8 convolution (`onednn::qconv2d_pointwise`), float32 out."""
+    """Conv2d on oneDNN's u8s8 int8 convolution (`onednn::qconv2d_pointwise`), float32 (or bfloat16) out."""
 
     kernel = "onednn::qconv2d_pointwise"
+    keeps_float32_state = True  # weight scales stay float32; `out_dtype` says what it writes
 
     def __init__(self, layer: QuantConv2d) -> None:
         super().__init__()
@@ -408,6 +445,7 @@ class OneDNNInt8Conv2d(nn.Module):
         self.register_buffer("input_sum_weight", weight.input_sum_weight)
         self.register_buffer("window", torch.ones(1, 1, *self.kernel_size))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.out_dtype = torch.float32  # bfloat16 when the model around it computes in bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.input(x)
@@ -424,12 +462,13 @@ class OneDNNInt8Conv2d(nn.Module):
             self.dilation,
             self.groups,
             self.kernel_size,
+            self.out_dtype,
         )
         out = nhwc.permute(0, 3, 1, 2)
         if self.input_sum_weight is not None:  # groups == 1: the receptive field spans every input channel
             channel_sum = _dequantized(codes, scale, zero).sum(1, keepdim=True)
             window_sum = F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
-            out = out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)
+            out = (out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)).to(self.out_dtype)
         return out
 
 
@@ -536,6 +575,7 @@ class PackedWeightLayer(nn.Module):
     quantized it."""
 
     kernel = "float (weights decoded on the fly from packed codes)"
+    keeps_float32_state = True  # decodes in float32 and computes in the input's dtype
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
@@ -571,6 +611,8 @@ class PackedWeightLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        weight = self.weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.is_conv:
-            return F.conv2d(x, self.weight(), self.bias, *self.conv_args)
-        return F.linear(x, self.weight(), self.bias)
+            return F.conv2d(x, weight, bias, *self.conv_args)
+        return F.linear(x, weight, bias)

@@ -95,6 +95,8 @@ def int4_weight_supported(layer: QuantLayer) -> bool:
 class PackedInt4Layer(nn.Module):
     """Linear or Conv2d with nibble-packed weights decoded at every call into `compute_dtype`."""
 
+    keeps_float32_state = True  # scales stay float32; it returns its input's dtype
+
     def __init__(self, layer: QuantLayer, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.compute_dtype = compute_dtype or default_compute_dtype()
@@ -125,9 +127,11 @@ class PackedInt4Layer(nn.Module):
         weight = self.weight()
         if self.is_conv:
             out = F.conv2d(x.to(self.compute_dtype), weight, None, *self.conv_args).float()
-            return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
-        out = F.linear(x.to(self.compute_dtype), weight).float()
-        return out if self.bias is None else out + self.bias
+            out = out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
+        else:
+            out = F.linear(x.to(self.compute_dtype), weight).float()
+            out = out if self.bias is None else out + self.bias
+        return out.to(x.dtype)  # float32 for the simulation's numerics, bfloat16 in a bfloat16 model
 
 
 def int4pack_group_size(layer: QuantLayer) -> int | None:
@@ -151,6 +155,7 @@ class Int4PackMMLinear(nn.Module):
     arithmetic (tests/test_kernels_int4.py checks it against dequantize-then-matmul)."""
 
     kernel = "aten::_weight_int4pack_mm_for_cpu"
+    keeps_float32_state = True  # scales stay float32; it returns its input's dtype
 
     def __init__(self, layer: QuantLinear, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -178,4 +183,4 @@ class Int4PackMMLinear(nn.Module):
         ).float()
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

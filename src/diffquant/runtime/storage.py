@@ -15,6 +15,7 @@ the tensors: nothing is unpickled, and the outputs are bit-identical to the mode
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -204,8 +205,36 @@ def check_scales(denoiser: torch.nn.Module, directory: Path | str = "the model")
         )
 
 
+# inputs that stay float32 whatever the model computes in: diffusers builds sinusoidal embeddings and
+# rotary positions from them, and bfloat16 cannot hold a timestep like 999 (it rounds to 1000)
+FLOAT32_INPUTS = frozenset({"timestep", "timesteps", "guidance", "img_ids", "txt_ids"})
+
+
+def argument_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """The names `module.forward` binds positional arguments to (read once: a compiled graph cannot)."""
+    return tuple(inspect.signature(module.forward).parameters)
+
+
+def _cast_float(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):  # no op at all when it is already there (a compiled graph stays whole)
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, dict):  # SDXL's added_cond_kwargs
+        return {k: _cast_float(v, dtype) for k, v in value.items()}
+    return value
+
+
+def cast_float_inputs(names: tuple[str, ...], args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Call arguments with their floating tensors (also inside dicts) in `dtype`, except the
+    FLOAT32_INPUTS; `names` (from `argument_names`) names the positional ones."""
+    args = tuple(
+        a if index < len(names) and names[index] in FLOAT32_INPUTS else _cast_float(a, dtype)
+        for index, a in enumerate(args)
+    )
+    return args, {k: v if k in FLOAT32_INPUTS else _cast_float(v, dtype) for k, v in kwargs.items()}
+
+
 def _guard_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """Clear errors for inputs a quantized model cannot take; half-precision inputs run in float32."""
+    """Clear errors for inputs a quantized model cannot take; inputs are cast to the dtype it computes in."""
     sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
     expected = getattr(getattr(module, "config", None), "in_channels", None)
     if isinstance(sample, torch.Tensor) and sample.ndim == 4 and expected and sample.shape[1] != expected:
@@ -213,17 +242,13 @@ def _guard_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
             f"The model takes {expected}-channel inputs (N, {expected}, H, W); got shape {tuple(sample.shape)}."
         )
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-    def cast(value):
-        floating = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype
-        return value.to(dtype) if floating else value
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+    return cast_float_inputs(module._diffquant_argument_names, args, kwargs, dtype)
 
 
 def guard_inputs(denoiser: torch.nn.Module) -> None:
     """Check the channels of a quantized denoiser's inputs and cast fp16/bf16 inputs to its dtype."""
     if not getattr(denoiser, "_diffquant_guarded", False):
+        denoiser._diffquant_argument_names = argument_names(denoiser)
         denoiser.register_forward_pre_hook(_guard_hook, with_kwargs=True)
         denoiser._diffquant_guarded = True
 
