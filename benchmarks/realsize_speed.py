@@ -630,9 +630,13 @@ def headline(results: dict[str, Any]) -> list[str]:
             if peers:
                 peer, peer_speed = max(peers.items(), key=lambda item: item[1])
                 text += f"; best peer {peer} {peer_speed:.2f}x, so diffquant runs at {best_speed / peer_speed:.2f}x it"
-            if others:  # timed in another process: only their own ratios compare
-                listed = ", ".join(f"{k.split(' (run')[0]} {v:.2f}x" for k, v in sorted(others.items()))
-                text += f" (in another run against its own fp32 compiled: {listed})"
+            if others:  # timed in another process: only their own ratios compare, and ours in that run if any
+                listed = []
+                for key, speed in sorted(others.items()):
+                    same_run = [v for k, v in ours.items() if rows[k].get("run") == rows[key].get("run")]
+                    mine = f" against diffquant's {max(same_run):.2f}x there" if same_run else ""
+                    listed.append(f"{key.split(' (run')[0]} {speed:.2f}x{mine}")
+                text += f" (in another run against its own fp32 compiled: {', '.join(listed)})"
             bf16 = next((_speed(r, batch) for k, r in rows.items() if k.startswith("bf16-compiled")), None)
             if bf16:
                 text += f"; bf16 compiled {bf16:.2f}x"
