@@ -142,6 +142,9 @@ def bench_model(name: str, args) -> dict:
         variants[label] = deployed.denoiser
         kernels[label] = deployed.quantization["kernels"]
         agreement[label] = agreement_with_simulation(model, export_model(model, "onednn"))
+        if args.bf16:  # the same export with everything around the int8 kernels in bfloat16
+            bf16 = export_model(model, "onednn", compile=True, compute_dtype="bfloat16")
+            variants[f"{label} (bf16 compute)"] = bf16.denoiser
         if args.before:
             before = export_model(model, "onednn")
             if as_before(before):
@@ -190,6 +193,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--trajectories", type=int, default=4)
     parser.add_argument("--before", action="store_true", help="also time the deployed graphs before this change")
+    parser.add_argument("--bf16", action="store_true", help="also time each export with compute_dtype='bfloat16'")
     parser.add_argument("--work", default="runs/deploy-gap")
     parser.add_argument("--out", default=None, help="JSON file for the results (printed only without it)")
     args = parser.parse_args()

@@ -53,8 +53,10 @@ VARIANTS = (
     "diffquant-w8a8-bf16",
     "diffquant-w4",
     "pt2e",
+    "pt2e-bf16",
     "torchao",
     "openvino",
+    "openvino-bf16",
 )
 
 
@@ -304,7 +306,19 @@ class _FloatTimestep(nn.Module):
         return _output(self.inner(sample, timestep.float(), **dict(zip(self.names, conditioning, strict=True))))
 
 
-def make_pt2e(case: Case, args, example) -> Variant:
+class _Bf16Autocast(nn.Module):
+    """PT2E's int8-mixed-bf16 mode: the converted graph compiled and run under CPU bf16 autocast."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _output(self.inner(*args)).float()
+
+
+def make_pt2e(case: Case, args, example, bf16: bool = False) -> Variant:
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -323,12 +337,20 @@ def make_pt2e(case: Case, args, example) -> Variant:
         for item in calibration.batches(1):
             repeat = lambda t, size=batch: t.expand(size, *t.shape[1:])  # noqa: E731
             prepared(repeat(item.sample), repeat(item.timesteps), *[repeat(item.conditioning[n]) for n in names])
-        converted[batch] = _compiled(convert_pt2e(prepared), args.compile)
+        module = convert_pt2e(prepared)
+        if bf16:  # the exported graph asserts its float32 dtypes, which autocast changes: drop the asserts
+            for node in list(module.graph.nodes):
+                if node.target == torch.ops.aten._assert_tensor_metadata.default:
+                    module.graph.erase_node(node)
+            module.recompile()
+            module = _Bf16Autocast(module)
+        converted[batch] = _compiled(module, args.compile)
 
     def call(sample, timestep, conditioning):
         return converted[sample.shape[0]](sample, timestep, *conditioning.values())
 
-    notes = ["static per-tensor uint8 inputs, Linear+Conv2d (X86InductorQuantizer)"]
+    mode = ", bf16 autocast (int8-mixed-bf16)" if bf16 else ""
+    notes = [f"static per-tensor uint8 inputs, Linear+Conv2d (X86InductorQuantizer){mode}"]
     return Variant(call, None, True, time.perf_counter() - started, None, notes)
 
 
@@ -346,7 +368,7 @@ def make_torchao(case: Case, args) -> Variant:
     )
 
 
-def make_openvino(case: Case, args, example) -> Variant:
+def make_openvino(case: Case, args, example, precision: str = "f32") -> Variant:
     try:
         import nncf
         import openvino as ov
@@ -361,7 +383,8 @@ def make_openvino(case: Case, args, example) -> Variant:
     quantized = nncf.quantize(wrapper, nncf.Dataset(items), subset_size=len(items))
     inputs = (sample, timestep, *conditioning.values())
     ov_model = ov.convert_model(quantized, example_input=inputs)
-    threads = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32"}
+    # f32: float ops around the int8 ones in fp32; bf16: OpenVINO's own default on CPUs with AMX
+    threads = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": precision}
     compiled = ov.Core().compile_model(ov_model, "CPU", threads)
 
     def call(sample, timestep, conditioning):
@@ -374,7 +397,8 @@ def make_openvino(case: Case, args, example) -> Variant:
         from diffquant.reporting import directory_megabytes
 
         disk = directory_megabytes(scratch)
-    return Variant(call, None, False, time.perf_counter() - started, disk, ["NNCF int8 (static), OpenVINO CPU runtime"])
+    notes = [f"NNCF int8 (static), OpenVINO CPU runtime, {precision} precision hint"]
+    return Variant(call, None, False, time.perf_counter() - started, disk, notes)
 
 
 def variant_labels(name: str, args) -> list[str]:
@@ -410,12 +434,12 @@ def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
         return make_diffquant(case, args, label.split(" ")[2], 8, 8, compute_dtype="bfloat16")
     if name == "diffquant-w4":
         return make_diffquant(case, args, "naive", 4, None)
-    if name == "pt2e":
-        return make_pt2e(case, args, example)
+    if name in ("pt2e", "pt2e-bf16"):
+        return make_pt2e(case, args, example, bf16=name == "pt2e-bf16")
     if name == "torchao":
         return make_torchao(case, args)
-    if name == "openvino":
-        return make_openvino(case, args, example)
+    if name in ("openvino", "openvino-bf16"):
+        return make_openvino(case, args, example, "bf16" if name == "openvino-bf16" else "f32")
     raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
 
 
@@ -574,7 +598,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 # --- the BENCHMARKS.md section ------------------------------------------------------------------
 SECTION = Path(__file__).parent / "results" / "full" / "sections" / "realsize.md"
-PEERS = ("pt2e", "torchao", "openvino")
+PEERS = ("pt2e", "pt2e-bf16", "torchao", "openvino", "openvino-bf16")
 W8A8_TARGET = 2.5
 
 

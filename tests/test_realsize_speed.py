@@ -99,3 +99,18 @@ def test_section_refuses_a_missing_or_corrupt_result_file_in_one_line(suite, tmp
         with pytest.raises(SystemExit, match=f"is not a result file of this script .*{reason}"):
             suite.write_section([path], tmp_path / "section.md", tmp_path)
     assert not (tmp_path / "section.md").exists() and not (tmp_path / "real.json").exists()
+
+
+def test_tiny_bf16_variants_run_ours_and_the_peers_int8_mixed_bf16_modes(suite, tmp_path):
+    from diffquant.runtime.kernels_int4 import bf16_matmul_supported
+
+    if not bf16_matmul_supported():
+        pytest.skip("bf16 compute needs bf16 matrix units (the refusal is tested in test_runtime.py)")
+    argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--batches", "1"]
+    variants = ["fp32-eager", "diffquant-w8a8-bf16", "pt2e-bf16"]
+    results = suite.main([*argv, "--models", "pixart", "--variants", *variants, "--out", str(tmp_path / "t")])
+    rows = results["models"]["pixart"]["rows"]
+    ours, peer = rows["diffquant W8A8 naive (bf16 compute)"], rows["pt2e-bf16"]
+    assert "skipped" not in ours and "skipped" not in peer, (ours, peer)
+    assert 0 < ours["relative_error_vs_fp32"] < 0.1 and 0 < peer["relative_error_vs_fp32"] < 0.1
+    assert "onednn::qlinear_pointwise" in ours["notes"][0] and "bf16 autocast" in peer["notes"][0]
