@@ -190,6 +190,11 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert "speedup" not in before and after["speedup"] > 0.5
     assert after["latency_mode"] == "onednn int8 compiled vs fp32 compiled"
     assert after["metrics"] == before["metrics"]
+    from diffquant.runtime.kernels_int4 import bf16_matmul_supported
+
+    if bf16_matmul_supported():  # the bfloat16-compute export is timed beside it, and differs only by rounding
+        assert after["speedup_bf16"] > 0.5 and 0 < after["bf16_relative_difference"] < 0.05
+        assert "| speedup bf16 |" in (tmp_path / "BENCHMARKS.md").read_text()
 
 
 def test_a_saved_calibration_is_reused_when_only_n_changes(tmp_path):

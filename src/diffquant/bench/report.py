@@ -36,6 +36,7 @@ COLUMNS = [
     ("disk MB", lambda r: _number(r.get("disk_mb"), ".2f")),
     ("bits/weight", lambda r: _number(r.get("bits_per_weight"), ".1f")),
     ("speedup", lambda r: _number(r.get("speedup"), ".2f", "x")),
+    ("speedup bf16", lambda r: _number(r.get("speedup_bf16"), ".2f", "x")),
     ("coverage", lambda r: (r.get("coverage") or {}).get("text", "-")),
 ]
 
@@ -307,7 +308,10 @@ def write_report(rows: list[dict], preset_name: str, protocol: dict, out: Path, 
         "process's peak resident memory during calibration; disk MB is "
         "what the library's own save path writes; bits/weight = 8 x disk bytes / parameters; speedup is a "
         "batch-64 denoiser call against fp32 (compiled with inductor freezing for compiled rows, eager for eager "
-        "peers), timed interleaved in one process; coverage counts the quantized layers.",
+        "peers), timed interleaved in one process; speedup bf16 is the same export with everything around its "
+        "int8 kernels in bfloat16 (`compute_dtype='bfloat16'`), timed in the same run (the row's metrics are "
+        "float32 compute; the output's relative difference is in the row's `bf16_relative_difference`); "
+        "coverage counts the quantized layers.",
         "",
     ]
     for model in models:

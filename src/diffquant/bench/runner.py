@@ -40,6 +40,7 @@ from diffquant.profiling import measure_resources
 from diffquant.quant import step_context
 from diffquant.reporting import directory_megabytes
 from diffquant.runtime.export import check_backend, export_model
+from diffquant.runtime.kernels_int4 import bf16_matmul_supported
 from diffquant.zoo import DiffusionModel
 from diffquant.zoo.registry import token_generator_path
 
@@ -73,7 +74,17 @@ def _denoiser_directory(path: Path, model: DiffusionModel) -> Path:
     return path
 
 
-LATENCY_KEYS = ("latency_ms", "baseline_ms", "speedup", "latency_mode", "latency_kernels", "latency_threads")
+LATENCY_KEYS = (
+    "latency_ms",
+    "baseline_ms",
+    "speedup",
+    "latency_mode",
+    "latency_kernels",
+    "latency_threads",
+    "latency_bf16_ms",
+    "speedup_bf16",
+    "bf16_relative_difference",
+)
 
 
 def _claim(row_file: Path) -> bool:
@@ -110,23 +121,38 @@ def _alive(pid: int) -> bool:
 
 
 def _interleaved_latency(
-    candidate: torch.nn.Module, baseline: torch.nn.Module, model: DiffusionModel, repeats: int
+    candidate: torch.nn.Module,
+    baseline: torch.nn.Module,
+    model: DiffusionModel,
+    repeats: int,
+    bf16_candidate: torch.nn.Module | None = None,
 ) -> dict:
-    """Median ms of one batch-64 denoiser call, candidate and baseline interleaved."""
+    """Median ms of one batch-64 denoiser call, candidate and baseline interleaved; with `bf16_candidate`
+    (the same export computing in bfloat16 around its kernels) also its speedup and its relative
+    difference from the float32-compute candidate's output."""
     x, t, kwargs = _inputs(model, 64)
     calls = {"candidate": candidate, "baseline": baseline}
+    if bf16_candidate is not None:
+        calls["bf16"] = bf16_candidate
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad(), step_context(0, 500.0, 50):
+        outputs = {name: denoise(module, x, t, kwargs) for name, module in calls.items()}
         for module in calls.values():
-            denoise(module, x, t, kwargs)
             denoise(module, x, t, kwargs)
         for _ in range(repeats):
             for name, module in calls.items():
                 started = time.perf_counter()
                 denoise(module, x, t, kwargs)
                 times[name].append(1000 * (time.perf_counter() - started))
-    candidate_ms, baseline_ms = statistics.median(times["candidate"]), statistics.median(times["baseline"])
-    return {"latency_ms": candidate_ms, "baseline_ms": baseline_ms, "speedup": baseline_ms / candidate_ms}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    timed = {"latency_ms": median["candidate"], "baseline_ms": median["baseline"]}
+    timed["speedup"] = median["baseline"] / median["candidate"]
+    if bf16_candidate is not None:
+        reference = outputs["candidate"]
+        timed["latency_bf16_ms"] = median["bf16"]
+        timed["speedup_bf16"] = median["baseline"] / median["bf16"]
+        timed["bf16_relative_difference"] = ((outputs["bf16"] - reference).norm() / reference.norm()).item()
+    return timed
 
 
 class BenchRunner:
@@ -364,9 +390,17 @@ class BenchRunner:
             return None
         return deployed.denoiser, self.fp32_compiled(model), "onednn int8 compiled vs fp32 compiled"
 
-    def _latency(self, model: str, candidate: torch.nn.Module, baseline: torch.nn.Module, mode: str) -> dict:
+    def _latency(
+        self,
+        model: str,
+        candidate: torch.nn.Module,
+        baseline: torch.nn.Module,
+        mode: str,
+        bf16_candidate: torch.nn.Module | None = None,
+    ) -> dict:
         source = self.model_state(model)["source"]
-        return {**_interleaved_latency(candidate, baseline, source, self.preset.latency_repeats), "latency_mode": mode}
+        timed = _interleaved_latency(candidate, baseline, source, self.preset.latency_repeats, bf16_candidate)
+        return {**timed, "latency_mode": mode}
 
     def refresh_latency(self, spec: RowSpec) -> dict[str, Any] | None:
         """Re-measure a finished row's latency with the current kernels, without re-sampling: diffquant
@@ -391,19 +425,34 @@ class BenchRunner:
                 source = self.model_state(spec.model)["source"]
                 result = peer.quantize(source.denoiser, spec.setting, self.peer_batches(spec.model))
                 timed, kernels = self._peer_latency_pair(spec.model, result), result.kernels
+                bf16 = None
             else:
-                deployed = deployed_model(diffquant.load(self.out / "models" / spec.key))
+                quantized = diffquant.load(self.out / "models" / spec.key)
+                deployed = deployed_model(quantized)
                 timed, kernels = self._deployed_latency_pair(spec.model, deployed), deployed.quantization["kernels"]
+                bf16 = self._bf16_export(spec, quantized) if timed is not None else None
             if timed is None:  # nothing runs on real kernels here (e.g. no oneDNN): keep what the row had
                 return row
             # the metrics stay those of the row's own run (its `kernels`); the timing says what it timed
-            row.update(self._latency(spec.model, *timed), latency_kernels=kernels)
+            bf16_candidate = None if bf16 is None else bf16.denoiser
+            row.update(self._latency(spec.model, *timed, bf16_candidate=bf16_candidate), latency_kernels=kernels)
             row["latency_threads"] = torch.get_num_threads()
         except Exception as error:  # one row must not stop the others; the row keeps its old timing
             tqdm.write(f"{spec.key}: latency not refreshed ({type(error).__name__}: {error})")
             return row
         write_json(path, row)
         return row
+
+    @staticmethod
+    def _bf16_export(spec: RowSpec, quantized: DiffusionModel) -> DiffusionModel | None:
+        """The bfloat16-compute export to time beside the row's own, where this CPU has bf16 matrix units."""
+        if not bf16_matmul_supported():
+            return None
+        try:
+            return deployed_model(quantized, "bfloat16")
+        except DiffquantError as error:  # the float32 timing still counts
+            tqdm.write(f"{spec.key}: no bfloat16-compute timing ({error})")
+            return None
 
     def stored_row(self, path: Path) -> dict[str, Any] | None:
         """A finished row from an earlier run, or None when absent, failed (retried) or scored under another
@@ -470,15 +519,17 @@ class BenchRunner:
             }
 
 
-def deployed_model(quantized: DiffusionModel) -> DiffusionModel:
-    """The quantized model on this machine's fastest backend, compiled."""
+def deployed_model(quantized: DiffusionModel, compute_dtype: str = "float32") -> DiffusionModel:
+    """The quantized model on this machine's fastest backend, compiled (rows are scored in float32 compute;
+    `--refresh-latency` also times the bfloat16-compute export)."""
     try:
         check_backend("onednn")
         backend = "onednn"
     except DiffquantError:
         backend = "fake"
+        compute_dtype = "float32"
     # weight-only layers decoded at load score exactly as the simulation (the packed bf16 path rounds to bf16)
-    return export_model(quantized, backend, compile=True, weight_only_mode="at-load")
+    return export_model(quantized, backend, compile=True, weight_only_mode="at-load", compute_dtype=compute_dtype)
 
 
 def _labels(model: DiffusionModel, count: int) -> torch.Tensor | None:
