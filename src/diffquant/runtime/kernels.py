@@ -118,40 +118,15 @@ for _key in ("CPU", "MkldnnCPU"):  # the prepacked weight is an MkldnnCPU tensor
 
 
 @torch.library.register_fake("diffquant::onednn_int8_linear")
-def _(
-    codes,
-    scale,
-    zero,
-    packed,
-    weight_scale,
-    weight_zero,
-    bias,
-    post_op,
-    post_algorithm,
-    output_scale,
-    output_zero,
-    out_dtype,
-):
+def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, post_op, post_algorithm, output_scale, output_zero,
+      out_dtype):  # fmt: skip
     dtype = torch.uint8 if output_scale is not None else out_dtype
     return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=dtype)
 
 
 @torch.library.register_fake("diffquant::onednn_int8_conv2d")
-def _(
-    codes,
-    scale,
-    zero,
-    packed,
-    weight_scale,
-    weight_zero,
-    bias,
-    stride,
-    padding,
-    dilation,
-    groups,
-    kernel_size,
-    out_dtype,
-):
+def _(codes, scale, zero, packed, weight_scale, weight_zero, bias, stride, padding, dilation, groups, kernel_size,
+      out_dtype):  # fmt: skip
     batch, _, height, width = codes.shape
     sizes = [
         (size + 2 * pad - dil * (k - 1) - 1) // st + 1
