@@ -308,6 +308,10 @@ def test_bfloat16_compute_keeps_int8_kernels_and_float32_grids_and_io(w8a8, cali
     )
     assert result.exit_code == 0, result.output
     assert diffquant.load(tmp_path / "e").quantization["compute_dtype"] == "bfloat16"
+    report = tmp_path / "e" / "export.json"  # a corrupted choice is one error naming the file
+    report.write_text(report.read_text().replace('"bfloat16"', '"fp8"'))
+    with pytest.raises(DiffquantError, match="export.json names compute_dtype 'fp8'"):
+        diffquant.load(tmp_path / "e")
 
 
 def test_bfloat16_compute_is_refused_clearly(w8a8, monkeypatch):

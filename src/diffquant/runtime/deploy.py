@@ -19,7 +19,7 @@ from diffquant.families import denoise
 from diffquant.fileio import atomic_directory, check_output, write_json
 from diffquant.model import DiffusionModel
 from diffquant.quant import step_context
-from diffquant.runtime.export import DEFAULT_WEIGHT_ONLY_MODE, export_model
+from diffquant.runtime.export import COMPUTE_DTYPES, DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
 
 EXPORT_FILE = "export.json"
@@ -108,11 +108,17 @@ def load_exported(directory: str | Path) -> DiffusionModel:
         report = json.loads((directory / EXPORT_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise DiffquantError(f"{directory / EXPORT_FILE} is unreadable: {error}.") from error
+    compute_dtype = report.get("compute_dtype", "float32")
+    if compute_dtype not in COMPUTE_DTYPES:  # a hand-edited or foreign file: say which one, not torch's error
+        raise DiffquantError(
+            f"{directory / EXPORT_FILE} names compute_dtype '{compute_dtype}'; it must be one of "
+            f"{', '.join(COMPUTE_DTYPES)}. Export the model again with diffquant export."
+        )
     model = load_quantized(directory)
     return export_model(
         model,
         report["backend"],
         report.get("compile", False),
         report.get("weight_only_mode", DEFAULT_WEIGHT_ONLY_MODE),
-        compute_dtype=report.get("compute_dtype", "float32"),
+        compute_dtype=compute_dtype,
     )
