@@ -42,6 +42,8 @@ from diffquant.runtime.export import DeployedDenoiser, export_model
 from diffquant.runtime.kernels import OneDNNInt8Linear, SigmoidFormGELU
 
 METHODS = ("naive", "ptq4dm", "qdiffusion", "tfmq", "edadm")
+# asymmetric 8-bit weights do not fit int8: their GEMMs need a zero-point correction pass (runtime/kernels.py)
+AFFINE_WEIGHT_METHODS = {"qdiffusion", "edadm"}
 
 
 class _TanhGELU(nn.Module):
@@ -125,6 +127,21 @@ def bench_model(name: str, args) -> dict:
         models["tfmq shared set"] = quantized(
             source, "tfmq", calibration, work, "tfmq-shared", activation_per_step=False
         )
+    if args.symmetric:  # the affine-weight methods with symmetric weights: prices the zero-point correction
+        for method in AFFINE_WEIGHT_METHODS & set(args.methods):
+            models[f"{method} symmetric weights"] = quantized(
+                source, method, calibration, work, f"{method}-symmetric", weight_symmetric=True
+            )
+            models[f"{method} symmetric, float attention"] = quantized(
+                source,
+                method,
+                calibration,
+                work,
+                f"{method}-symmetric-float-attention",
+                weight_symmetric=True,
+                quantize_attention=False,
+                softmax_bits=None,
+            )
     print(f"  calibrated in {time.perf_counter() - started:.0f} s", flush=True)
 
     x, t, kwargs = inputs(source, args.batch)
@@ -193,6 +210,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--trajectories", type=int, default=4)
     parser.add_argument("--before", action="store_true", help="also time the deployed graphs before this change")
+    parser.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="also time qdiffusion/edadm with symmetric weights (and float attention)",
+    )
     parser.add_argument("--bf16", action="store_true", help="also time each export with compute_dtype='bfloat16'")
     parser.add_argument("--work", default="runs/deploy-gap")
     parser.add_argument("--out", default=None, help="JSON file for the results (printed only without it)")

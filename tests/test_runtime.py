@@ -10,10 +10,12 @@ from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
 from diffquant.errors import DiffquantError
 from diffquant.modules import QuantConv2d, QuantLinear, quant_layers
+from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.quant import QuantSpec, step_context
 from diffquant.runtime.export import check_backend, export_model
 from diffquant.runtime.kernels import (
     DequantizedLayer,
+    FusedGELU,
     IntMMLinear,
     OneDNNInt8Conv2d,
     OneDNNInt8Linear,
@@ -251,23 +253,32 @@ def test_tanh_gelu_in_sigmoid_form_equals_torch():
     assert (gelu_tanh(x) - expected).abs().max().item() < 1e-6
 
 
-def test_affine_8bit_feedforward_keeps_its_correction_before_the_gelu():
+@pytest.mark.parametrize("preset", ["fast", "deploy"])
+def test_affine_8bit_feedforward_keeps_its_correction_before_the_gelu(preset):
     # Q-Diffusion's asymmetric 8-bit weights need the weight-shift correction on the GEMM's output, so the
-    # GELU cannot run in oneDNN's epilogue: it runs after the correction, in the sigmoid form
+    # GELU cannot run in oneDNN's epilogue: it runs after the correction, in the sigmoid form. The
+    # `deploy` preset's symmetric weights and float attention put it back on the fused path.
     model = tiny_dit_model()
     calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
-    quantized = diffquant.quantize(
-        model,
+    config = diffquant.methods.make_config(
         "qdiffusion",
-        calibration,
-        progress=False,
+        preset=preset,
         wbits=8,
         abits=8,
         reconstruction={"weight_iters": 2, "act_iters": 2, "batch_size": 8},
     )
+    quantized = diffquant.quantize(model, config, calibration, progress=False)
     deployed = export_model(quantized, "onednn")
     activation = deployed.denoiser.inner.transformer_blocks[0].ff.net[0]
-    assert isinstance(activation, SigmoidFormGELU) and activation.proj.input_sum_weight is not None
+    attention = deployed.denoiser.inner.transformer_blocks[0].attn1.processor
+    if preset == "fast":
+        assert isinstance(activation, SigmoidFormGELU) and activation.proj.input_sum_weight is not None
+        assert isinstance(attention, QuantAttnProcessor) and attention._active()
+    else:
+        assert isinstance(activation, FusedGELU) and activation.proj.output_grid is not None  # GELU and u8 out
+        linears = [m for m in deployed.denoiser.inner.modules() if isinstance(m, OneDNNInt8Linear)]
+        assert linears and all(m.input_sum_weight is None for m in linears)
+        assert not (isinstance(attention, QuantAttnProcessor) and attention._active())
     for index in (0, 3):
         batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[index])
         with torch.no_grad(), step_context(batch.step_index, batch.timestep, batch.num_steps):

@@ -253,6 +253,7 @@ def _check_scalar_types(config: MethodConfig) -> None:
         if isinstance(value, bool) and annotation.split()[0] != "bool" or not isinstance(value, allowed):
             raise ConfigError(
                 f"{config.name}: option '{item.name}' must be {annotation}, got {value!r}. "
-                f"Pass a JSON value, e.g. --option {item.name}=" + ("true" if annotation.startswith("bool") else "1")
+                f"Pass a JSON value, e.g. --option {item.name}="
+                + ("true" if annotation.startswith("bool") else "1")
                 + "."
             )

@@ -20,7 +20,7 @@ from torch import nn
 from diffquant.calibration import CalibrationSet
 from diffquant.engines import ReconstructionConfig, calibrate_ranges, discover_units, prepare_model, probe
 from diffquant.methods.base import CalibrationConfig
-from diffquant.methods.qdiffusion import QDiffusionConfig
+from diffquant.methods.qdiffusion import DEPLOY_CHOICES, QDiffusionConfig
 from diffquant.methods.reconstruction_base import (
     finish_reconstruction,
     full_precision_copy,
@@ -50,6 +50,7 @@ class EDADMConfig(QDiffusionConfig):
             "reconstruction": {"weight_iters": 300},
         },
     }
+    PRESETS["deploy"] = {**PRESETS["fast"], **DEPLOY_CHOICES}
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(trajectories=1024, policy="tdac"))
     reconstruction: ReconstructionConfig = field(default_factory=lambda: _edadm_engine(weight_iters=5000))
 

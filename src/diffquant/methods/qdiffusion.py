@@ -1,6 +1,7 @@
 """Q-Diffusion (Li et al., ICCV 2023): post-training quantization for diffusion models.
 
-Algorithm (official defaults; `paper` preset, `fast` for CPUs):
+Algorithm (official defaults; `paper` preset, `fast` for CPUs, `deploy` = `fast` with symmetric weights
+and float attention matmuls, which run on the fused int8 path: see DEPLOY_CHOICES):
   1. timestep-aware calibration: `cali_n` trajectories x `cali_st` steps at a uniform interval;
   2. split-shortcut quantization: the shortcut conv of every decoder ResNet block, fed by the
      concatenation [deep features, encoder skip], gets separate activation and weight quantizers for
@@ -29,6 +30,13 @@ from diffquant.methods.registry import register_method
 from diffquant.modules.structure import skip_concat_splits
 from diffquant.quant import QuantSpec
 
+DEPLOY_CHOICES = {"weight_symmetric": True, "quantize_attention": False, "softmax_bits": None}
+"""The `deploy` preset's departures from the paper: the two choices that keep a model off the fused int8
+path. Asymmetric 8-bit weights do not fit int8, so every GEMM needs a zero-point correction pass after it
+(no GELU or requantization in its epilogue); quantized attention matmuls need the score matrix spelled
+out instead of the fused SDPA kernel. On the fmnist DiT (one thread, W8A8) they cost about 18 % and 14 %
+of the deployed speed (benchmarks/results/deploy_gap_affine.json)."""
+
 
 @dataclass
 class QDiffusionConfig(ReconstructionMethodConfig):
@@ -49,6 +57,7 @@ class QDiffusionConfig(ReconstructionMethodConfig):
             },
         },
     }
+    PRESETS["deploy"] = {**PRESETS["fast"], **DEPLOY_CHOICES}
     softmax_bits: int | None = 8
     """Bits of the post-softmax probabilities (Q-Diffusion's sm_abit; 16 for Stable Diffusion)."""
     quantize_attention: bool = True
