@@ -35,6 +35,7 @@ from torch import nn
 import diffquant
 from diffquant.bench.peers import PT2E
 from diffquant.families import denoise
+from diffquant.methods.qdiffusion import DEPLOY_CHOICES
 from diffquant.profiling import interleaved_medians
 from diffquant.quant import step_context
 from diffquant.runtime.deploy import agreement_with_simulation
@@ -132,15 +133,8 @@ def bench_model(name: str, args) -> dict:
             models[f"{method} symmetric weights"] = quantized(
                 source, method, calibration, work, f"{method}-symmetric", weight_symmetric=True
             )
-            models[f"{method} symmetric, float attention"] = quantized(
-                source,
-                method,
-                calibration,
-                work,
-                f"{method}-symmetric-float-attention",
-                weight_symmetric=True,
-                quantize_attention=False,
-                softmax_bits=None,
+            models[f"{method} symmetric, float attention"] = quantized(  # its `deploy` preset's choices
+                source, method, calibration, work, f"{method}-symmetric-float-attention", **DEPLOY_CHOICES
             )
     print(f"  calibrated in {time.perf_counter() - started:.0f} s", flush=True)
 
