@@ -402,3 +402,25 @@ def test_bfloat16_compute_export_runs_every_family_near_float32(family):
     assert all(o.dtype == torch.float32 and torch.isfinite(o).all() for o in bfloat16)
     # bfloat16 rounding (8 mantissa bits) around the same int8 kernels, with timesteps and positions kept float32
     assert 0 < relative_mse(float32, bfloat16) < 5e-3
+
+
+@pytest.mark.parametrize("family", ["sdxl-unet", "pixart", "sd3", "flux"])
+def test_deploy_preset_runs_every_family_on_the_fused_int8_path(family):
+    from diffquant.modules.attention import QuantAttnProcessor
+    from diffquant.runtime.export import export_model
+    from diffquant.runtime.kernels import OneDNNInt8Conv2d, OneDNNInt8Linear
+    from tests.family_models import TINY_OPTIONS, outputs, relative_mse
+
+    model = family_model(family)
+    config = diffquant.methods.make_config(
+        "qdiffusion", preset="deploy", wbits=8, abits=8, **TINY_OPTIONS["qdiffusion"]
+    )
+    quantized = diffquant.quantize(model, config, family_inputs(model), progress=False)
+    deployed = export_model(quantized, "onednn")
+    inner = deployed.denoiser.inner
+    kernels = [m for m in inner.modules() if isinstance(m, (OneDNNInt8Linear, OneDNNInt8Conv2d))]
+    # symmetric weights: no GEMM needs a zero-point correction; float attention: no quantized matmul
+    assert kernels and all(m.input_sum_weight is None for m in kernels)
+    assert not any(isinstance(m, QuantAttnProcessor) and m._active() for m in inner.modules())
+    fresh = family_inputs(model, per_step=2, seed=7)
+    assert relative_mse(outputs(quantized, fresh), outputs(deployed, fresh)) < 1e-3
