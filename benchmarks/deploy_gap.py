@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -35,6 +34,7 @@ from torch import nn
 import diffquant
 from diffquant.bench.peers import PT2E
 from diffquant.families import denoise
+from diffquant.fileio import write_json
 from diffquant.methods.qdiffusion import DEPLOY_CHOICES
 from diffquant.profiling import interleaved_medians
 from diffquant.quant import step_context
@@ -228,8 +228,7 @@ def main() -> None:
         "models": {name: bench_model(name, args) for name in args.models},
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)  # atomic: a killed run leaves the previous results whole
         print(f"\nwrote {args.out}")
 
 
