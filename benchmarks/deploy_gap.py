@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import sys
 import time
@@ -217,9 +218,10 @@ def main() -> None:
     # a dozen models compiled in one process share the diffusers forward's code object: without room
     # for one graph each, the last ones would fall back to eager
     torch._dynamo.config.recompile_limit = 64
+    load_before = os.getloadavg()
     results = {
-        "note": "ratios of medians timed interleaved in one process at 1 thread; the machine carried other load, "
-        "so absolute times are not reported",
+        "note": "ratios of medians timed interleaved in one process at 1 thread; absolute times are not reported "
+        "(they move with the machine's load, the ratios much less)",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__,
@@ -227,6 +229,8 @@ def main() -> None:
         },
         "models": {name: bench_model(name, args) for name in args.models},
     }
+    # other work on the machine shows here: a 1-minute load near 1 means this process ran alone
+    results["load_average_1min"] = {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)}
     if args.out:
         write_json(args.out, results)  # atomic: a killed run leaves the previous results whole
         print(f"\nwrote {args.out}")
