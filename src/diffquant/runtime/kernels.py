@@ -254,10 +254,8 @@ class _InputQuantizer(nn.Module):
         scale, zero = self.params()
         if x.dtype == torch.uint8:  # already codes on this grid (written by the previous int8 GEMM)
             return x, scale, zero.to(torch.int32)
-        # in float32 whatever the compute dtype: bfloat16 cannot hold x / scale to the nearest code above 128;
-        # times the reciprocal, as oneDNN's requantizing epilogue does: a vector divide per element costs more
-        codes = torch.clamp(torch.round(x.float() * torch.reciprocal(scale)) + zero, self.qmin, self.qmax)
-        codes = codes.to(torch.uint8)
+        # in float32 whatever the compute dtype: bfloat16 cannot hold x / scale to the nearest code above 128
+        codes = torch.clamp(torch.round(x.float() / scale) + zero, self.qmin, self.qmax).to(torch.uint8)
         return codes, scale, zero.to(torch.int32)
 
 
