@@ -108,11 +108,8 @@ class LowRankQuantLayer(LayerKind, nn.Module):
             up, down = (branch_precision(t) for t in low_rank_split(transformed, rank))
         else:
             up, down = torch.zeros(weight.shape[0], 0), torch.zeros(0, *weight.shape[1:])
-        # contiguous, as a reloaded file holds them: the SVD's factors are transposed views, and a GEMM on
-        # another layout may round differently (it does with AMD EPYC's BLAS path), so a save would not reload
-        # to the bit-identical model
-        self.lora_up = nn.Parameter(up.contiguous(), requires_grad=False)
-        self.lora_down = nn.Parameter(down.contiguous(), requires_grad=False)
+        self.lora_up = nn.Parameter(up, requires_grad=False)
+        self.lora_down = nn.Parameter(down, requires_grad=False)
         residual = transformed - (up @ down.reshape(rank, transformed[0].numel())).reshape(transformed.shape)
         self.residual.weight = nn.Parameter(residual.to(weight.dtype))
         self.residual.calibrate_weight()

@@ -11,4 +11,6 @@ def low_rank_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     u, singular, vh = torch.linalg.svd(flat, full_matrices=False)
     up = (u[:, :rank] * singular[:rank]).float()
     down = vh[:rank].float().reshape(rank, *weight.shape[1:])
-    return up, down
+    # contiguous, as a reloaded file holds them: LAPACK's factors come transposed, and a GEMM on another
+    # layout may round differently (AMD EPYC's does), so a saved model would not reload bit-identically
+    return up.contiguous(), down.contiguous()
