@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/deploy_gap.py --models fmnist-dit fmnist-unet --out gap.json
 
 One process, one thread: fp32 compiled (inductor freezing), PT2E int8 (X86InductorQuantizer, compiled)
-and each method's model exported to the onednn backend and compiled, timed interleaved (every variant
+and each method's model exported to the onednn backend (and with `--backends`, the inductor backend) and
+compiled, timed interleaved (every variant
 once per round, `--repeats` rounds, median) on one batch of `--batch` denoiser inputs. TFMQ runs twice:
 with per-step activation banks (its default) and with one shared set, to price the per-step indexing.
 Calibration is deliberately cheap (a few trajectories, a few reconstruction iterations): the kernels
@@ -150,13 +151,17 @@ def bench_model(name: str, args) -> dict:
         inductor_config.freezing = False
     variants["pt2e int8"] = PT2E().quantize(source.denoiser, "W8A8", batches).denoiser
     for label, model in models.items():
-        deployed = export_model(model, "onednn", compile=True)
-        variants[label] = deployed.denoiser
-        kernels[label] = deployed.quantization["kernels"]
-        agreement[label] = agreement_with_simulation(model, export_model(model, "onednn"))
-        if args.bf16:  # the same export with everything around the int8 kernels in bfloat16
-            bf16 = export_model(model, "onednn", compile=True, compute_dtype="bfloat16")
-            variants[f"{label} (bf16 compute)"] = bf16.denoiser
+        for backend in args.backends:
+            named = label if backend == "onednn" else f"{label} [{backend}]"
+            deployed = export_model(model, backend, compile=True)
+            variants[named] = deployed.denoiser
+            kernels[named] = deployed.quantization["kernels"]
+            # the inductor backend's kernels exist only compiled (uncompiled it is a float emulation)
+            checked = deployed if backend == "inductor" else export_model(model, backend)
+            agreement[named] = agreement_with_simulation(model, checked)
+            if args.bf16:  # the same export with everything around the int8 kernels in bfloat16
+                bf16 = export_model(model, backend, compile=True, compute_dtype="bfloat16")
+                variants[f"{named} (bf16 compute)"] = bf16.denoiser
         if args.before:
             before = export_model(model, "onednn")
             if as_before(before):
@@ -211,6 +216,13 @@ def main() -> None:
         help="also time qdiffusion/edadm with symmetric weights (and float attention)",
     )
     parser.add_argument("--bf16", action="store_true", help="also time each export with compute_dtype='bfloat16'")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["onednn"],
+        choices=["onednn", "inductor"],
+        help="export every method to each (onednn: our operators; inductor: lowered by inductor as for PT2E)",
+    )
     parser.add_argument("--work", default="runs/deploy-gap")
     parser.add_argument("--out", default=None, help="JSON file for the results (printed only without it)")
     args = parser.parse_args()

@@ -13,7 +13,8 @@ blocks). Every model is called by keyword through `KeywordDenoiser`, so PixArt/S
 
 Variants, all timed interleaved in one process with the same threads (medians of `--repeats`):
 fp32 eager; fp32 compiled (inductor, freezing); bf16 compiled (the reference a bf16 weight-only row
-must be read against); diffquant W8A8 per `--methods` on the onednn backend, compiled; diffquant W4
+must be read against); diffquant W8A8 per `--methods` on the onednn backend, compiled (and on the
+inductor backend: the same grids lowered by inductor's PT2E passes, `diffquant-w8a8-inductor*`); diffquant W4
 weight-only (packed int4, decoded per call); PT2E + X86InductorQuantizer (static W8A8, compiled);
 torchao int8 dynamic (Linear only, compiled); OpenVINO through NNCF int8. A variant that cannot run
 here (a missing peer, a model diffquant cannot quantize yet) is recorded as `skipped: reason`.
@@ -51,6 +52,8 @@ VARIANTS = (
     "bf16-compiled",
     "diffquant-w8a8",
     "diffquant-w8a8-bf16",
+    "diffquant-w8a8-inductor",
+    "diffquant-w8a8-inductor-bf16",
     "diffquant-w4",
     "pt2e",
     "pt2e-bf16",
@@ -267,7 +270,13 @@ def _calibration(case: Case, count: int):
 
 
 def make_diffquant(
-    case: Case, args, method: str, wbits: int, abits: int | None, compute_dtype: str = "float32"
+    case: Case,
+    args,
+    method: str,
+    wbits: int,
+    abits: int | None,
+    compute_dtype: str = "float32",
+    backend: str = "onednn",
 ) -> Variant:
     import diffquant
     from diffquant.families import denoise
@@ -280,7 +289,7 @@ def make_diffquant(
         quantized = diffquant.quantize(model, config, _calibration(case, args.calibration), progress=False)
     except Exception as error:  # noqa: BLE001 - recorded as the reason this row is missing
         raise Skipped(f"diffquant could not quantize this model: {type(error).__name__}: {error}") from error
-    deployed = export_model(quantized, "onednn", compile=args.compile, compute_dtype=compute_dtype)
+    deployed = export_model(quantized, backend, compile=args.compile, compute_dtype=compute_dtype)
     setup = time.perf_counter() - started
     disk = None
     try:
@@ -407,6 +416,10 @@ def variant_labels(name: str, args) -> list[str]:
         return [f"diffquant W8A8 {method}" for method in args.methods]
     if name == "diffquant-w8a8-bf16":
         return [f"diffquant W8A8 {method} (bf16 compute)" for method in args.methods]
+    if name == "diffquant-w8a8-inductor":  # the inductor backend: our grids lowered by inductor as PT2E's are
+        return [f"diffquant W8A8 {method} [inductor]" for method in args.methods]
+    if name == "diffquant-w8a8-inductor-bf16":
+        return [f"diffquant W8A8 {method} [inductor] (bf16 compute)" for method in args.methods]
     if name == "diffquant-w4":
         return ["diffquant W4 weight-only (packed)"]
     return [name]
@@ -428,10 +441,10 @@ def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
             return _output(compiled(sample.to(torch.bfloat16), timestep, **cast)).float()
 
         return Variant(call, module, True)
-    if name == "diffquant-w8a8":
-        return make_diffquant(case, args, label.rsplit(" ", 1)[1], 8, 8)
-    if name == "diffquant-w8a8-bf16":
-        return make_diffquant(case, args, label.split(" ")[2], 8, 8, compute_dtype="bfloat16")
+    if name.startswith("diffquant-w8a8"):  # labels read "diffquant W8A8 <method> ..."
+        compute_dtype = "bfloat16" if name.endswith("-bf16") else "float32"
+        backend = "inductor" if "-inductor" in name else "onednn"
+        return make_diffquant(case, args, label.split(" ")[2], 8, 8, compute_dtype=compute_dtype, backend=backend)
     if name == "diffquant-w4":
         return make_diffquant(case, args, "naive", 4, None)
     if name in ("pt2e", "pt2e-bf16"):

@@ -31,7 +31,7 @@ def test_tiny_suite_runs_every_model_and_skips_a_missing_peer_with_a_note(suite,
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     out = tmp_path / "tiny"
     argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "2", "--batches", "1", "2"]
-    variants = ["fp32-eager", "diffquant-w8a8", "diffquant-w4", "openvino"]
+    variants = ["fp32-eager", "diffquant-w8a8", "diffquant-w8a8-inductor", "diffquant-w4", "openvino"]
     results = suite.main([*argv, "--variants", *variants, "--out", str(out)])
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["models"].keys() == {"sd-unet", "pixart", "mmdit"}
@@ -43,7 +43,7 @@ def test_tiny_suite_runs_every_model_and_skips_a_missing_peer_with_a_note(suite,
         fp32 = rows["fp32-eager"]
         assert set(fp32["call_s"]) == {"1", "2"} and fp32["sampling_2_steps_s"] > 0
         assert fp32["speedup_vs_fp32"]["1"] == 1.0 and fp32["relative_error_vs_fp32"] == 0.0
-        for label in ("diffquant W8A8 naive", "diffquant W4 weight-only (packed)"):
+        for label in ("diffquant W8A8 naive", "diffquant W8A8 naive [inductor]", "diffquant W4 weight-only (packed)"):
             row = rows[label]  # every family quantizes (calibration calls the bare model by keyword)
             assert "skipped" not in row, (name, label, row)
             assert 0 < row["relative_error_vs_fp32"] < 0.5, (name, label, row)

@@ -175,8 +175,20 @@ def _load(name: str, backend: str | None = None, compile: bool = False, loras: l
             raise DiffquantError(f"--backend {backend} needs a quantized model; '{name}' is full precision.")
         from diffquant.runtime.export import export_model
 
+        _require_compile(backend, compile)
         model = export_model(model, backend, compile=compile)
     return model
+
+
+def _require_compile(backend: str, compile: bool) -> None:
+    """A backend whose kernels inductor lowers has them only under torch.compile: refuse the slow float emulation."""
+    from diffquant.runtime.backends import BACKEND_CLASSES
+
+    if not compile and backend in BACKEND_CLASSES and BACKEND_CLASSES[backend].freezes:
+        raise DiffquantError(
+            f"The {backend} backend's int8 kernels exist only compiled (inductor lowers them); add --compile, "
+            "or use --backend onednn."
+        )
 
 
 def _sampler_config(scheduler: str, steps: int, guidance: float | None):
@@ -201,7 +213,11 @@ def sample_command(
     prompt: list[str] = typer.Option(None, help="Prompt(s) for a pipeline directory, repeated to fill N."),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(64),
-    backend: str = typer.Option(None, help="Run a quantized model on real kernels: onednn (CPU int8) or cuda."),
+    backend: str = typer.Option(
+        None,
+        help="Run a quantized model on real kernels: onednn (CPU int8), inductor (CPU int8 lowered as for PT2E; "
+        "needs --compile) or cuda.",
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (with --backend)."),
     lora: list[str] = typer.Option(None, help=LORA_HELP),
     threads: int = typer.Option(None),
@@ -259,7 +275,11 @@ def eval_command(
     floors: bool = typer.Option(False, help="Also score N real training images (the data floor)."),
     out: Path = typer.Option(None, help="Write the results as JSON here."),
     inception_weights: Path = typer.Option(None, help="Local Inception-v3 weights for torch-fidelity FID."),
-    backend: str = typer.Option(None, help="Run quantized models on real kernels: onednn (CPU int8) or cuda."),
+    backend: str = typer.Option(
+        None,
+        help="Run quantized models on real kernels: onednn (CPU int8), inductor (CPU int8 lowered as for PT2E; "
+        "needs --compile) or cuda.",
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the models (with --backend)."),
     lora: list[str] = typer.Option(None, help=LORA_HELP + " Attached to every model and to the PSNR/SSIM reference."),
     threads: int = typer.Option(None),
@@ -555,7 +575,11 @@ def demo_command(
 @app.command("export")
 def export_command(
     model: str = typer.Option(..., help="A quantized model directory."),
-    backend: str = typer.Option("onednn", help="onednn (CPU int8 on oneDNN), cuda (GPU int8/fp8) or fake."),
+    backend: str = typer.Option(
+        "onednn",
+        help="onednn (CPU int8 on oneDNN), inductor (the same kernels lowered by inductor as for PT2E; needs "
+        "--compile), cuda (GPU int8/fp8) or fake.",
+    ),
     out: Path = typer.Option(..., help="Output directory of the exported model."),
     compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),
     weight_only_mode: str = typer.Option(
@@ -583,6 +607,7 @@ def export_command(
             return
         from diffquant.runtime.deploy import export_directory
 
+        _require_compile(backend, compile)
         report = export_directory(
             model, out, backend, compile, weight_only_mode, overwrite=overwrite, compute_dtype=compute_dtype
         )

@@ -19,6 +19,7 @@ from diffquant.families import denoise
 from diffquant.fileio import atomic_directory, check_output, write_json
 from diffquant.model import DiffusionModel
 from diffquant.quant import step_context
+from diffquant.runtime.backends import get_backend
 from diffquant.runtime.export import COMPUTE_DTYPES, DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
 
@@ -71,8 +72,13 @@ def export_directory(
     check_output(out, EXPORT_FILE, overwrite)
     _refuse_outside_links(Path(source))
     simulated = load_quantized(source)
+    # a backend whose kernels inductor lowers has them only compiled: check those, not the float emulation
     deployed = export_model(
-        simulated, backend, compile=False, weight_only_mode=weight_only_mode, compute_dtype=compute_dtype
+        simulated,
+        backend,
+        compile=get_backend(backend).freezes,
+        weight_only_mode=weight_only_mode,
+        compute_dtype=compute_dtype,
     )
     report = {
         "backend": backend,

@@ -5,6 +5,9 @@ Backends (one file each in runtime/backends/; `register_backend` adds more):
 * `onednn` - CPU: int8 convolutions and linears on oneDNN (`qconv2d_pointwise`, `qlinear_pointwise`)
   for layers with <= 8-bit symmetric per-channel weights and static per-tensor <= 8-bit inputs; other
   layers run in float with their weights decoded once at load;
+* `inductor` - CPU: the same int8 layers written in PT2E's reference form and lowered by inductor's own
+  quantization passes to the same oneDNN kernels (GELU and residual-add post-ops fused by inductor);
+  its kernels exist only compiled (with inductor freezing, the per-step clock passed in as an input);
 * `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
   decoded to float.
 Layer kinds built from several parts are converted part by part; what a kind computes itself (the
@@ -25,6 +28,7 @@ import copy
 from collections import Counter
 
 import torch
+import torch._inductor.config as inductor_config
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -78,19 +82,42 @@ def _float32_output(output):
     return output
 
 
+class _ClockedCall(nn.Module):
+    """The inner model with the step clock set inside the graph from an input: under inductor freezing
+    every buffer is a constant, so a clock set from outside would stay at its value at compile time."""
+
+    def __init__(self, inner: nn.Module, clock: StepClock) -> None:
+        super().__init__()
+        self.inner, self.clock = inner, clock
+
+    def forward(self, clock_value: torch.Tensor, /, *args, **kwargs):  # positional-only: callers pass `timestep`
+        self.clock.timestep.copy_(clock_value)
+        return self.inner(*args, **kwargs)
+
+
 class DeployedDenoiser(nn.Module):
     """The converted model, optionally compiled, behind the diffusers call signature. With a bfloat16
-    compute dtype it takes and returns float32 like the simulation (timesteps and positions stay float32)."""
+    compute dtype it takes and returns float32 like the simulation (timesteps and positions stay float32).
+    `freezing` compiles with inductor freezing (backends whose kernels inductor lowers from constants)."""
 
     def __init__(
-        self, inner: nn.Module, clock: StepClock, compile: bool, compute_dtype: torch.dtype = torch.float32
+        self,
+        inner: nn.Module,
+        clock: StepClock,
+        compile: bool,
+        compute_dtype: torch.dtype = torch.float32,
+        freezing: bool = False,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.clock = clock
         self.compute_dtype = compute_dtype
         self._argument_names = argument_names(inner)
-        self._call = torch.compile(inner, dynamic=False) if compile else inner
+        self._clocked = compile and freezing
+        if self._clocked:
+            self._call = torch.compile(_ClockedCall(inner, clock), dynamic=False)
+        else:
+            self._call = torch.compile(inner, dynamic=False) if compile else inner
 
     @property
     def config(self):
@@ -109,10 +136,16 @@ class DeployedDenoiser(nn.Module):
         step = current_step()
         if step is not None:
             self.clock.set(step.timestep)
-        if self.compute_dtype == torch.float32:
-            return self._call(*args, **kwargs)
-        args, kwargs = cast_float_inputs(self._argument_names, args, kwargs, self.compute_dtype)
-        return _float32_output(self._call(*args, **kwargs))
+        if self.compute_dtype != torch.float32:
+            args, kwargs = cast_float_inputs(self._argument_names, args, kwargs, self.compute_dtype)
+        if self._clocked:
+            # dynamo reads the freezing flag while tracing (params as constants), so it is on for every call
+            # that may compile, and for nothing else
+            with inductor_config.patch(freezing=True):
+                output = self._call(self.clock.timestep.clone(), *args, **kwargs)
+        else:
+            output = self._call(*args, **kwargs)
+        return output if self.compute_dtype == torch.float32 else _float32_output(output)
 
 
 def check_backend(backend: str) -> None:
@@ -231,7 +264,7 @@ def export_model(
             module.attach_clock(clock.timestep)
     _share_step_banks(inner)
     _compute_in(inner, dtype)
-    denoiser = DeployedDenoiser(inner.eval(), clock, compile, dtype)
+    denoiser = DeployedDenoiser(inner.eval(), clock, compile, dtype, freezing=target.freezes)
     record = {
         **model.quantization,
         "backend": backend,

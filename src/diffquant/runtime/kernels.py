@@ -270,6 +270,16 @@ def _undo_weight_shift(out: torch.Tensor, codes: torch.Tensor, scale, zero, inpu
     return (out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * input_sum_weight).to(out.dtype)
 
 
+def _undo_conv_weight_shift(out, codes, scale, zero, layer: nn.Module, stride, padding, dilation) -> torch.Tensor:
+    """A convolution's output with the weight shift of `int8_weight` undone, from the layer's `input_sum_weight`
+    and all-ones `window` (no-op without a shift). groups == 1: the receptive field spans every input channel."""
+    if layer.input_sum_weight is None:
+        return out
+    channel_sum = _dequantized(codes, scale, zero).sum(1, keepdim=True)
+    window_sum = F.conv2d(channel_sum, layer.window, None, stride, padding, dilation)
+    return (out - window_sum * layer.input_sum_weight.reshape(1, -1, 1, 1)).to(layer.out_dtype)
+
+
 class OneDNNInt8Linear(nn.Module):
     """Linear on oneDNN's u8s8 int8 GEMM (`onednn::qlinear_pointwise`), float32 (or bfloat16) out."""
 
@@ -440,11 +450,7 @@ class OneDNNInt8Conv2d(nn.Module):
             self.out_dtype,
         )
         out = nhwc.permute(0, 3, 1, 2)
-        if self.input_sum_weight is not None:  # groups == 1: the receptive field spans every input channel
-            channel_sum = _dequantized(codes, scale, zero).sum(1, keepdim=True)
-            window_sum = F.conv2d(channel_sum, self.window, None, self.stride, self.padding, self.dilation)
-            out = (out - window_sum * self.input_sum_weight.reshape(1, -1, 1, 1)).to(self.out_dtype)
-        return out
+        return _undo_conv_weight_shift(out, codes, scale, zero, self, self.stride, self.padding, self.dilation)
 
 
 class DequantizedLayer(nn.Module):

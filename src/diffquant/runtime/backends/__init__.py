@@ -4,6 +4,7 @@
 # isort: off
 from diffquant.runtime.backends import fake  # noqa: F401  (each import registers its backend)
 from diffquant.runtime.backends import onednn  # noqa: F401
+from diffquant.runtime.backends import inductor  # noqa: F401
 from diffquant.runtime.backends import cuda  # noqa: F401
 
 # isort: on

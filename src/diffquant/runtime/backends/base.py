@@ -38,6 +38,9 @@ class Backend:
     name: ClassVar[str]
     device: ClassVar[str] = "cpu"
     """Where the exported model runs (it is moved there after conversion)."""
+    freezes: ClassVar[bool] = False
+    """Whether its kernels are lowered by inductor from constant weights: the model is then compiled with
+    inductor freezing, and the per-step clock goes into the graph as an input (a frozen buffer would not move)."""
     integer_attention: ClassVar[bool] = True
     """Whether quantized attention matmuls may run on exact integer GEMMs (`export_model(integer_attention=)`)."""
 

@@ -34,6 +34,7 @@ INT8_KERNELS = {"linear": OneDNNInt8Linear, "conv2d": OneDNNInt8Conv2d}
 @register_backend
 class OneDNNBackend(Backend):
     name = "onednn"
+    int8_kernels: dict[str, type[nn.Module]] = INT8_KERNELS
 
     def check_available(self) -> None:
         machine = platform.machine().lower()
@@ -49,7 +50,7 @@ class OneDNNBackend(Backend):
 
     def convert(self, layer: QuantLayer, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
         if weight_supported(layer) and input_supported(layer.input_quantizer):
-            return INT8_KERNELS[layer.kind](layer)
+            return self.int8_kernels[layer.kind](layer)
         if weight_only_mode == "int4-kernel" and int4pack_group_size(layer) is not None:
             return Int4PackMMLinear(layer)
         return weight_only_layer(layer, weight_only_mode)
