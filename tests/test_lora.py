@@ -175,6 +175,20 @@ def test_lora_runs_beside_the_onednn_int8_kernels(dit_setup):
     assert all(torch.equal(a, b) for a, b in zip(before, outputs(plain, fresh), strict=True))
 
 
+def test_lora_runs_beside_the_inductor_lowered_kernels_compiled(dit_setup):
+    # the inductor backend: the LoRA branch sits beside each int8 layer in the frozen, compiled graph
+    _, quantized, _, path, _, fresh = dit_setup
+    diffquant.load_lora(quantized, path, name="style")
+    simulated = outputs(quantized, fresh)
+    deployed = export_model(quantized, "inductor", compile=True)
+    diffquant.unload_lora(quantized)
+    assert deployed.quantization["kernels"].get("linear: onednn::qlinear_pointwise (inductor-lowered)", 0) >= 12
+    real = outputs(deployed, fresh)
+    for a, b in zip(simulated, real, strict=True):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 0.02
+    assert relative_mse(simulated, real) < 1e-4
+
+
 def test_peft_directory_layout_reads_like_the_diffusers_file(dit_setup, tmp_path):
     _, quantized, state, path, _, fresh = dit_setup
     diffquant.load_lora(quantized, path, name="diffusers")

@@ -5,9 +5,10 @@ then states its matmul as PT2E's converted graphs do: dequantize the uint8 codes
 per-channel weight, float linear or convolution. Compiled with inductor freezing (the `inductor`
 backend asks `DeployedDenoiser` for it), inductor's pattern passes turn that into
 `onednn::qlinear_pointwise` / `qconv2d_pointwise` with the weight prepacked as a constant, and fuse
-around them what they fuse for PT2E (GELU post-ops, bfloat16 outputs): the same kernels and glue as
-PT2E, with no Python operator wrapper per call. Uncompiled (or with gradients on) the same graph runs
-as a float simulation of the int8 GEMM: correct, but without the speed.
+around them what they fuse for PT2E (GELU and residual-add post-ops, uint8 and bfloat16 outputs): the same
+kernels and glue as PT2E, with no Python operator wrapper per call (docs/DEPLOYMENT.md has the numbers).
+Uncompiled (or with gradients on) the same graph runs as a float simulation of the int8 GEMM: correct, but
+without the speed.
 """
 
 from __future__ import annotations
