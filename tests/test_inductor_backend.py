@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 import diffquant
 from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
+from diffquant.errors import DiffquantError
 from diffquant.modules import QuantConv2d, QuantLinear, quant_layers
 from diffquant.quant import QuantSpec, step_context
 from diffquant.runtime.backends import get_backend
@@ -160,3 +161,7 @@ def test_export_command_needs_compile_and_checks_the_lowered_kernels(dit_calibra
     batch = next(b for b in calibration.batches(8) if b.step_index == calibration.steps[0])
     _denoise(loaded, batch)
     assert _onednn_calls(loaded, batch)["onednn::qlinear_pointwise"] > 0
+    report = tmp_path / "e" / "export.json"  # a hand-edited file without compile: one error naming it
+    report.write_text(report.read_text().replace('"compile": true', '"compile": false'))
+    with pytest.raises(DiffquantError, match="export.json names the inductor backend without compile"):
+        diffquant.load(tmp_path / "e")
