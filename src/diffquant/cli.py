@@ -182,9 +182,9 @@ def _load(name: str, backend: str | None = None, compile: bool = False, loras: l
 
 def _require_compile(backend: str, compile: bool) -> None:
     """A backend whose kernels inductor lowers has them only under torch.compile: refuse the slow float emulation."""
-    from diffquant.runtime.backends import BACKEND_CLASSES
+    from diffquant.runtime.backends import needs_compile
 
-    if not compile and backend in BACKEND_CLASSES and BACKEND_CLASSES[backend].freezes:
+    if not compile and needs_compile(backend):
         raise DiffquantError(
             f"The {backend} backend's int8 kernels exist only compiled (inductor lowers them); add --compile, "
             "or use --backend onednn."

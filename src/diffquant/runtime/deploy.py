@@ -19,7 +19,7 @@ from diffquant.families import denoise
 from diffquant.fileio import atomic_directory, check_output, write_json
 from diffquant.model import DiffusionModel
 from diffquant.quant import step_context
-from diffquant.runtime.backends import BACKEND_CLASSES, get_backend
+from diffquant.runtime.backends import needs_compile
 from diffquant.runtime.export import COMPUTE_DTYPES, DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
 
@@ -76,7 +76,7 @@ def export_directory(
     deployed = export_model(
         simulated,
         backend,
-        compile=get_backend(backend).freezes,
+        compile=needs_compile(backend),
         weight_only_mode=weight_only_mode,
         compute_dtype=compute_dtype,
     )
@@ -121,7 +121,7 @@ def load_exported(directory: str | Path) -> DiffusionModel:
             f"{', '.join(COMPUTE_DTYPES)}. Export the model again with diffquant export."
         )
     backend, compile = report.get("backend"), report.get("compile", False)
-    if backend in BACKEND_CLASSES and BACKEND_CLASSES[backend].freezes and not compile:  # a hand-edited file
+    if needs_compile(backend) and not compile:  # a hand-edited file
         raise DiffquantError(
             f"{directory / EXPORT_FILE} names the {backend} backend without compile; its int8 kernels exist only "
             'compiled. Set "compile": true there, or export the model again with --compile.'

@@ -43,8 +43,14 @@ class _ReferenceInt8(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.out_dtype = torch.float32  # bfloat16 when the model around it computes in bfloat16
         # a fixed grid goes in as numbers (PT2E's static form); a per-step one as the step's row
-        self._fixed_grid = None if self.input.per_step else tuple(float(v) for v in self.input.params())
+        fixed = None if self.input.per_step else self.input.params()
+        self._fixed_grid = None if fixed is None else (float(fixed[0]), int(fixed[1]))
         self.requantized = False
+
+    @property
+    def takes_epilogue(self) -> bool:
+        """Whether a post-op may run inside the GEMM (not when its output still needs the zero-point correction)."""
+        return self.input_sum_weight is None
 
     def requantize_in_producer(self) -> bool:
         """Quantize the input with PT2E's `quantize_per_tensor`, which inductor folds into the int8 GEMM
@@ -60,7 +66,7 @@ class _ReferenceInt8(nn.Module):
             codes, scale, zero = self.input(x)
             dq = _DECOMPOSED.dequantize_per_tensor.tensor(codes, scale, zero, 0, 255, torch.uint8)
             return dq.to(self.out_dtype), codes, scale, zero
-        fixed_scale, fixed_zero = self._fixed_grid[0], int(self._fixed_grid[1])
+        fixed_scale, fixed_zero = self._fixed_grid
         if self.requantized:
             codes = _DECOMPOSED.quantize_per_tensor.default(x, fixed_scale, fixed_zero, 0, 255, torch.uint8)
             scale, zero = self.input.params()

@@ -15,6 +15,7 @@ from diffquant.runtime.backends.base import (
     WEIGHT_ONLY_MODES,
     Backend,
     get_backend,
+    needs_compile,
     register_backend,
     weight_only_layer,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "WEIGHT_ONLY_MODES",
     "Backend",
     "get_backend",
+    "needs_compile",
     "register_backend",
     "weight_only_layer",
 ]

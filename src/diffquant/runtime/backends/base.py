@@ -86,6 +86,11 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+def needs_compile(name: str | None) -> bool:
+    """Whether the backend registered under `name` has its kernels only compiled (`Backend.freezes`)."""
+    return name in BACKEND_CLASSES and BACKEND_CLASSES[name].freezes
+
+
 def get_backend(name: str) -> Backend:
     """The backend registered under `name`; an unknown name is one clear error listing the known ones."""
     if name not in BACKEND_CLASSES:

@@ -10,14 +10,12 @@ uncompiled it is a float simulation of the int8 GEMMs.
 
 from __future__ import annotations
 
-from diffusers.models.activations import GELU
-from diffusers.models.attention import FeedForward
 from torch import nn
 
 from diffquant.modules.layers import QuantLayer
 from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, register_backend
-from diffquant.runtime.backends.onednn import OneDNNBackend
-from diffquant.runtime.kernels import OneDNNInt8Conv2d, SigmoidFormGELU
+from diffquant.runtime.backends.onednn import OneDNNBackend, feedforward_gemm_pairs, fuse_gelus
+from diffquant.runtime.kernels import OneDNNInt8Conv2d
 from diffquant.runtime.kernels_inductor import DecomposedGELU, InductorInt8Conv2d, InductorInt8Linear
 
 INDUCTOR_KERNELS = {"linear": InductorInt8Linear, "conv2d": InductorInt8Conv2d}
@@ -39,22 +37,8 @@ class InductorBackend(OneDNNBackend):
 
     def finish(self, model: nn.Module) -> None:
         """Write the graph in the forms inductor's fusion patterns match; the fusing is inductor's."""
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, GELU) or not isinstance(module.proj, InductorInt8Linear):
-                continue
-            if module.proj.input_sum_weight is None:
-                replacement = DecomposedGELU(module.proj, module.approximate)
-            elif module.approximate == "tanh":  # after the weight-shift correction: no post-op, the cheap form
-                replacement = SigmoidFormGELU(module.proj)
-            else:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-        for module in model.modules():  # FeedForward: the GELU projection writes the next GEMM's uint8 codes
-            if isinstance(module, FeedForward):
-                layers = [m for m in module.net if not isinstance(m, nn.Dropout)]  # dropout: identity in eval
-                for producer, consumer in zip(layers, layers[1:], strict=False):
-                    gemm = producer.proj if isinstance(producer, DecomposedGELU) else producer
-                    foldable = isinstance(gemm, InductorInt8Linear) and gemm.input_sum_weight is None
-                    if foldable and isinstance(consumer, InductorInt8Linear):
-                        consumer.requantize_in_producer()
+        fuse_gelus(model, InductorInt8Linear, DecomposedGELU)
+        for gemm, consumer in feedforward_gemm_pairs(model, DecomposedGELU):  # the GELU GEMM writes uint8 codes
+            foldable = isinstance(gemm, InductorInt8Linear) and gemm.takes_epilogue
+            if foldable and isinstance(consumer, InductorInt8Linear):
+                consumer.requantize_in_producer()

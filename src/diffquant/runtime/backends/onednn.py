@@ -63,29 +63,43 @@ class OneDNNBackend(Backend):
 def _fuse_activations(model: nn.Module) -> None:
     """Fold diffusers' GELU activations into the int8 GEMM before them (a oneDNN post-op): a separate
     tanh-GELU pass costs more than the int8 GEMM itself on CPU."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, GELU) or not isinstance(module.proj, OneDNNInt8Linear):
-            continue
-        if module.proj.takes_epilogue:
-            replacement = FusedGELU(module.proj, module.approximate)
-        elif module.approximate == "tanh":  # the GEMM's output needs its weight-shift correction first
-            replacement = SigmoidFormGELU(module.proj)
-        else:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, replacement)
+    fuse_gelus(model, OneDNNInt8Linear, FusedGELU)
 
 
 def _chain_int8_outputs(model: nn.Module) -> None:
     """Inside diffusers' FeedForward (GELU projection -> dropout -> linear), let the first int8 GEMM
     write uint8 codes for the second: the intermediate is the widest activation of a transformer block
     and would otherwise go through memory as float32 only to be quantized again."""
+    for gemm, consumer in feedforward_gemm_pairs(model, FusedGELU):
+        if isinstance(gemm, OneDNNInt8Linear) and isinstance(consumer, OneDNNInt8Linear):
+            gemm.emit_codes_for(consumer)
+
+
+def fuse_gelus(model: nn.Module, linear_type: type[nn.Module], fused_type: type[nn.Module]) -> None:
+    """Replace each diffusers GELU whose projection is a `linear_type` kernel by `fused_type(proj, approximate)`
+    (the GELU in the GEMM's epilogue), or, when the GEMM's output still needs its weight-shift correction
+    (`takes_epilogue` false), a tanh-GELU by its cheaper sigmoid form after it."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, GELU) or not isinstance(module.proj, linear_type):
+            continue
+        if module.proj.takes_epilogue:
+            replacement = fused_type(module.proj, module.approximate)
+        elif module.approximate == "tanh":  # the GEMM's output needs its weight-shift correction first
+            replacement = SigmoidFormGELU(module.proj)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+def feedforward_gemm_pairs(model: nn.Module, fused_type: type[nn.Module]) -> list[tuple[nn.Module, nn.Module]]:
+    """(producer GEMM, next layer) of each consecutive pair inside diffusers' FeedForward blocks, looking
+    through dropout (the identity in eval) and through a `fused_type` GELU to its projection."""
+    pairs = []
     for module in model.modules():
         if not isinstance(module, FeedForward):
             continue
-        layers = [m for m in module.net if not isinstance(m, nn.Dropout)]  # dropout is the identity in eval
+        layers = [m for m in module.net if not isinstance(m, nn.Dropout)]
         for producer, consumer in zip(layers, layers[1:], strict=False):
-            gemm = producer.proj if isinstance(producer, FusedGELU) else producer
-            if isinstance(gemm, OneDNNInt8Linear) and isinstance(consumer, OneDNNInt8Linear):
-                gemm.emit_codes_for(consumer)
+            pairs.append((producer.proj if isinstance(producer, fused_type) else producer, consumer))
+    return pairs
