@@ -377,16 +377,32 @@ def make_torchao(case: Case, args) -> Variant:
     )
 
 
+def fixed_size_position_tables(denoiser: nn.Module, sample: torch.Tensor) -> nn.Module:
+    """SD3-style patch embeddings crop their position table with Python-int arithmetic that TorchScript
+    tracing (OpenVINO's converter) turns into tensor ops, shifting NNCF's op addresses onto an int64 add
+    ('fake_quantize... not implemented for Long'). For the one latent size timed, store the crop itself:
+    the same numbers, no arithmetic left to trace."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    for module in denoiser.modules():
+        if isinstance(module, PatchEmbed) and module.pos_embed_max_size is not None:
+            crop = module.cropped_pos_embed(*sample.shape[-2:])
+            module.pos_embed_max_size = None
+            module.height, module.width = (side // module.patch_size for side in sample.shape[-2:])
+            module.register_buffer("pos_embed", crop.contiguous(), persistent=False)
+    return denoiser
+
+
 def make_openvino(case: Case, args, example, precision: str = "f32") -> Variant:
     try:
         import nncf
         import openvino as ov
     except ImportError as error:
-        raise Skipped(f"openvino/nncf not installed ({error}); pip install 'diffquant[peers]'") from error
+        raise Skipped(f"openvino/nncf not installed ({error}); pip install 'diffquant[openvino]'") from error
     started = time.perf_counter()
     sample, timestep, conditioning = example
     names = list(conditioning)
-    wrapper = _FloatTimestep(copy.deepcopy(case.denoiser), names)
+    wrapper = _FloatTimestep(fixed_size_position_tables(copy.deepcopy(case.denoiser), sample), names)
     calibration = _calibration(case, args.calibration)
     items = [(b.sample, b.timesteps, *[b.conditioning[n] for n in names]) for b in calibration.batches(1)]
     quantized = nncf.quantize(wrapper, nncf.Dataset(items), subset_size=len(items))
@@ -523,7 +539,8 @@ def bench_case(name: str, args) -> dict[str, Any]:
                 print(f"  {label}: skipped: {reason}", flush=True)
                 continue
             except Exception as error:  # noqa: BLE001 - one broken peer must not stop the suite
-                rows[label] = {"skipped": f"failed: {type(error).__name__}: {str(error)[:300]}"}
+                message = " ".join(str(error).split())[:300]  # one line: it goes into a markdown table cell
+                rows[label] = {"skipped": f"failed: {type(error).__name__}: {message}"}
                 print(f"  {label}: failed: {type(error).__name__}: {error}", flush=True)
                 if args.verbose:
                     traceback.print_exc()

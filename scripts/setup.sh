@@ -16,4 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch is pinned so pip takes the local CPU build, not a multi-GB CUDA one
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,peers]' 'torch==2.13.0'
+# CI also takes the OpenVINO peer (large, so kept out of a user's default setup) so its code path is tested
+EXTRAS="test,peers"
+if [ "${CI:-}" = "true" ]; then EXTRAS="test,peers,openvino"; fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" 'torch==2.13.0'

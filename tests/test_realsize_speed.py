@@ -54,12 +54,41 @@ def test_tiny_suite_runs_every_model_and_skips_a_missing_peer_with_a_note(suite,
 
 def test_unknown_peer_failure_is_recorded_not_raised(suite, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
-        raise RuntimeError("simulated peer crash")
+        raise RuntimeError("simulated peer crash\nExceptions print several lines")
 
     monkeypatch.setattr(suite, "make_torchao", broken)
     argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--models", "sd-unet"]
     results = suite.main([*argv, "--variants", "fp32-eager", "torchao", "--out", str(tmp_path / "t")])
-    assert results["models"]["sd-unet"]["rows"]["torchao"]["skipped"] == "failed: RuntimeError: simulated peer crash"
+    expected = "failed: RuntimeError: simulated peer crash Exceptions print several lines"
+    assert results["models"]["sd-unet"]["rows"]["torchao"]["skipped"] == expected  # one line: a table cell
+    assert f"| torchao | {expected} |" in (tmp_path / "t.md").read_text()
+
+
+def test_fixed_size_position_table_gives_the_same_output(suite):
+    import torch
+
+    torch.manual_seed(0)
+    case = suite.build_mmdit(True, 1)
+    sample, timestep, conditioning = case.inputs(1)
+    embed = case.denoiser.inner.pos_embed
+    assert embed.pos_embed_max_size is not None  # SD3's cropped table: the case the helper exists for
+    with torch.no_grad():
+        before = embed(sample)
+        suite.fixed_size_position_tables(case.denoiser, sample)
+        after = embed(sample)
+    assert embed.pos_embed_max_size is None
+    assert torch.equal(before, after)
+
+
+def test_openvino_quantizes_every_tiny_family_when_installed(suite, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--batches", "1"]
+    results = suite.main([*argv, "--variants", "fp32-eager", "openvino", "--out", str(tmp_path / "ov")])
+    for name, model in results["models"].items():  # the SD3 MMDiT's cropped position table once failed to trace
+        row = model["rows"]["openvino"]
+        assert "skipped" not in row, (name, row)
+        assert 0 < row["relative_error_vs_fp32"] < 0.5, (name, row)
 
 
 def test_section_merges_runs_into_one_table_plot_and_headline(suite, tmp_path):
