@@ -517,6 +517,37 @@ def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torc
     return run
 
 
+# extra memory a peer takes while it builds, in fp32 model sizes (at real size PT2E kept 3 copies for two
+# batch sizes, and OpenVINO's trace + conversion of PixArt was OOM-killed with 2.5 copies free)
+BUILD_COPIES = {"pt2e": 4.0, "pt2e-bf16": 4.0, "openvino": 3.0, "openvino-bf16": 3.0, "torchao": 2.0}
+
+
+def available_mb() -> float | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory_for(variant_name: str, case: Case) -> None:
+    """Skip a peer with a note when building it beside the variants already built would not fit in RAM:
+    the kernel's OOM killer would otherwise end the whole run and every row timed so far."""
+    copies = BUILD_COPIES.get(variant_name)
+    available = available_mb()
+    if copies is None or available is None:
+        return
+    needed = copies * case.parameters * 4 / 2**20
+    if available < needed:
+        raise Skipped(
+            f"not enough memory to build it beside the variants already built ({available:.0f} MB available, "
+            f"about {needed:.0f} MB needed); time it in its own run: --variants fp32-compiled {variant_name}"
+        )
+
+
 def bench_case(name: str, args) -> dict[str, Any]:
     from diffquant.profiling import measure_resources
 
@@ -530,6 +561,7 @@ def bench_case(name: str, args) -> dict[str, Any]:
     for variant_name in args.variants:
         for label in variant_labels(variant_name, args):
             try:
+                check_memory_for(variant_name, case)
                 variant = make_variant(variant_name, label, case, args, examples[args.batches[0]])
                 started = time.perf_counter()
                 _warm(variant, list(examples.values()))

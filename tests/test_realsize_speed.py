@@ -143,3 +143,13 @@ def test_tiny_bf16_variants_run_ours_and_the_peers_int8_mixed_bf16_modes(suite, 
     assert "skipped" not in ours and "skipped" not in peer, (ours, peer)
     assert 0 < ours["relative_error_vs_fp32"] < 0.1 and 0 < peer["relative_error_vs_fp32"] < 0.1
     assert "onednn::qlinear_pointwise" in ours["notes"][0] and "bf16 autocast" in peer["notes"][0]
+
+
+def test_a_peer_that_would_not_fit_in_memory_is_skipped_with_the_fix(suite, tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "available_mb", lambda: 0.0)  # as when earlier variants filled the RAM
+    argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--models", "pixart"]
+    results = suite.main([*argv, "--variants", "fp32-eager", "torchao", "--batches", "1", "--out", str(tmp_path / "m")])
+    rows = results["models"]["pixart"]["rows"]
+    assert rows["torchao"]["skipped"].startswith("skipped: not enough memory to build it")
+    assert "--variants fp32-compiled torchao" in rows["torchao"]["skipped"]
+    assert "call_s" in rows["fp32-eager"]  # the rows that fit are still timed and written
