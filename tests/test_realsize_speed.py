@@ -153,3 +153,22 @@ def test_a_peer_that_would_not_fit_in_memory_is_skipped_with_the_fix(suite, tmp_
     assert rows["torchao"]["skipped"].startswith("skipped: not enough memory to build it")
     assert "--variants fp32-compiled torchao" in rows["torchao"]["skipped"]
     assert "call_s" in rows["fp32-eager"]  # the rows that fit are still timed and written
+
+
+def test_attention_kernel_benchmark_times_the_same_attention_everywhere():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = module.variants(16, 2, 8, threads=1)
+    reference = calls["torch SDPA fp32"]()
+    compared = [label for label in calls if "SDPA" in label or "written out" in label]
+    assert len(compared) >= 3  # torch fp32/bf16 and the written-out form, OpenVINO's too where installed
+    for label in compared:
+        out = calls[label]().float()
+        assert (out - reference).norm() / reference.norm() < 2e-2, label
+    codes = calls["QK^T alone, int8 (_int_mm per head)"]()
+    assert codes.dtype == torch.int32 and codes.shape == (2, 16, 16)
+    medians = module.interleaved({"torch SDPA fp32": calls["torch SDPA fp32"]}, repeats=1)
+    assert medians["torch SDPA fp32"] > 0
