@@ -522,6 +522,18 @@ def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torc
 BUILD_COPIES = {"pt2e": 4.0, "pt2e-bf16": 4.0, "openvino": 3.0, "openvino-bf16": 3.0, "torchao": 2.0}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo): sessions land on different hosts, and AMX or its absence
+    moves every ratio."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def available_mb() -> float | None:
     """MemAvailable from /proc/meminfo (None where there is no such file)."""
     try:
@@ -640,7 +652,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("|---" * (len(head) + 9) + "|")
         for label, row in model["rows"].items():
             if "skipped" in row:
-                lines.append(f"| {label} | {row['skipped']} |" + " |" * (len(head) + 7))
+                reason = " ".join(row["skipped"].split())  # one table line (older results kept raw newlines)
+                lines.append(f"| {label} | {reason} |" + " |" * (len(head) + 7))
                 continue
             cell = lambda value, fmt="{:.2f}": "-" if value is None else fmt.format(value)  # noqa: E731
             calls = [cell(row.get("call_s", {}).get(str(b))) for b in batches]
@@ -842,6 +855,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "threads": args.threads,
             "torch": torch.__version__,
             "python": sys.version.split()[0],
