@@ -522,16 +522,16 @@ def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torc
 BUILD_COPIES = {"pt2e": 4.0, "pt2e-bf16": 4.0, "openvino": 3.0, "openvino-bf16": 3.0, "torchao": 2.0}
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name (/proc/cpuinfo): sessions land on different hosts, and AMX or its absence
-    moves every ratio."""
+def host_label() -> str | None:
+    """The CPU's model name and whether it has AMX (/proc/cpuinfo), e.g. "AMD EPYC (no AMX)": sessions land
+    on different hosts, and AMX moves every int8 and bf16 ratio."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return None
-    return None
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    return None if model is None else f"{model} ({'AMX' if 'amx_tile' in flags else 'no AMX'})"
 
 
 def available_mb() -> float | None:
@@ -644,16 +644,22 @@ def markdown(results: dict[str, Any]) -> str:
     for name, model in results["models"].items():
         batches = results["batches"]
         lines += [f"### {name}: {model['description']}, {model['parameters'] / 1e6:.0f} M parameters", ""]
+        hosts = {row["run"]: row["host"] for row in model["rows"].values() if "run" in row}
+        if hosts:  # merged runs (a section): each row's run, and each run's host
+            listed = "; ".join(f"run {run}: {host}" for run, host in sorted(hosts.items()))
+            lines += [f"Hosts: {listed}.", ""]
+        run_head = " run |" if hosts else ""
         head = [f"call s (b{b})" for b in batches] + [f"x {model['baseline']} (b{b})" for b in batches]
         lines.append(
             "| variant | " + " | ".join(head) + f" | {results['steps']}-step run s | resident MB | x fp32 memory "
-            "| call peak +MB | disk MB | rel. error vs fp32 | setup s | notes |"
+            "| call peak +MB | disk MB | rel. error vs fp32 | setup s | notes |" + run_head
         )
-        lines.append("|---" * (len(head) + 9) + "|")
+        lines.append("|---" * (len(head) + 9 + bool(hosts)) + "|")
         for label, row in model["rows"].items():
+            run_cell = f" {row['run']} |" if hosts else ""
             if "skipped" in row:
                 reason = " ".join(row["skipped"].split())  # one table line (older results kept raw newlines)
-                lines.append(f"| {label} | {reason} |" + " |" * (len(head) + 7))
+                lines.append(f"| {label} | {reason} |" + " |" * (len(head) + 7) + run_cell)
                 continue
             cell = lambda value, fmt="{:.2f}": "-" if value is None else fmt.format(value)  # noqa: E731
             calls = [cell(row.get("call_s", {}).get(str(b))) for b in batches]
@@ -666,6 +672,7 @@ def markdown(results: dict[str, Any]) -> str:
                 + f" | {cell(row.get('call_peak_increase_mb'), '{:.0f}')}"
                 + f" | {cell(row.get('disk_mb'), '{:.0f}')} | {cell(row.get('relative_error_vs_fp32'), '{:.4f}')}"
                 + f" | {cell(row.get('setup_s'), '{:.0f}')} | {'; '.join(row.get('notes', []))} |"
+                + run_cell
             )
         lines.append("")
     return "\n".join(lines)
@@ -703,7 +710,8 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
             target["runs"] += 1
             for label, row in model["rows"].items():
                 key = label if label not in target["rows"] else f"{label} (run {target['runs']})"
-                target["rows"][key] = {**row, "run": target["runs"]}
+                host = payload["machine"].get("host") or "host not recorded"
+                target["rows"][key] = {**row, "run": target["runs"], "host": host}
     return merged
 
 
@@ -712,40 +720,50 @@ def _speed(row: dict[str, Any], batch: int) -> float | None:
 
 
 def headline(results: dict[str, Any]) -> list[str]:
-    """Per model and batch: diffquant's best W8A8 against fp32 compiled and the best peer; W4 memory."""
+    """Per model, batch and host: diffquant's best W8A8 against fp32 compiled and the best peer; W4 memory."""
     lines = []
     for name, model in results["models"].items():
-        rows = model["rows"]
-        for batch in results["batches"]:
-            ours = {k: _speed(r, batch) for k, r in rows.items() if k.startswith("diffquant W8A8") and _speed(r, batch)}
-            peers = {k: _speed(r, batch) for k, r in rows.items() if k.split(" (run")[0] in PEERS and _speed(r, batch)}
-            if not ours:
-                continue
-            best, best_speed = max(ours.items(), key=lambda item: item[1])
-            text = f"- **{name}, batch {batch}**: {best} {best_speed:.2f}x fp32 compiled (target {W8A8_TARGET}x)"
-            run = rows[best].get("run")  # peers compared directly only within the run that timed ours
-            others = {k: v for k, v in peers.items() if rows[k].get("run") != run}
-            peers = {k: v for k, v in peers.items() if rows[k].get("run") == run}
-            if peers:
-                peer, peer_speed = max(peers.items(), key=lambda item: item[1])
-                text += f"; best peer {peer} {peer_speed:.2f}x, so diffquant runs at {best_speed / peer_speed:.2f}x it"
-            if others:  # timed in another process: only their own ratios compare, and ours in that run if any
-                listed = []
-                for key, speed in sorted(others.items()):
-                    same_run = [v for k, v in ours.items() if rows[k].get("run") == rows[key].get("run")]
-                    mine = f" against diffquant's {max(same_run):.2f}x there" if same_run else ""
-                    listed.append(f"{key.split(' (run')[0]} {speed:.2f}x{mine}")
-                text += f" (in another run against its own fp32 compiled: {', '.join(listed)})"
-            bf16 = next((_speed(r, batch) for k, r in rows.items() if k.startswith("bf16-compiled")), None)
-            if bf16:
-                text += f"; bf16 compiled {bf16:.2f}x"
-            w4 = rows.get("diffquant W4 weight-only (packed)", {})
-            if _speed(w4, batch) and batch == 1:
-                text += (
-                    f". W4 weight-only {_speed(w4, batch):.2f}x fp32 compiled, resident weights "
-                    f"{w4.get('resident_fraction_of_fp32', float('nan')):.3f} of fp32"
-                )
-            lines.append(text + ".")
+        hosts = list(dict.fromkeys(row.get("host", "host not recorded") for row in model["rows"].values()))
+        for host in hosts:
+            rows = {k: r for k, r in model["rows"].items() if r.get("host", "host not recorded") == host}
+            where = f", {host}" if len(hosts) > 1 else ""
+            lines += _headline_lines(f"{name}{where}", rows, results["batches"])
+    return lines
+
+
+def _headline_lines(title: str, rows: dict[str, dict[str, Any]], batches: list[int]) -> list[str]:
+    """The headline of one model on one host; peers compare directly only within the run that timed ours."""
+    lines = []
+    for batch in batches:
+        ours = {k: _speed(r, batch) for k, r in rows.items() if k.startswith("diffquant W8A8") and _speed(r, batch)}
+        peers = {k: _speed(r, batch) for k, r in rows.items() if k.split(" (run")[0] in PEERS and _speed(r, batch)}
+        if not ours:
+            continue
+        best, best_speed = max(ours.items(), key=lambda item: item[1])
+        text = f"- **{title}, batch {batch}**: {best} {best_speed:.2f}x fp32 compiled (target {W8A8_TARGET}x)"
+        run = rows[best].get("run")  # peers compared directly only within the run that timed ours
+        others = {k: v for k, v in peers.items() if rows[k].get("run") != run}
+        peers = {k: v for k, v in peers.items() if rows[k].get("run") == run}
+        if peers:
+            peer, peer_speed = max(peers.items(), key=lambda item: item[1])
+            text += f"; best peer {peer} {peer_speed:.2f}x, so diffquant runs at {best_speed / peer_speed:.2f}x it"
+        if others:  # timed in another process: only their own ratios compare, and ours in that run if any
+            listed = []
+            for key, speed in sorted(others.items()):
+                same_run = [v for k, v in ours.items() if rows[k].get("run") == rows[key].get("run")]
+                mine = f" against diffquant's {max(same_run):.2f}x there" if same_run else ""
+                listed.append(f"{key.split(' (run')[0]} {speed:.2f}x{mine}")
+            text += f" (in another run against its own fp32 compiled: {', '.join(listed)})"
+        bf16 = next((_speed(r, batch) for k, r in rows.items() if k.startswith("bf16-compiled")), None)
+        if bf16:
+            text += f"; bf16 compiled {bf16:.2f}x"
+        w4 = rows.get("diffquant W4 weight-only (packed)", {})
+        if _speed(w4, batch) and batch == 1:
+            text += (
+                f". W4 weight-only {_speed(w4, batch):.2f}x fp32 compiled, resident weights "
+                f"{w4.get('resident_fraction_of_fp32', float('nan')):.3f} of fp32"
+            )
+        lines.append(text + ".")
     return lines
 
 
@@ -855,7 +873,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
-            "cpu_model": cpu_model(),
+            "host": host_label(),
             "threads": args.threads,
             "torch": torch.__version__,
             "python": sys.version.split()[0],

@@ -172,3 +172,22 @@ def test_attention_kernel_benchmark_times_the_same_attention_everywhere():
     assert codes.dtype == torch.int32 and codes.shape == (2, 16, 16)
     medians = module.interleaved({"torch SDPA fp32": calls["torch SDPA fp32"]}, repeats=1)
     assert medians["torch SDPA fp32"] > 0
+
+
+def test_section_headlines_each_host_apart(suite, tmp_path):
+    argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--batches", "1"]
+    variants = ["--models", "pixart", "--variants", "fp32-eager", "diffquant-w8a8", "torchao"]
+    paths = []
+    for stem, host in (("intel", "Intel Xeon (AMX)"), ("amd", "AMD EPYC (no AMX)")):
+        suite.main([*argv, *variants, "--out", str(tmp_path / stem)])
+        path = tmp_path / f"{stem}.json"
+        payload = json.loads(path.read_text())
+        payload["machine"]["host"] = host  # as two sessions landing on different CPUs
+        path.write_text(json.dumps(payload))
+        paths.append(path)
+    text = suite.write_section(paths, tmp_path / "section.md", tmp_path)
+    # ratios never compare across hosts: one headline per host, each against its own run's peer
+    assert "- **pixart, Intel Xeon (AMX), batch 1**" in text and "- **pixart, AMD EPYC (no AMX), batch 1**" in text
+    assert "in another run" not in text
+    assert "Hosts: run 1: Intel Xeon (AMX); run 2: AMD EPYC (no AMX)." in text
+    assert "| torchao (run 2) |" in text and text.count(" | 2 |") >= 3  # each row says its run
