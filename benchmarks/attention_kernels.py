@@ -16,15 +16,14 @@ PyTorch's fp32 SDPA from the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from diffquant.fileio import write_json
+from diffquant.profiling import host_label, interleaved_medians
 
 # (tokens, heads, head dim) of one attention call at batch 1
 SHAPES = {
@@ -88,31 +87,30 @@ def variants(tokens: int, heads: int, dim: int, threads: int) -> dict[str, Calla
 
 
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {label: [] for label in calls}
+    """Median milliseconds per call, the variants taking turns (two untimed calls each first: compilation)."""
     with torch.no_grad():
-        for run in calls.values():  # warm-up (compilation)
-            run()
-            run()
-        for _ in range(repeats):
-            for label, run in calls.items():
-                started = time.perf_counter()
-                run()
-                times[label].append(time.perf_counter() - started)
-    return {label: sorted(values)[len(values) // 2] * 1000 for label, values in times.items()}
+        return interleaved_medians(calls, repeats, warmup=2)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--repeats", type=positive, default=7)
     parser.add_argument("--out", default=None, help="JSON file for the results (printed only without it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {
         "note": "milliseconds per attention call at batch 1 (medians of interleaved rounds) and the ratio "
         "against PyTorch's fp32 flash SDPA from the same run",
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": {"host": host_label(), "torch": torch.__version__},
         "threads": args.threads,
         "load_average_1min": os.getloadavg()[0],
         "shapes": {},
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             "speed_vs_torch_sdpa_fp32": {k: round(base / v, 3) for k, v in medians.items()},
         }
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
         print(f"\nwrote {args.out}")
     return results
 

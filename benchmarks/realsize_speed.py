@@ -44,6 +44,9 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
+from diffquant.fileio import write_json, write_text
+from diffquant.profiling import available_memory_mb, host_label
+
 RESULTS = Path(__file__).parent / "results" / "realsize"
 MODELS = ("sd-unet", "pixart", "mmdit")
 VARIANTS = (
@@ -522,34 +525,11 @@ def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torc
 BUILD_COPIES = {"pt2e": 4.0, "pt2e-bf16": 4.0, "openvino": 3.0, "openvino-bf16": 3.0, "torchao": 2.0}
 
 
-def host_label() -> str | None:
-    """The CPU's model name and whether it has AMX (/proc/cpuinfo), e.g. "AMD EPYC (no AMX)": sessions land
-    on different hosts, and AMX moves every int8 and bf16 ratio."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    return None if model is None else f"{model} ({'AMX' if 'amx_tile' in flags else 'no AMX'})"
-
-
-def available_mb() -> float | None:
-    """MemAvailable from /proc/meminfo (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_memory_for(variant_name: str, case: Case) -> None:
     """Skip a peer with a note when building it beside the variants already built would not fit in RAM:
     the kernel's OOM killer would otherwise end the whole run and every row timed so far."""
     copies = BUILD_COPIES.get(variant_name)
-    available = available_mb()
+    available = available_memory_mb()
     if copies is None or available is None:
         return
     needed = copies * case.parameters * 4 / 2**20
@@ -705,12 +685,12 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
     payloads = [_result_file(Path(path)) for path in paths]
     merged = {**payloads[0], "models": {}, "batches": sorted({b for p in payloads for b in p["batches"]})}
     for payload in payloads:
+        host = payload["machine"].get("host") or "host not recorded"
         for name, model in payload["models"].items():
             target = merged["models"].setdefault(name, {**model, "rows": {}, "runs": 0})
             target["runs"] += 1
             for label, row in model["rows"].items():
                 key = label if label not in target["rows"] else f"{label} (run {target['runs']})"
-                host = payload["machine"].get("host") or "host not recorded"
                 target["rows"][key] = {**row, "run": target["runs"], "host": host}
     return merged
 
@@ -803,7 +783,7 @@ def write_section(paths: list[Path], section: Path = SECTION, out_dir: Path = RE
     results = merge_results(paths)
     figure = out_dir / "speedup.png"
     plot(results, figure)
-    (out_dir / "real.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out_dir / "real.json", results)
     link = Path(os.path.relpath(figure.resolve(), Path.cwd().resolve())).as_posix()
     text = "\n".join(
         [
@@ -823,8 +803,7 @@ def write_section(paths: list[Path], section: Path = SECTION, out_dir: Path = RE
             markdown(results),
         ]
     )
-    section.parent.mkdir(parents=True, exist_ok=True)
-    section.write_text(text.strip() + "\n")
+    write_text(section, text.strip() + "\n")
     return text
 
 
@@ -873,7 +852,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
-            "host": host_label(),
+            "host": host_label(),  # AMX or its absence moves every ratio
             "threads": args.threads,
             "torch": torch.__version__,
             "python": sys.version.split()[0],
@@ -886,9 +865,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {name: bench_case(name, args) for name in args.models},
     }
     stem = Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "real")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results) + "\n")
+    write_json(stem.with_suffix(".json"), results)  # atomic: a kill leaves the last complete file
+    write_text(stem.with_suffix(".md"), markdown(results) + "\n")
     print("\n" + markdown(results))
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
     return results

@@ -146,7 +146,7 @@ def test_tiny_bf16_variants_run_ours_and_the_peers_int8_mixed_bf16_modes(suite, 
 
 
 def test_a_peer_that_would_not_fit_in_memory_is_skipped_with_the_fix(suite, tmp_path, monkeypatch):
-    monkeypatch.setattr(suite, "available_mb", lambda: 0.0)  # as when earlier variants filled the RAM
+    monkeypatch.setattr(suite, "available_memory_mb", lambda: 0.0)  # as when earlier variants filled the RAM
     argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--models", "pixart"]
     results = suite.main([*argv, "--variants", "fp32-eager", "torchao", "--batches", "1", "--out", str(tmp_path / "m")])
     rows = results["models"]["pixart"]["rows"]
@@ -191,3 +191,22 @@ def test_section_headlines_each_host_apart(suite, tmp_path):
     assert "in another run" not in text
     assert "Hosts: run 1: Intel Xeon (AMX); run 2: AMD EPYC (no AMX)." in text
     assert "| torchao (run 2) |" in text and text.count(" | 2 |") >= 3  # each row says its run
+
+
+def test_attention_kernel_benchmark_refuses_a_zero_thread_count_in_one_line(capsys):
+    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--threads", "0"])
+    assert stopped.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_host_label_says_whether_the_cpu_has_amx():
+    from diffquant.profiling import available_memory_mb, host_label
+
+    label = host_label()
+    if label is None:
+        pytest.skip("no /proc/cpuinfo model name here")
+    assert label.endswith(("(AMX)", "(no AMX)"))
+    assert available_memory_mb() > 0

@@ -203,10 +203,15 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     os.replace(scratch, target)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically: a kill leaves the previous file or the new one, never half of it."""
+    with atomic_file(path) as scratch:
+        scratch.write_text(text)
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     """Write JSON atomically, pretty-printed, with a trailing newline."""
-    with atomic_file(path) as scratch:
-        scratch.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

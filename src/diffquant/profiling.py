@@ -9,6 +9,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+
+def host_label() -> str | None:
+    """The CPU's model name and whether it has AMX (/proc/cpuinfo), e.g. "AMD EPYC (no AMX)": hosts vary,
+    and AMX moves every int8 and bf16 speed ratio. None where /proc/cpuinfo does not say."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    return None if model is None else f"{model} ({'AMX' if 'amx_tile' in flags else 'no AMX'})"
+
+
+def available_memory_mb() -> float | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def current_rss_bytes() -> int:

@@ -56,14 +56,9 @@ class OneDNNBackend(Backend):
         return weight_only_layer(layer, weight_only_mode)
 
     def finish(self, model: nn.Module) -> None:
-        _fuse_activations(model)
+        # a separate tanh-GELU pass costs more than the int8 GEMM before it on CPU: into its epilogue
+        fuse_gelus(model, OneDNNInt8Linear, FusedGELU)
         _chain_int8_outputs(model)
-
-
-def _fuse_activations(model: nn.Module) -> None:
-    """Fold diffusers' GELU activations into the int8 GEMM before them (a oneDNN post-op): a separate
-    tanh-GELU pass costs more than the int8 GEMM itself on CPU."""
-    fuse_gelus(model, OneDNNInt8Linear, FusedGELU)
 
 
 def _chain_int8_outputs(model: nn.Module) -> None:
