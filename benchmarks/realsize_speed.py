@@ -499,22 +499,34 @@ def _looped(label: str, args) -> bool:
     return chosen is None or any(label in variant_labels(name, args) for name in chosen)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) counts its inner tensors, since
+    its own dtype is the nominal float one."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def resident_megabytes(module: nn.Module | None) -> float | None:
     if module is None:
         return None
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+    return sum(tensor_bytes(t) for t in tensors.values()) / 2**20
 
 
-def sampling_loop(variant: Variant, case: Case, steps: int) -> Callable[[], torch.Tensor]:
-    """A `steps`-step DDIM-like loop at batch 1 (one denoiser call per step; the update is negligible)."""
-    sample, _, conditioning = case.inputs(1, seed=3)
-    timesteps = torch.linspace(999, 0, steps).round()
+def sampling_loop(
+    variant: Variant, case: Case, steps: int, device: str = "cpu", batch: int = 1
+) -> Callable[[], torch.Tensor]:
+    """A `steps`-step DDIM-like loop (one denoiser call per step at `batch`; the update is negligible)."""
+    sample, _, conditioning = case.inputs(batch, seed=3)
+    sample, conditioning = sample.to(device), {k: v.to(device) for k, v in conditioning.items()}
+    timesteps = torch.linspace(999, 0, steps, device=device).round()
 
     def run():
         x = sample
         for t in timesteps:
-            x = x - 0.02 * variant.call(x, t.reshape(1), conditioning)[:, : x.shape[1]]
+            x = x - 0.02 * variant.call(x, t.expand(batch), conditioning)[:, : x.shape[1]]
         return x
 
     return run

@@ -476,6 +476,26 @@ class DequantizedLayer(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+# cuBLAS' int8 GEMM behind `torch._int_mm` takes more than 16 rows (K and N multiples of 8): the
+# time-embedding and modulation linears of a batch-1 or batch-2 call are padded up to this many
+CUDA_INT_MM_MIN_ROWS = 32
+
+
+def int_mm(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """`torch._int_mm` (int8 x int8 -> int32) for any number of rows: padded on CUDA where cuBLAS needs more."""
+    rows = codes.shape[0]
+    if codes.is_cuda and rows <= 16:
+        padded = F.pad(codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
+        return torch._int_mm(padded, weight_t)[:rows]
+    return torch._int_mm(codes, weight_t)
+
+
+def int_mm_shape_supported(layer: QuantLayer) -> bool:
+    """K and N multiples of 8: what cuBLAS' int8 GEMM takes."""
+    out_features, in_features = layer._frozen_shape[0], int(math.prod(layer._frozen_shape[1:]))
+    return in_features % 8 == 0 and out_features % 8 == 0
+
+
 class IntMMLinear(nn.Module):
     """Linear on `torch._int_mm` (int8 x int8 -> int32): the CUDA int8 path (also runs on CPU).
 
@@ -484,6 +504,7 @@ class IntMMLinear(nn.Module):
     """
 
     kernel = "aten::_int_mm"
+    keeps_float32_state = True  # weight scales stay float32; `out_dtype` says what it writes
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -491,28 +512,37 @@ class IntMMLinear(nn.Module):
         self.out_features = weight.values.shape[0]
         self.weight_shape = tuple(layer._frozen_shape)
         self.input = _InputQuantizer(layer.input_quantizer)
-        self.register_buffer("weight_t", weight.values.t().contiguous())
+        # column-major (a transposed view of the row-major weight): the layout cuBLAS' int8 GEMM reads
+        self.register_buffer("weight_t", weight.values.contiguous().t())
         self.register_buffer("weight_scale", weight.scale)
         self.register_buffer("weight_row_sum", weight.values.to(torch.int32).sum(1))
         self.register_buffer("input_sum_weight", weight.input_sum_weight)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.out_dtype = torch.float32  # bfloat16 when the model around it computes in bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         codes, scale, zero = self.input(x.reshape(-1, shape[-1]))
         shifted = (codes.to(torch.int16) - 128).to(torch.int8)
-        accumulator = torch._int_mm(shifted, self.weight_t) - (zero - 128) * self.weight_row_sum
+        accumulator = int_mm(shifted, self.weight_t) - (zero - 128) * self.weight_row_sum
         out = accumulator.float() * (scale * self.weight_scale)
         if self.bias is not None:
             out = out + self.bias
         out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
-        return out.reshape(*shape[:-1], self.out_features)
+        return out.to(self.out_dtype).reshape(*shape[:-1], self.out_features)
+
+
+def scaled_mm_shape_supported(layer: QuantLayer) -> bool:
+    """K and N multiples of 16: what `torch._scaled_mm`'s fp8 GEMM takes."""
+    out_features, in_features = layer._frozen_shape[0], int(math.prod(layer._frozen_shape[1:]))
+    return in_features % 16 == 0 and out_features % 16 == 0
 
 
 class ScaledMMFloat8Linear(nn.Module):
     """Linear on `torch._scaled_mm` with E4M3 weights and activations (CUDA fp8; also runs on CPU)."""
 
     kernel = "aten::_scaled_mm (e4m3)"
+    keeps_float32_state = True  # the input grid and weight scales stay float32; `out_dtype` says what it writes
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -527,19 +557,21 @@ class ScaledMMFloat8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1).float())
         self.input_quantizer = layer.input_quantizer
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.out_dtype = torch.float32  # bfloat16 when the model around it computes in bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         scale, _ = self.input_quantizer.current_params(flat.reshape(1, -1))
-        scale = scale.reshape(())
-        codes = (flat / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scale = scale.reshape(()).float()
+        codes = (flat.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
         ones = torch.ones((), device=x.device)
-        out = torch._scaled_mm(codes, self.weight_t, ones, ones, out_dtype=torch.float32)
+        # written in the compute dtype straight from the GEMM: half the bytes in a bfloat16 model
+        out = torch._scaled_mm(codes, self.weight_t, ones, ones, out_dtype=self.out_dtype)
         out = out * (scale * self.weight_scale)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
+        return out.to(self.out_dtype).reshape(*shape[:-1], self.out_features)
 
 
 def unpack_low_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:

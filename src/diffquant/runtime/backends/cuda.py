@@ -10,7 +10,14 @@ from diffquant.errors import DiffquantError
 from diffquant.modules.layers import QuantLayer
 from diffquant.quant import FloatFormat
 from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, register_backend, weight_only_layer
-from diffquant.runtime.kernels import IntMMLinear, ScaledMMFloat8Linear, input_supported, weight_supported
+from diffquant.runtime.kernels import (
+    IntMMLinear,
+    ScaledMMFloat8Linear,
+    input_supported,
+    int_mm_shape_supported,
+    scaled_mm_shape_supported,
+    weight_supported,
+)
 
 
 def _float8_ready(layer: QuantLayer) -> bool:
@@ -44,8 +51,8 @@ class CudaBackend(Backend):
 
     def convert(self, layer: QuantLayer, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
         if layer.kind == "linear":  # GEMM kernels; convolutions run with float activations
-            if weight_supported(layer) and input_supported(layer.input_quantizer):
+            if weight_supported(layer) and input_supported(layer.input_quantizer) and int_mm_shape_supported(layer):
                 return IntMMLinear(layer)
-            if _float8_ready(layer):
+            if _float8_ready(layer) and scaled_mm_shape_supported(layer):
                 return ScaledMMFloat8Linear(layer)
         return weight_only_layer(layer, weight_only_mode)
