@@ -38,6 +38,7 @@ from diffquant.fileio import write_json, write_text  # noqa: E402
 from diffquant.profiling import host_label, interleaved_medians  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "gpu"
+SECTION = Path(__file__).parent / "results" / "full" / "sections" / "gpu.md"
 MODELS = ("pixart", "sd-unet", "mmdit")
 VARIANTS = ("bf16-eager", "bf16-compiled", "diffquant-int8", "diffquant-fp8", "torchao-int8", "torchao-fp8")
 BASELINE = "bf16-compiled"
@@ -277,6 +278,32 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_section(paths: list[Path], section: Path = SECTION) -> str:
+    """The BENCHMARKS.md section from committed result files (one per card and run)."""
+    import json
+
+    parts = [
+        "## GPU speed: diffquant's cuda backend at real size",
+        "",
+        "Seeded random-weight real-size models (as in the real-size CPU section) on a lent GPU: diffquant's naive "
+        "W8A8 deployed with `--backend cuda` (linears on `torch._int_mm` int8 or `torch._scaled_mm` fp8 E4M3 with "
+        "static per-tensor activations, convolutions in bf16 with their inputs on the calibrated grid, bf16 around "
+        "them) against the same model in bf16, eager and compiled. Every row is compiled the same way (regional: "
+        "each transformer block class once) and timed interleaved with the others. Regenerate with "
+        "`python benchmarks/gpu_speed.py` on a CUDA machine, then `--section` on its JSON.",
+        "",
+    ]
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+            parts += [f"Run `{Path(path).name}`:", "", markdown(results), ""]
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"--section: {path} is not a result file of this script ({error}); rerun it.") from None
+    text = "\n".join(parts).rstrip() + "\n"
+    write_text(section, text)
+    return text
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -301,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny instances: test the code path in seconds")
     parser.add_argument("--compile", default="regional", choices=COMPILE_MODES, help="how every row is compiled")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/gpu/<device name>)")
+    parser.add_argument("--section", nargs="+", type=Path, metavar="JSON", help="only write the BENCHMARKS.md section")
     return parser.parse_args(argv)
 
 
@@ -318,6 +346,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.section:
+        print(write_section(args.section))
+        return {}
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA GPU here: run this on a GPU machine, or pass --tiny --device cpu for the code path.")

@@ -481,11 +481,14 @@ class DequantizedLayer(nn.Module):
 CUDA_INT_MM_MIN_ROWS = 32
 
 
-def int_mm(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """`torch._int_mm` (int8 x int8 -> int32) for any number of rows: padded on CUDA where cuBLAS needs more."""
+def int_mm(codes: torch.Tensor, weight_t: torch.Tensor, min_rows: int | None = None) -> torch.Tensor:
+    """`torch._int_mm` (int8 x int8 -> int32) for any number of rows: zero rows are added up to `min_rows`
+    (by default `CUDA_INT_MM_MIN_ROWS` on CUDA, where cuBLAS needs more than 16, and none elsewhere)."""
     rows = codes.shape[0]
-    if codes.is_cuda and rows <= 16:
-        padded = F.pad(codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
+    if min_rows is None:
+        min_rows = CUDA_INT_MM_MIN_ROWS if codes.is_cuda else 0
+    if rows < min_rows:
+        padded = F.pad(codes, (0, 0, 0, min_rows - rows))
         return torch._int_mm(padded, weight_t)[:rows]
     return torch._int_mm(codes, weight_t)
 
