@@ -372,10 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         results["models"][name] = bench_model(name, args, device, clock)
         write_json(stem.with_suffix(".json"), results)  # after every model: a kill keeps the models done
-    write_json(stem.with_suffix(".json"), results)
-    write_text(stem.with_suffix(".md"), markdown(results) + "\n")
-    print("\n" + markdown(results))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')} [{clock():.0f} s]")
+    realsize.write_results(stem, results, markdown)
+    print(f"[{clock():.0f} s]")
     return results
 
 

@@ -20,7 +20,10 @@ torchao int8 dynamic (Linear only, compiled); OpenVINO through NNCF int8. A vari
 here (a missing peer, a model diffquant cannot quantize yet) is recorded as `skipped: reason`.
 Each row also has the one-call latency at every batch, a `--steps`-step sampling loop at batch 1,
 resident weight memory, peak RSS increase of a call, disk size, and the relative error against fp32.
-Writes JSON and a markdown table (`--out`).
+Writes JSON and a markdown table (`--out`). The suite sets glibc's malloc thresholds itself: low while it
+builds (freed model copies go back to the OS, so the variants fit in RAM side by side), high while it times
+(a call reuses freed heap pages instead of page-faulting fresh ones). Do not set `MALLOC_MMAP_THRESHOLD_`
+for a run: at 128 KiB it slowed every PyTorch row 10-18 % and left OpenVINO, which pools its memory, as it was.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 
 from diffquant.fileio import write_json, write_text
-from diffquant.profiling import available_memory_mb, host_label
+from diffquant.profiling import TIMING_MMAP_THRESHOLD, available_memory_mb, host_label, set_malloc_thresholds
 
 RESULTS = Path(__file__).parent / "results" / "realsize"
 MODELS = ("sd-unet", "pixart", "mmdit")
@@ -552,9 +555,16 @@ def check_memory_for(variant_name: str, case: Case) -> None:
         )
 
 
+# glibc malloc thresholds (bytes) while variants are built (freed copies go back to the OS at once, so they
+# fit in RAM side by side) and while they are timed (freed pages are reused: no page faults per call)
+BUILD_MALLOC = (128 * 2**10, 128 * 2**10)
+TIMING_MALLOC = (TIMING_MMAP_THRESHOLD, 2**31 - 1)
+
+
 def bench_case(name: str, args) -> dict[str, Any]:
     from diffquant.profiling import measure_resources
 
+    set_malloc_thresholds(*BUILD_MALLOC)
     case = build_case(name, args)
     print(f"\n== {case.name}: {case.description}, {case.parameters / 1e6:.1f} M parameters", flush=True)
     examples = {batch: case.inputs(batch) for batch in args.batches}
@@ -586,6 +596,8 @@ def bench_case(name: str, args) -> dict[str, Any]:
             print(f"  ready: {label} ({variant.setup_s:.1f} s, process RSS {release_memory():.0f} MB)", flush=True)
     from diffquant.profiling import interleaved_medians
 
+    release_memory()
+    set_malloc_thresholds(*TIMING_MALLOC)
     for batch in args.batches:
         calls = {label: (lambda v=v, inputs=examples[batch]: v.call(*inputs)) for label, v in variants.items()}
         with torch.no_grad():
@@ -806,7 +818,10 @@ def write_section(paths: list[Path], section: Path = SECTION, out_dir: Path = RE
             "together is timed in several processes, each with its own fp32-compiled baseline, and a ratio is only "
             "read against its own run's baseline); W8A8 rows are "
             "diffquant's deployed form (oneDNN int8, compiled), W4 keeps packed int4 weights. "
-            f"Results: `{Path(os.path.relpath(out_dir.resolve(), Path.cwd().resolve())).as_posix()}/real.json`.",
+            f"Results: `{Path(os.path.relpath(out_dir.resolve(), Path.cwd().resolve())).as_posix()}/real.json`. "
+            "Runs before those named `*-malloc-*` set `MALLOC_MMAP_THRESHOLD_=131072` for the whole process, which "
+            "slowed the PyTorch rows (not OpenVINO's) by 10-18 % through page faults; the suite now sets glibc's "
+            "thresholds itself (`runs/log.txt`).",
             "",
             *headline(results),
             "",
@@ -865,6 +880,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "host": host_label(),  # AMX or its absence moves every ratio
+            # per-call page faults move every PyTorch row (not OpenVINO's, which pools its memory)
+            "malloc": "glibc thresholds set by the suite: build 128 KiB, timing 1 GiB mmap / 2 GiB trim"
+            if set_malloc_thresholds(*BUILD_MALLOC)
+            else "allocator defaults (not glibc)",
             "threads": args.threads,
             "torch": torch.__version__,
             "python": sys.version.split()[0],
@@ -876,12 +895,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "models": {name: bench_case(name, args) for name in args.models},
     }
-    stem = Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "real")
-    write_json(stem.with_suffix(".json"), results)  # atomic: a kill leaves the last complete file
-    write_text(stem.with_suffix(".md"), markdown(results) + "\n")
-    print("\n" + markdown(results))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    write_results(Path(args.out) if args.out else RESULTS / ("tiny" if args.tiny else "real"), results, markdown)
     return results
+
+
+def write_results(stem: Path, results: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """A run's JSON and markdown table next to each other (atomic: a kill leaves the last complete files)."""
+    write_json(stem.with_suffix(".json"), results)
+    write_text(stem.with_suffix(".md"), render(results) + "\n")
+    print("\n" + render(results))
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,31 @@ def test_host_label_says_whether_the_cpu_has_amx():
         pytest.skip("no /proc/cpuinfo model name here")
     assert label.endswith(("(AMX)", "(no AMX)"))
     assert available_memory_mb() > 0
+
+
+def _resident_mb() -> float:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_suite_returns_freed_memory_while_building_and_reuses_it_while_timing(suite):
+    import torch
+
+    from diffquant.profiling import set_malloc_thresholds
+
+    if not Path("/proc/self/statm").exists() or not set_malloc_thresholds(*suite.BUILD_MALLOC):
+        pytest.skip("needs glibc and /proc")
+    try:
+        before = _resident_mb()
+        block = torch.ones(2**24)  # 64 MB, above the build threshold: mapped, and unmapped when freed
+        del block
+        after_build = _resident_mb()
+        set_malloc_thresholds(*suite.TIMING_MALLOC)
+        block = torch.ones(2**24)  # now from the heap, kept for the next call of the same size
+        del block
+        after_timing = _resident_mb()
+    finally:
+        set_malloc_thresholds(*suite.BUILD_MALLOC)
+        suite.release_memory()
+    assert after_build - before < 16 < 48 < after_timing - before
