@@ -12,19 +12,22 @@ synthetic calibration set, on the CPU), deployed with the `cuda` backend: linear
 GEMM, convolutions in bf16 with their inputs on the calibrated grid (`kernels` in the results counts
 which layer ran where), everything around them in bf16, compiled by inductor like the bf16 baseline.
 Every row is timed interleaved with the others (median of `--repeats` synchronized calls) and has the
-20-step sampling run at batch 1, resident weight memory, the peak device memory of a call and the
-relative error against an fp32 (no TF32) call on the same device. Nothing in CI needs a GPU: the test
-runs this code path on the CPU through a CPU-placed subclass of the cuda backend.
+20-step sampling run (at the first of `--batches`), resident weight memory, the peak device memory of a
+call and the relative error against an fp32 call on the same device, TF32 off for matmuls and convolutions
+(the committed H200 run still had cuDNN's TF32 convolutions in its UNet reference). Nothing in CI needs a
+GPU: the test runs this code path on the CPU through a CPU-placed subclass of the cuda backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +69,11 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")
 COMPILE_MODES = ("regional", "full", "none")
 
 
-def compiled(module: nn.Module, mode: str) -> nn.Module:
-    """`module` compiled as `mode` says, without dynamic shapes: "full" traces the whole model; "regional"
-    compiles each repeated transformer block in place (minutes less inductor time on a lent GPU, at about
-    the same speed: diffusers' `compile_repeated_blocks`), the same for every row; "none" leaves it eager."""
+def compile_as(module: nn.Module, mode: str) -> nn.Module:
+    """`module` compiled as `mode` says, without dynamic shapes; call what it returns. "full" wraps the
+    whole model; "regional" compiles each repeated transformer block in place and returns the module (minutes
+    less inductor time on a lent GPU at about the same speed: diffusers' `compile_repeated_blocks`), the same
+    for every row; "none" leaves it eager."""
     if mode == "full":
         return torch.compile(module, dynamic=False)
     if mode == "regional":
@@ -81,9 +85,9 @@ def compiled(module: nn.Module, mode: str) -> nn.Module:
     return module
 
 
-def _bf16_call(module: nn.Module, compile: str) -> Callable[..., torch.Tensor]:
+def _bf16_call(module: nn.Module, mode: str) -> Callable[..., torch.Tensor]:
     """Calls a bf16 module from float32 inputs."""
-    runner = compiled(module, compile)
+    runner = compile_as(module, mode)
 
     def call(sample, timestep, conditioning):
         cast = {k: v.to(torch.bfloat16) for k, v in conditioning.items()}
@@ -92,13 +96,13 @@ def _bf16_call(module: nn.Module, compile: str) -> Callable[..., torch.Tensor]:
     return call
 
 
-def bf16_variant(fp32: nn.Module, compile: str) -> realsize.Variant:
+def bf16_variant(fp32: nn.Module, mode: str) -> realsize.Variant:
     """The float baseline: a bf16 copy of the model."""
     module = copy.deepcopy(fp32).to(torch.bfloat16)
-    return realsize.Variant(_bf16_call(module, compile), module)
+    return realsize.Variant(_bf16_call(module, mode), module)
 
 
-def diffquant_variant(case: realsize.Case, args, name: str) -> realsize.Variant:
+def diffquant_variant(case: realsize.Case, args: argparse.Namespace, name: str) -> realsize.Variant:
     """diffquant's naive W8A8 (quantized on the CPU), deployed on `args.backend` with bf16 around the GEMMs."""
     import diffquant
     from diffquant.families import denoise
@@ -110,7 +114,7 @@ def diffquant_variant(case: realsize.Case, args, name: str) -> realsize.Variant:
     quantized = diffquant.quantize(model, config, realsize._calibration(case, args.calibration), progress=False)
     deployed = export_model(quantized, args.backend, compile=args.compile == "full", compute_dtype=args.compute_dtype)
     if args.compile == "regional":
-        compiled(deployed.denoiser.inner, "regional")
+        compile_as(deployed.denoiser.inner, "regional")
     kernels = ", ".join(f"{k} x{v}" for k, v in deployed.quantization["kernels"].items())
 
     def call(sample, timestep, conditioning):
@@ -119,7 +123,7 @@ def diffquant_variant(case: realsize.Case, args, name: str) -> realsize.Variant:
     return realsize.Variant(call, deployed.denoiser.inner, setup_s=time.perf_counter() - started, notes=[kernels])
 
 
-def torchao_variant(fp32: nn.Module, args, name: str) -> realsize.Variant:
+def torchao_variant(fp32: nn.Module, args: argparse.Namespace, name: str) -> realsize.Variant:
     """The peer: torchao's dynamic W8A8 on a bf16 copy's linears (int8 per token, or fp8 per row), compiled."""
     try:
         from torchao.quantization import (
@@ -142,14 +146,25 @@ def torchao_variant(fp32: nn.Module, args, name: str) -> realsize.Variant:
     )
 
 
-def make_variant(name: str, case: realsize.Case, fp32: nn.Module, args) -> realsize.Variant:
+def make_variant(name: str, case: realsize.Case, fp32: nn.Module, args: argparse.Namespace) -> realsize.Variant:
     if name.startswith("torchao"):
         return torchao_variant(fp32, args, name)
     if name == "bf16-eager":
-        return bf16_variant(fp32, compile="none")
+        return bf16_variant(fp32, mode="none")
     if name == "bf16-compiled":
-        return bf16_variant(fp32, compile=args.compile)
+        return bf16_variant(fp32, mode=args.compile)
     return diffquant_variant(case, args, name)
+
+
+@contextlib.contextmanager
+def plain_float32() -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions (both would round the fp32 reference to 10-bit mantissas)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _peak_call_mb(call: Callable[[], torch.Tensor], device: torch.device) -> float | None:
@@ -165,7 +180,9 @@ def _peak_call_mb(call: Callable[[], torch.Tensor], device: torch.device) -> flo
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def bench_model(name: str, args, device: torch.device, clock: Callable[[], float]) -> dict[str, Any]:
+def bench_model(
+    name: str, args: argparse.Namespace, device: torch.device, clock: Callable[[], float]
+) -> dict[str, Any]:
     case = realsize.build_case(name, args)
     print(f"\n== {case.name}: {case.description}, {case.parameters / 1e6:.1f} M [{clock():.0f} s]", flush=True)
     examples = {batch: _on(device, case.inputs(batch)) for batch in args.batches}
@@ -197,8 +214,7 @@ def bench_model(name: str, args, device: torch.device, clock: Callable[[], float
         rows[variant_name] = {"setup_s": round(variant.setup_s, 2), "notes": variant.notes}
         print(f"  ready: {variant_name} ({variant.setup_s:.1f} s) [{clock():.0f} s]", flush=True)
     fp32 = fp32.to(device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
-    with torch.no_grad():
+    with torch.no_grad(), plain_float32():
         reference = realsize._output(fp32(*examples[args.batches[0]][:2], **examples[args.batches[0]][2]))
     for batch in args.batches:
 
@@ -240,6 +256,7 @@ def bench_model(name: str, args, device: torch.device, clock: Callable[[], float
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     batches, steps = results["batches"], results["steps"]
+    sampled = results.get("sampling_batch", batches[0])
     lines = [
         f"Device: {machine['device_name']} ({machine['device']}), torch {machine['torch']}, CUDA "
         f"{machine['cuda']}; host {machine['host']}; {'tiny instances' if results['tiny'] else 'real size'}; "
@@ -253,13 +270,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"### {name}: {model['description']}, {model['parameters'] / 1e6:.0f} M parameters", ""]
         head = [f"call ms (b{b})" for b in batches] + [f"x {BASELINE} (b{b})" for b in batches]
         lines.append(
-            "| variant | " + " | ".join(head) + f" | {steps}-step run ms | resident MB | x fp32 memory "
+            "| variant | " + " | ".join(head) + f" | {steps}-step run ms (b{sampled}) | resident MB | x fp32 memory "
             "| call peak MB | rel. error vs fp32 | setup s | kernels |"
         )
-        lines.append("|---" * (len(head) + 7) + "|")
+        lines.append("|---" * (len(head) + 8) + "|")
         for label, row in model["rows"].items():
             if "skipped" in row:
-                lines.append(f"| {label} | {row['skipped']} |" + " |" * (len(head) + 5))
+                lines.append(f"| {label} | {row['skipped']} |" + " |" * (len(head) + 6))
                 continue
             cell = lambda value, fmt="{:.2f}": "-" if value is None else fmt.format(value)  # noqa: E731
             calls = [cell(row.get("call_ms", {}).get(str(b))) for b in batches]
@@ -280,8 +297,6 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write_section(paths: list[Path], section: Path = SECTION) -> str:
     """The BENCHMARKS.md section from committed result files (one per card and run)."""
-    import json
-
     parts = [
         "## GPU speed: diffquant's cuda backend at real size",
         "",
@@ -316,7 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--batches", nargs="+", type=_positive, default=[1, 2])
-    parser.add_argument("--steps", type=int, default=20, help="sampling-run length at batch 1 (0: skip it)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling-run length, at the first batch (0: skip it)")
     parser.add_argument("--repeats", type=_positive, default=20)
     parser.add_argument("--calibration", type=_positive, default=2, help="synthetic calibration samples")
     parser.add_argument("--mmdit-layers", type=_positive, default=24, help="joint blocks of the MMDiT (SD3: 24)")
@@ -361,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tiny": args.tiny,
         "batches": args.batches,
         "steps": args.steps,
+        "sampling_batch": args.batches[0],
         "repeats": args.repeats,
         "models": {},
     }

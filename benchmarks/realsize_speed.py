@@ -48,7 +48,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 
 from diffquant.fileio import write_json, write_text
-from diffquant.profiling import TIMING_MMAP_THRESHOLD, available_memory_mb, host_label, set_malloc_thresholds
+from diffquant.profiling import TIMING_MMAP_THRESHOLD, available_memory_mb, host_label, malloc_thresholds
 
 RESULTS = Path(__file__).parent / "results" / "realsize"
 MODELS = ("sd-unet", "pixart", "mmdit")
@@ -562,9 +562,14 @@ TIMING_MALLOC = (TIMING_MMAP_THRESHOLD, 2**31 - 1)
 
 
 def bench_case(name: str, args) -> dict[str, Any]:
-    from diffquant.profiling import measure_resources
+    """Build every variant of one model and time them side by side (glibc's thresholds low while building)."""
+    with malloc_thresholds(*BUILD_MALLOC):
+        return _bench_case(name, args)
 
-    set_malloc_thresholds(*BUILD_MALLOC)
+
+def _bench_case(name: str, args) -> dict[str, Any]:
+    from diffquant.profiling import interleaved_medians, measure_resources
+
     case = build_case(name, args)
     print(f"\n== {case.name}: {case.description}, {case.parameters / 1e6:.1f} M parameters", flush=True)
     examples = {batch: case.inputs(batch) for batch in args.batches}
@@ -594,23 +599,23 @@ def bench_case(name: str, args) -> dict[str, Any]:
             variants[label] = variant
             rows[label] = {"setup_s": round(variant.setup_s, 2), "notes": variant.notes, "disk_mb": variant.disk_mb}
             print(f"  ready: {label} ({variant.setup_s:.1f} s, process RSS {release_memory():.0f} MB)", flush=True)
-    from diffquant.profiling import interleaved_medians
-
     release_memory()
-    set_malloc_thresholds(*TIMING_MALLOC)
-    for batch in args.batches:
-        calls = {label: (lambda v=v, inputs=examples[batch]: v.call(*inputs)) for label, v in variants.items()}
-        with torch.no_grad():
-            medians = interleaved_medians(calls, args.repeats)
-        for label, milliseconds in medians.items():
-            rows[label].setdefault("call_s", {})[str(batch)] = milliseconds / 1000
-    if args.steps and 1 in args.batches:
-        looped = {label: v for label, v in variants.items() if _looped(label, args)}
-        loops = {label: sampling_loop(v, case, args.steps) for label, v in looped.items()}
-        with torch.no_grad():
-            medians = interleaved_medians(loops, 1)
-        for label, milliseconds in medians.items():
-            rows[label][f"sampling_{args.steps}_steps_s"] = milliseconds / 1000
+    # timed with freed pages reused (no page faults per call); the build thresholds come back for the peaks
+    with malloc_thresholds(*TIMING_MALLOC, restore=BUILD_MALLOC) as reused_pages:
+        for batch in args.batches:
+            calls = {label: (lambda v=v, inputs=examples[batch]: v.call(*inputs)) for label, v in variants.items()}
+            with torch.no_grad():
+                medians = interleaved_medians(calls, args.repeats)
+            for label, milliseconds in medians.items():
+                rows[label].setdefault("call_s", {})[str(batch)] = milliseconds / 1000
+        if args.steps and 1 in args.batches:
+            looped = {label: v for label, v in variants.items() if _looped(label, args)}
+            loops = {label: sampling_loop(v, case, args.steps) for label, v in looped.items()}
+            with torch.no_grad():
+                medians = interleaved_medians(loops, 1)
+            for label, milliseconds in medians.items():
+                rows[label][f"sampling_{args.steps}_steps_s"] = milliseconds / 1000
+    release_memory()
     for label, variant in variants.items():
         row = rows[label]
         row["resident_weights_mb"] = resident_megabytes(variant.resident)
@@ -632,6 +637,8 @@ def bench_case(name: str, args) -> dict[str, Any]:
         "description": case.description,
         "parameters": case.parameters,
         "baseline": "fp32-compiled" if rows.get("fp32-compiled", {}).get("call_s") else "fp32-eager",
+        # per-call page faults move every PyTorch row (not OpenVINO's, which pools its memory)
+        "malloc_while_timing": "glibc: 1 GiB mmap / 2 GiB trim thresholds" if reused_pages else "allocator defaults",
         "rows": rows,
     }
 
@@ -880,10 +887,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "host": host_label(),  # AMX or its absence moves every ratio
-            # per-call page faults move every PyTorch row (not OpenVINO's, which pools its memory)
-            "malloc": "glibc thresholds set by the suite: build 128 KiB, timing 1 GiB mmap / 2 GiB trim"
-            if set_malloc_thresholds(*BUILD_MALLOC)
-            else "allocator defaults (not glibc)",
             "threads": args.threads,
             "torch": torch.__version__,
             "python": sys.version.split()[0],

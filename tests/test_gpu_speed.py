@@ -16,6 +16,7 @@ from diffquant.quant import QuantSpec
 from diffquant.runtime.backends.base import BACKEND_CLASSES
 from diffquant.runtime.backends.cuda import CudaBackend
 from diffquant.runtime.kernels import IntMMLinear, ScaledMMFloat8Linear, int_mm
+from diffquant.runtime.kernels_int4 import bf16_matmul_supported
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import gpu_speed  # noqa: E402
@@ -39,11 +40,14 @@ def cpu_cuda_backend(monkeypatch):
 
 def test_gpu_suite_times_int8_and_fp8_rows_against_bf16(cpu_cuda_backend, tmp_path):
     args = ["--tiny", "--device", "cpu", "--backend", cpu_cuda_backend, "--compile", "none", "--models", "pixart"]
+    # bf16 around the GEMMs as on the GPU where this CPU has bf16 matrix units (export refuses it elsewhere)
+    args += ["--compute-dtype", "bfloat16" if bf16_matmul_supported() else "float32"]
     args += ["--variants", "bf16-eager", "bf16-compiled", "diffquant-int8", "diffquant-fp8", "--batches", "2"]
     results = gpu_speed.main([*args, "--repeats", "1", "--steps", "2", "--out", str(tmp_path / "gpu")])
     rows = results["models"]["pixart"]["rows"]
     assert json.loads((tmp_path / "gpu.json").read_text())["models"]["pixart"]["rows"].keys() == rows.keys()
-    assert "| diffquant-int8 |" in (tmp_path / "gpu.md").read_text()
+    table = [line for line in (tmp_path / "gpu.md").read_text().splitlines() if line.startswith("|")]
+    assert table[2].startswith("| diffquant-int8 |") and len({line.count("|") for line in table}) == 1
     int8, fp8, bf16 = rows["diffquant-int8"], rows["diffquant-fp8"], rows["bf16-compiled"]
     assert "linear: aten::_int_mm x" in int8["notes"][0] and "linear: aten::_scaled_mm (e4m3) x" in fp8["notes"][0]
     for row in (int8, fp8, bf16, rows["bf16-eager"]):
@@ -61,11 +65,11 @@ def test_regional_compilation_compiles_every_repeated_block_and_refuses_a_model_
     import realsize_speed
 
     case = realsize_speed.build_pixart(tiny=True)
-    gpu_speed.compiled(case.denoiser, "regional")
+    gpu_speed.compile_as(case.denoiser, "regional")
     blocks = [m for m in case.denoiser.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     with pytest.raises(SystemExit, match="use --compile full"):
-        gpu_speed.compiled(nn.Sequential(nn.Linear(4, 4)), "regional")
+        gpu_speed.compile_as(nn.Sequential(nn.Linear(4, 4)), "regional")
 
 
 def test_gpu_suite_refuses_bad_counts_and_a_missing_gpu(capsys):

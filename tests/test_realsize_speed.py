@@ -212,29 +212,29 @@ def test_host_label_says_whether_the_cpu_has_amx():
     assert available_memory_mb() > 0
 
 
-def _resident_mb() -> float:
-    import os
-
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def test_suite_returns_freed_memory_while_building_and_reuses_it_while_timing(suite):
     import torch
 
-    from diffquant.profiling import set_malloc_thresholds
+    from diffquant.profiling import malloc_thresholds
 
-    if not Path("/proc/self/statm").exists() or not set_malloc_thresholds(*suite.BUILD_MALLOC):
-        pytest.skip("needs glibc and /proc")
-    try:
-        before = _resident_mb()
-        block = torch.ones(2**24)  # 64 MB, above the build threshold: mapped, and unmapped when freed
+    def freed_mb() -> float:  # resident memory a freed 64 MB tensor gives back to the OS
+        block = torch.ones(2**24 + 4099)  # an odd size: no free chunk of it is waiting in the heap
+        holding = _rss()
         del block
-        after_build = _resident_mb()
-        set_malloc_thresholds(*suite.TIMING_MALLOC)
-        block = torch.ones(2**24)  # now from the heap, kept for the next call of the same size
-        del block
-        after_timing = _resident_mb()
-    finally:
-        set_malloc_thresholds(*suite.BUILD_MALLOC)
-        suite.release_memory()
-    assert after_build - before < 16 < 48 < after_timing - before
+        return holding - _rss()
+
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs /proc")
+    with malloc_thresholds(*suite.BUILD_MALLOC) as applied:
+        if not applied:
+            pytest.skip("needs glibc")
+        while_building = freed_mb()
+    with malloc_thresholds(*suite.TIMING_MALLOC):
+        while_timing = freed_mb()
+    assert while_building > 48 and while_timing < 16
+
+
+def _rss() -> float:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

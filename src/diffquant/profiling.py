@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,12 @@ def host_label() -> str | None:
 # pages (glibc's own adaptive threshold stops at 32 MiB, under the 84 MB feed-forward of an SD UNet at batch 2)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 TIMING_MMAP_THRESHOLD = 2**30
+GLIBC_SETTLED_THRESHOLDS = (32 * 2**20, 64 * 2**20)
+"""Where glibc's adaptive mmap and trim thresholds end up in a long-running process: what is restored."""
 
 
 def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
-    """Set glibc's malloc thresholds (False where the C library is not glibc or refuses the values).
+    """Set glibc's malloc thresholds; False where the C library is not glibc or refuses either value.
 
     Blocks above `mmap_bytes` are mapped fresh from the OS and unmapped on free: memory goes back at once,
     but each new tensor of that size page-faults on first touch. A low threshold (the real-size suite's
@@ -41,13 +44,23 @@ def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
     PixArt W8A8 call measured 18 % slower (422 ms against 358), and a fresh 100 MB tensor took 32 ms to
     fill against 4 ms from reused pages."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
         return False
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_bytes))) and bool(mallopt(_M_TRIM_THRESHOLD, int(trim_bytes)))
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_bytes)))
+    trim_set = bool(mallopt(_M_TRIM_THRESHOLD, int(trim_bytes)))
+    return mmap_set and trim_set
+
+
+@contextlib.contextmanager
+def malloc_thresholds(
+    mmap_bytes: int, trim_bytes: int, restore: tuple[int, int] = GLIBC_SETTLED_THRESHOLDS
+) -> Iterator[bool]:
+    """glibc's malloc thresholds inside the block (yields whether they took), `restore` after it."""
+    try:
+        yield set_malloc_thresholds(mmap_bytes, trim_bytes)
+    finally:
+        set_malloc_thresholds(*restore)
 
 
 def available_memory_mb() -> float | None:

@@ -477,7 +477,8 @@ class DequantizedLayer(nn.Module):
 
 
 # cuBLAS' int8 GEMM behind `torch._int_mm` takes more than 16 rows (K and N multiples of 8): the
-# time-embedding and modulation linears of a batch-1 or batch-2 call are padded up to this many
+# time-embedding and modulation linears of a batch-1 or batch-2 call are padded up to this many (the
+# next multiple of 8 past 16 would do; 32 keeps the padded tile aligned for cuBLASLt's int8 kernels)
 CUDA_INT_MM_MIN_ROWS = 32
 
 
@@ -493,10 +494,11 @@ def int_mm(codes: torch.Tensor, weight_t: torch.Tensor, min_rows: int | None = N
     return torch._int_mm(codes, weight_t)
 
 
-def int_mm_shape_supported(layer: QuantLayer) -> bool:
-    """K and N multiples of 8: what cuBLAS' int8 GEMM takes."""
+def gemm_shape_supported(layer: QuantLayer, multiple: int) -> bool:
+    """Reduction (K) and output (N) sizes that are multiples of `multiple`: cuBLAS' int8 GEMM needs 8,
+    `torch._scaled_mm`'s fp8 GEMM 16."""
     out_features, in_features = layer._frozen_shape[0], int(math.prod(layer._frozen_shape[1:]))
-    return in_features % 8 == 0 and out_features % 8 == 0
+    return in_features % multiple == 0 and out_features % multiple == 0
 
 
 class IntMMLinear(nn.Module):
@@ -533,12 +535,6 @@ class IntMMLinear(nn.Module):
             out = out + self.bias
         out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
         return out.to(self.out_dtype).reshape(*shape[:-1], self.out_features)
-
-
-def scaled_mm_shape_supported(layer: QuantLayer) -> bool:
-    """K and N multiples of 16: what `torch._scaled_mm`'s fp8 GEMM takes."""
-    out_features, in_features = layer._frozen_shape[0], int(math.prod(layer._frozen_shape[1:]))
-    return in_features % 16 == 0 and out_features % 16 == 0
 
 
 class ScaledMMFloat8Linear(nn.Module):

@@ -13,9 +13,8 @@ from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, r
 from diffquant.runtime.kernels import (
     IntMMLinear,
     ScaledMMFloat8Linear,
+    gemm_shape_supported,
     input_supported,
-    int_mm_shape_supported,
-    scaled_mm_shape_supported,
     weight_supported,
 )
 
@@ -51,8 +50,8 @@ class CudaBackend(Backend):
 
     def convert(self, layer: QuantLayer, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
         if layer.kind == "linear":  # GEMM kernels; convolutions run with float activations
-            if weight_supported(layer) and input_supported(layer.input_quantizer) and int_mm_shape_supported(layer):
+            if weight_supported(layer) and input_supported(layer.input_quantizer) and gemm_shape_supported(layer, 8):
                 return IntMMLinear(layer)
-            if _float8_ready(layer) and scaled_mm_shape_supported(layer):
+            if _float8_ready(layer) and gemm_shape_supported(layer, 16):
                 return ScaledMMFloat8Linear(layer)
         return weight_only_layer(layer, weight_only_mode)
