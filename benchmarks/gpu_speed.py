@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -260,7 +261,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Device: {machine['device_name']} ({machine['device']}), torch {machine['torch']}, CUDA "
         f"{machine['cuda']}; host {machine['host']}; {'tiny instances' if results['tiny'] else 'real size'}; "
-        f"ratios against {BASELINE} from the same interleaved run.",
+        f"ratios against {BASELINE} from the same interleaved run"
+        + ("; int8 GEMMs fused with their dequantizing multiply." if results.get("fused_int8_epilogue") else "."),
         "",
     ]
     for name, model in results["models"].items():
@@ -339,6 +341,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="cuda", help="diffquant runtime backend of the quantized rows")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument(
+        "--fuse-int8-epilogue",
+        action="store_true",
+        help="let inductor fuse each int8 GEMM with its dequantizing multiply (force_fuse_int_mm_with_mul, CUDA)",
+    )
     parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new model starts")
     parser.add_argument("--tiny", action="store_true", help="tiny instances: test the code path in seconds")
     parser.add_argument("--compile", default="regional", choices=COMPILE_MODES, help="how every row is compiled")
@@ -377,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batches": args.batches,
         "steps": args.steps,
         "sampling_batch": args.batches[0],
+        "fused_int8_epilogue": args.fuse_int8_epilogue,
         "repeats": args.repeats,
         "models": {},
     }
@@ -386,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.deadline is not None and clock() > args.deadline:
             results["models"][name] = {"skipped": f"not run: the {args.deadline:.0f} s deadline had passed"}
             continue
-        results["models"][name] = bench_model(name, args, device, clock)
+        # fused: one Triton kernel per int8 linear instead of the GEMM and an elementwise pass
+        with inductor_config.patch(force_fuse_int_mm_with_mul=args.fuse_int8_epilogue):
+            results["models"][name] = bench_model(name, args, device, clock)
         write_json(stem.with_suffix(".json"), results)  # after every model: a kill keeps the models done
     realsize.write_results(stem, results, markdown)
     print(f"[{clock():.0f} s]")

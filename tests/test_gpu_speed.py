@@ -43,7 +43,11 @@ def test_gpu_suite_times_int8_and_fp8_rows_against_bf16(cpu_cuda_backend, tmp_pa
     # bf16 around the GEMMs as on the GPU where this CPU has bf16 matrix units (export refuses it elsewhere)
     args += ["--compute-dtype", "bfloat16" if bf16_matmul_supported() else "float32"]
     args += ["--variants", "bf16-eager", "bf16-compiled", "diffquant-int8", "diffquant-fp8", "--batches", "2"]
+    args += ["--fuse-int8-epilogue"]  # inductor's CUDA-only fusion: recorded, and harmless on the CPU
     results = gpu_speed.main([*args, "--repeats", "1", "--steps", "2", "--out", str(tmp_path / "gpu")])
+    assert (
+        results["fused_int8_epilogue"] and "fused with their dequantizing multiply" in (tmp_path / "gpu.md").read_text()
+    )
     rows = results["models"]["pixart"]["rows"]
     assert json.loads((tmp_path / "gpu.json").read_text())["models"]["pixart"]["rows"].keys() == rows.keys()
     table = [line for line in (tmp_path / "gpu.md").read_text().splitlines() if line.startswith("|")]

@@ -529,8 +529,10 @@ class IntMMLinear(nn.Module):
         shape = x.shape
         codes, scale, zero = self.input(x.reshape(-1, shape[-1]))
         shifted = (codes.to(torch.int16) - 128).to(torch.int8)
-        accumulator = int_mm(shifted, self.weight_t) - (zero - 128) * self.weight_row_sum
-        out = accumulator.float() * (scale * self.weight_scale)
+        # GEMM times one (1, N) scale, the zero-point term after: the `_int_mm * mul` shape that inductor's
+        # `force_fuse_int_mm_with_mul` fuses into one Triton kernel on CUDA
+        out_scale = (scale * self.weight_scale).reshape(1, -1)
+        out = int_mm(shifted, self.weight_t) * out_scale - ((zero - 128) * self.weight_row_sum) * out_scale
         if self.bias is not None:
             out = out + self.bias
         out = _undo_weight_shift(out, codes, scale, zero, self.input_sum_weight)
