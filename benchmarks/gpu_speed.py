@@ -5,6 +5,11 @@
     python benchmarks/gpu_speed.py --models pixart --batches 2      # one model, the CFG batch
     python benchmarks/gpu_speed.py --tiny --device cpu --backend ...  # the code path on tiny models (tests)
 
+On a 15-minute GPU lease (about 13 usable), one call measured PixArt and the SD UNet with four rows at
+batch 2 in 155 s; torchao's int8 row alone took 252 s to build on PixArt. A next run that fits:
+`--batches 2 --variants diffquant-int8 bf16-compiled --fuse-int8-epilogue --deadline 300` (then batch 1,
+the MMDiT, or torchao with what is left); `--deadline` also stops starting new rows.
+
 The models are realsize_speed.py's seeded random-weight instances (speed does not depend on trained
 weights): an SD-1.5 `UNet2DConditionModel`, a PixArt-alpha-512 transformer and an SD3-style MMDiT stack.
 Quantization is diffquant's `naive` W8A8 (per-channel weights, static per-tensor activations from a
@@ -192,6 +197,9 @@ def bench_model(
     # the quantized variants first: they quantize on the CPU from the float model, which then moves
     fp32 = case.denoiser
     for variant_name in sorted(args.variants, key=lambda v: not v.startswith("diffquant")):
+        if args.deadline is not None and clock() > args.deadline:
+            rows[variant_name] = {"skipped": f"not built: the {args.deadline:.0f} s deadline had passed"}
+            continue
         if not variant_name.startswith("diffquant"):
             fp32 = fp32.to(device)
         try:
@@ -346,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="let inductor fuse each int8 GEMM with its dequantizing multiply (force_fuse_int_mm_with_mul, CUDA)",
     )
-    parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new model starts")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new model or row starts")
     parser.add_argument("--tiny", action="store_true", help="tiny instances: test the code path in seconds")
     parser.add_argument("--compile", default="regional", choices=COMPILE_MODES, help="how every row is compiled")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/gpu/<device name>)")

@@ -65,6 +65,13 @@ def test_gpu_suite_times_int8_and_fp8_rows_against_bf16(cpu_cuda_backend, tmp_pa
     assert all(0 < row["resident_fraction_of_fp32"] <= 0.5 for row in (int8, fp8, bf16))
 
 
+def test_gpu_suite_stops_starting_work_after_its_deadline(cpu_cuda_backend, tmp_path):
+    args = ["--tiny", "--device", "cpu", "--backend", cpu_cuda_backend, "--compile", "none", "--deadline", "0"]
+    results = gpu_speed.main([*args, "--out", str(tmp_path / "gpu")])
+    assert all(model["skipped"].startswith("not run: the 0 s deadline") for model in results["models"].values())
+    assert "### pixart: not run: the 0 s deadline had passed" in (tmp_path / "gpu.md").read_text()
+
+
 def test_regional_compilation_compiles_every_repeated_block_and_refuses_a_model_without_them():
     import realsize_speed
 
