@@ -768,7 +768,9 @@ def _headline_lines(title: str, rows: dict[str, dict[str, Any]], batches: list[i
         bf16 = next((_speed(r, batch) for k, r in rows.items() if k.startswith("bf16-compiled")), None)
         if bf16:
             text += f"; bf16 compiled {bf16:.2f}x"
-        w4 = rows.get("diffquant W4 weight-only (packed)", {})
+        # a later run's row of the same label carries " (run N)"
+        w4_rows = [r for k, r in rows.items() if k.split(" (run")[0] == "diffquant W4 weight-only (packed)"]
+        w4 = next((r for r in w4_rows if _speed(r, batch)), {})
         if _speed(w4, batch) and batch == 1:
             text += (
                 f". W4 weight-only {_speed(w4, batch):.2f}x fp32 compiled, resident weights "

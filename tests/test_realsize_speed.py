@@ -176,7 +176,7 @@ def test_attention_kernel_benchmark_times_the_same_attention_everywhere():
 
 def test_section_headlines_each_host_apart(suite, tmp_path):
     argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--batches", "1"]
-    variants = ["--models", "pixart", "--variants", "fp32-eager", "diffquant-w8a8", "torchao"]
+    variants = ["--models", "pixart", "--variants", "fp32-eager", "diffquant-w8a8", "torchao", "diffquant-w4"]
     paths = []
     for stem, host in (("intel", "Intel Xeon (AMX)"), ("amd", "AMD EPYC (no AMX)")):
         suite.main([*argv, *variants, "--out", str(tmp_path / stem)])
@@ -191,6 +191,9 @@ def test_section_headlines_each_host_apart(suite, tmp_path):
     assert "in another run" not in text
     assert "Hosts: run 1: Intel Xeon (AMX); run 2: AMD EPYC (no AMX)." in text
     assert "| torchao (run 2) |" in text and text.count(" | 2 |") >= 3  # each row says its run
+    # the second host's W4 row (labelled "(run 2)") still makes its headline
+    amd = next(line for line in text.splitlines() if line.startswith("- **pixart, AMD EPYC (no AMX), batch 1**"))
+    assert "W4 weight-only" in amd
 
 
 def test_attention_kernel_benchmark_refuses_a_zero_thread_count_in_one_line(capsys):
