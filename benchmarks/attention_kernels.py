@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from diffquant.fileio import write_json
 from diffquant.profiling import host_label, interleaved_medians
+
+sys.path.insert(0, str(Path(__file__).parent))
+from realsize_speed import positive  # noqa: E402 - the benchmarks' shared argument type, beside this script
 
 # (tokens, heads, head dim) of one attention call at batch 1
 SHAPES = {
@@ -90,13 +95,6 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[st
     """Median milliseconds per call, the variants taking turns (two untimed calls each first: compilation)."""
     with torch.no_grad():
         return interleaved_medians(calls, repeats, warmup=2)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:

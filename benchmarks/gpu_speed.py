@@ -215,7 +215,7 @@ def bench_model(
             print(f"  {variant_name}: skipped: {reason}", flush=True)
             continue
         except Exception as error:  # noqa: BLE001 - one broken variant must not stop the run
-            rows[variant_name] = {"skipped": f"failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}"}
+            rows[variant_name] = {"skipped": realsize.failure_cell(error)}
             print(f"  {variant_name}: failed: {type(error).__name__}: {error}", flush=True)
             traceback.print_exc()
             continue
@@ -329,22 +329,17 @@ def write_section(paths: list[Path], section: Path = SECTION) -> str:
     return text
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--batches", nargs="+", type=_positive, default=[1, 2])
+    parser.add_argument("--batches", nargs="+", type=realsize.positive, default=[1, 2])
     parser.add_argument("--steps", type=int, default=20, help="sampling-run length, at the first batch (0: skip it)")
-    parser.add_argument("--repeats", type=_positive, default=20)
-    parser.add_argument("--calibration", type=_positive, default=2, help="synthetic calibration samples")
-    parser.add_argument("--mmdit-layers", type=_positive, default=24, help="joint blocks of the MMDiT (SD3: 24)")
+    parser.add_argument("--repeats", type=realsize.positive, default=20)
+    parser.add_argument("--calibration", type=realsize.positive, default=2, help="synthetic calibration samples")
+    parser.add_argument(
+        "--mmdit-layers", type=realsize.positive, default=24, help="joint blocks of the MMDiT (SD3: 24)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="cuda", help="diffquant runtime backend of the quantized rows")

@@ -478,6 +478,19 @@ def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
     raise SystemExit(f"unknown variant {name}; choose from {', '.join(VARIANTS)}")
 
 
+def failure_cell(error: Exception) -> str:
+    """A variant's failure as one short line: it goes into a markdown table cell."""
+    return f"failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def positive(text: str) -> int:
+    """argparse type of the benchmarks' counts (threads, repeats): one line for 0 or less."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 # --- measuring ------------------------------------------------------------------------------------
 def release_memory() -> float:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and the
@@ -590,8 +603,7 @@ def _bench_case(name: str, args) -> dict[str, Any]:
                 print(f"  {label}: skipped: {reason}", flush=True)
                 continue
             except Exception as error:  # noqa: BLE001 - one broken peer must not stop the suite
-                message = " ".join(str(error).split())[:300]  # one line: it goes into a markdown table cell
-                rows[label] = {"skipped": f"failed: {type(error).__name__}: {message}"}
+                rows[label] = {"skipped": failure_cell(error)}
                 print(f"  {label}: failed: {type(error).__name__}: {error}", flush=True)
                 if args.verbose:
                     traceback.print_exc()
@@ -857,10 +869,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=VARIANTS,
         help="variants that get the sampling run (default: all; at real size each run is 20 denoiser calls)",
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calibration", type=int, default=4, help="synthetic calibration samples")
-    parser.add_argument("--mmdit-layers", type=int, default=6, help="joint blocks in the MMDiT stack (SD3: 24)")
+    parser.add_argument("--repeats", type=positive, default=3)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--calibration", type=positive, default=4, help="synthetic calibration samples")
+    parser.add_argument("--mmdit-layers", type=positive, default=6, help="joint blocks in the MMDiT stack (SD3: 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny instances: test the code path in seconds")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile everywhere")

@@ -241,3 +241,10 @@ def _rss() -> float:
     import os
 
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_suite_refuses_a_zero_count_in_one_line(suite, capsys):
+    for option in ("--threads", "--repeats", "--calibration", "--mmdit-layers"):
+        with pytest.raises(SystemExit) as stopped:
+            suite.parse_args([option, "0"])
+        assert stopped.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
