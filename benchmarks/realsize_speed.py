@@ -14,7 +14,8 @@ blocks). Every model is called by keyword through `KeywordDenoiser`, so PixArt/S
 Variants, all timed interleaved in one process with the same threads (medians of `--repeats`):
 fp32 eager; fp32 compiled (inductor, freezing); bf16 compiled (the reference a bf16 weight-only row
 must be read against); diffquant W8A8 per `--methods` on the onednn backend, compiled (and on the
-inductor backend: the same grids lowered by inductor's PT2E passes, `diffquant-w8a8-inductor*`); diffquant W4
+inductor backend: the same grids lowered by inductor's PT2E passes, `diffquant-w8a8-inductor*`; and on the
+openvino backend: the same grids run by OpenVINO's runtime, `diffquant-w8a8-openvino*`); diffquant W4
 weight-only (packed int4, decoded per call); PT2E + X86InductorQuantizer (static W8A8, compiled);
 torchao int8 dynamic (Linear only, compiled); OpenVINO through NNCF int8. A variant that cannot run
 here (a missing peer, a model diffquant cannot quantize yet) is recorded as `skipped: reason`.
@@ -60,6 +61,8 @@ VARIANTS = (
     "diffquant-w8a8-bf16",
     "diffquant-w8a8-inductor",
     "diffquant-w8a8-inductor-bf16",
+    "diffquant-w8a8-openvino",
+    "diffquant-w8a8-openvino-bf16",
     "diffquant-w4",
     "pt2e",
     "pt2e-bf16",
@@ -285,13 +288,16 @@ def make_diffquant(
     backend: str = "onednn",
 ) -> Variant:
     import diffquant
+    from diffquant.cli import parse_options
     from diffquant.families import denoise
     from diffquant.runtime.export import export_model
 
     started = time.perf_counter()
     model = _diffquant_model(case, args.tiny)
+    name, _, options = method.partition(":")  # "naive:attention_bits=8,softmax_bits=8": the method's options
     try:
-        config = diffquant.methods.make_config(method, wbits=wbits, abits=abits)
+        values = parse_options(options.split(",") if options else [])
+        config = diffquant.methods.make_config(name, wbits=wbits, abits=abits, **values)
         quantized = diffquant.quantize(model, config, _calibration(case, args.calibration), progress=False)
     except Exception as error:  # noqa: BLE001 - recorded as the reason this row is missing
         raise Skipped(f"diffquant could not quantize this model: {type(error).__name__}: {error}") from error
@@ -442,6 +448,10 @@ def variant_labels(name: str, args) -> list[str]:
         return [f"diffquant W8A8 {method} [inductor]" for method in args.methods]
     if name == "diffquant-w8a8-inductor-bf16":
         return [f"diffquant W8A8 {method} [inductor] (bf16 compute)" for method in args.methods]
+    if name == "diffquant-w8a8-openvino":  # the openvino backend: our grids on OpenVINO's runtime
+        return [f"diffquant W8A8 {method} [openvino]" for method in args.methods]
+    if name == "diffquant-w8a8-openvino-bf16":
+        return [f"diffquant W8A8 {method} [openvino] (bf16 compute)" for method in args.methods]
     if name == "diffquant-w4":
         return ["diffquant W4 weight-only (packed)"]
     return [name]
@@ -465,7 +475,7 @@ def make_variant(name: str, label: str, case: Case, args, example) -> Variant:
         return Variant(call, module, True)
     if name.startswith("diffquant-w8a8"):  # labels read "diffquant W8A8 <method> ..."
         compute_dtype = "bfloat16" if name.endswith("-bf16") else "float32"
-        backend = "inductor" if "-inductor" in name else "onednn"
+        backend = next((b for b in ("inductor", "openvino") if f"-{b}" in name), "onednn")
         return make_diffquant(case, args, label.split(" ")[2], 8, 8, compute_dtype=compute_dtype, backend=backend)
     if name == "diffquant-w4":
         return make_diffquant(case, args, "naive", 4, None)
@@ -859,7 +869,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--methods", nargs="+", default=["naive"], help="diffquant methods for the W8A8 rows")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["naive"],
+        help="diffquant methods for the W8A8 rows, each optionally with options: naive:attention_bits=8,softmax_bits=8",
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=20, help="sampling-loop length (0: skip the loop)")
     parser.add_argument(

@@ -84,11 +84,16 @@ def test_openvino_quantizes_every_tiny_family_when_installed(suite, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--batches", "1"]
-    results = suite.main([*argv, "--variants", "fp32-eager", "openvino", "--out", str(tmp_path / "ov")])
+    variants = ["fp32-eager", "openvino", "diffquant-w8a8-openvino"]
+    methods = ["--methods", "naive", "naive:attention_bits=8"]  # our grids on OpenVINO, attention quantized too
+    results = suite.main([*argv, *methods, "--variants", *variants, "--out", str(tmp_path / "ov")])
+    labels = ["openvino", "diffquant W8A8 naive [openvino]", "diffquant W8A8 naive:attention_bits=8 [openvino]"]
     for name, model in results["models"].items():  # the SD3 MMDiT's cropped position table once failed to trace
-        row = model["rows"]["openvino"]
-        assert "skipped" not in row, (name, row)
-        assert 0 < row["relative_error_vs_fp32"] < 0.5, (name, row)
+        for label in labels:
+            row = model["rows"][label]
+            assert "skipped" not in row, (name, label, row)
+            assert 0 < row["relative_error_vs_fp32"] < 0.5, (name, label, row)
+        assert "openvino int8 FullyConnected" in model["rows"][labels[1]]["notes"][0]
 
 
 def test_section_merges_runs_into_one_table_plot_and_headline(suite, tmp_path):

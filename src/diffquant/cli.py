@@ -387,7 +387,7 @@ def _parse_abits(value: str) -> int | None:
         raise DiffquantError(f"--abits must be a bit width (1-16), 16/32 or 'none' for float; got '{value}'.") from None
 
 
-def _parse_options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str]) -> dict:
     options = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
@@ -435,7 +435,7 @@ def quantize_command(
         from diffquant.methods import make_config
         from diffquant.reporting import print_quantization_summary
 
-        options = _parse_options(option)
+        options = parse_options(option)
         given = {}  # flags the user typed, checked against --option so neither is dropped silently
         if wbits is not None:
             given["wbits"] = (f"--wbits {wbits}", wbits)
@@ -578,7 +578,7 @@ def export_command(
     backend: str = typer.Option(
         "onednn",
         help="onednn (CPU int8 on oneDNN), inductor (the same kernels lowered by inductor as for PT2E; needs "
-        "--compile), cuda (GPU int8/fp8) or fake.",
+        "--compile), cuda (GPU int8/fp8), openvino (the whole denoiser on OpenVINO's CPU runtime, also written as OpenVINO IR) or fake.",
     ),
     out: Path = typer.Option(..., help="Output directory of the exported model."),
     compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffquant.families.base import Conditioning, FamilyAdapter, class_names
+from diffquant.families.base import Conditioning, FamilyAdapter, class_names, wrapped_model
 from diffquant.families.dit import DiTAdapter
 from diffquant.families.flux import FluxAdapter
 from diffquant.families.generic import generic_adapter
@@ -48,7 +48,7 @@ def _known(denoiser: nn.Module) -> bool:
 
 def adapter_for(denoiser: nn.Module) -> FamilyAdapter:
     """The family adapter of a denoiser (its class or nearest known base class), else a generic one."""
-    while not _known(denoiser) and (wrapped := _wrapped(denoiser)) is not None:
+    while not _known(denoiser) and (wrapped := wrapped_model(denoiser)) is not None:
         denoiser = wrapped
     for klass in type(denoiser).__mro__:
         if klass.__name__ in BY_CLASS:
@@ -58,13 +58,6 @@ def adapter_for(denoiser: nn.Module) -> FamilyAdapter:
     return _GENERIC[type(denoiser)]
 
 
-def _wrapped(module: nn.Module) -> nn.Module | None:
-    """The model inside a deployment wrapper (runtime.export.DeployedDenoiser, a peer's graph wrapper:
-    `.inner`) or a torch.compile wrapper (`._orig_mod`)."""
-    for attribute in ("inner", "_orig_mod"):
-        if isinstance(inner := getattr(module, attribute, None), nn.Module):
-            return inner
-    return None
 
 
 def denoise(denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning):

@@ -166,3 +166,19 @@ def square_side(tokens: int, what: str) -> int:
     if side * side != tokens:
         raise ValueError(f"{what}: {tokens} image tokens are not a square grid; pass a square latent")
     return side
+
+
+def wrapped_model(module: nn.Module) -> nn.Module | None:
+    """The model inside a deployment wrapper (runtime.export.DeployedDenoiser, the openvino backend's
+    runner, a peer's graph wrapper: `.inner`) or a torch.compile wrapper (`._orig_mod`)."""
+    for attribute in ("inner", "_orig_mod"):
+        if isinstance(inner := getattr(module, attribute, None), nn.Module):
+            return inner
+    return None
+
+
+def bare_model(module: nn.Module) -> nn.Module:
+    """The model under every deployment and compile wrapper around it."""
+    while (inner := wrapped_model(module)) is not None:
+        module = inner
+    return module

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffquant.families.base import Conditioning, FamilyAdapter, text_embeddings
+from diffquant.families.base import Conditioning, FamilyAdapter, bare_model, text_embeddings
 
 
 class PixArtAdapter(FamilyAdapter):
@@ -19,7 +19,7 @@ class PixArtAdapter(FamilyAdapter):
     def extra_inputs(self, denoiser: nn.Module, sample: torch.Tensor, conditioning: Conditioning) -> Conditioning:
         if "added_cond_kwargs" in conditioning:
             return {}
-        model = getattr(denoiser, "inner", denoiser)  # through a deployment wrapper
+        model = bare_model(denoiser)  # through deployment wrappers
         if model.use_additional_conditions:  # 1024px PixArt-alpha: the pipeline's resolution ids
             height, width = sample.shape[-2:]
             scale = 8  # VAE downsampling of the pipelines PixArt ships with

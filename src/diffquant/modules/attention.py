@@ -32,6 +32,9 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.quant import Quantizer, QuantSpec
 
+_SDPA = F.scaled_dot_product_attention
+"""PyTorch's fused attention, held before `_quantized_sdpa` swaps the module attribute during a call."""
+
 
 class QuantAttnProcessor(nn.Module):
     kind = "attention"
@@ -47,6 +50,10 @@ class QuantAttnProcessor(nn.Module):
         self.key_quantizer = make(operand_spec)
         self.value_quantizer = make(operand_spec)
         self.probs_quantizer = make(probs_spec)
+        self.fused_float_softmax = False
+        """Run float probabilities on the fused SDPA kernel over the quantized operands instead of the
+        matmul-softmax-matmul spelled out (the same numbers up to float rounding; the openvino backend sets
+        it, so that OpenVINO runs its int8 attention kernel)."""
         # the model's own processor; kept out of the module tree so the state dict has only quantizers
         object.__setattr__(self, "inner", inner if inner is not None else AttnProcessor2_0())
 
@@ -97,6 +104,9 @@ class QuantAttnProcessor(nn.Module):
         query = self._apply(self.query_quantizer, query)
         key = self._apply(self.key_quantizer, key)
         value = self._apply(self.value_quantizer, value)
+        probs_float = self.probs_quantizer is None or not self.probs_quantizer.enabled
+        if self.fused_float_softmax and probs_float:
+            return _SDPA(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale)
         scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale
         if is_causal:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from diffquant.errors import DiffquantError
 from diffquant.families import denoise
@@ -92,8 +93,35 @@ def export_directory(
         for item in Path(source).iterdir():
             if item.name != EXPORT_FILE:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
+        if hasattr(deployed.denoiser.inner, "openvino_model"):  # the graph itself, for OpenVINO without diffquant
+            report["openvino_ir"] = save_openvino_ir(simulated, deployed, scratch)
         write_json(scratch / EXPORT_FILE, report)
     return report
+
+
+OPENVINO_IR = "openvino/denoiser.xml"
+
+
+def save_openvino_ir(simulated: DiffusionModel, deployed: DiffusionModel, directory: Path) -> dict[str, Any]:
+    """Write the openvino backend's int8 graph as OpenVINO IR (`OPENVINO_IR` + .bin), converted from a
+    probe call with every input dimension left dynamic; returns where, and its inputs in order."""
+    import openvino as ov
+
+    _, _, args, kwargs = probe_inputs(simulated)[0]
+    adapter = simulated.adapter
+    keywords = {adapter.sample_arg: args[0], adapter.timestep_arg: args[1], **kwargs}
+    keywords.update(adapter.extra_inputs(deployed.denoiser, args[0], kwargs))
+    if adapter.takes_return_dict:
+        keywords["return_dict"] = False
+    model = deployed.denoiser.inner.openvino_model(dynamic=True, **keywords)
+    leaves = pytree.tree_flatten_with_path(keywords)[0]
+    names = [pytree.keystr(path).strip("[]'").replace("']['", ".") for path, v in leaves if torch.is_tensor(v)]
+    for port, name in zip(model.inputs, names, strict=True):  # OpenVINO callers feed inputs by these names
+        port.get_tensor().set_names({name})
+    (directory / OPENVINO_IR).parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, directory / OPENVINO_IR)
+    # what the floats around int8 ran in when checked: compile it with this INFERENCE_PRECISION_HINT
+    return {"path": OPENVINO_IR, "inputs": names, "precision_hint": deployed.denoiser.inner.precision}
 
 
 def _refuse_outside_links(source: Path) -> None:

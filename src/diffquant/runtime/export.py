@@ -9,7 +9,10 @@ Backends (one file each in runtime/backends/; `register_backend` adds more):
   quantization passes to the same oneDNN kernels (GELU and residual-add post-ops fused by inductor);
   its kernels exist only compiled (with inductor freezing, the per-step clock passed in as an input);
 * `cuda` - GPU: int8 linears on `torch._int_mm`, fp8 (E4M3) linears on `torch._scaled_mm`; convolutions
-  decoded to float.
+  decoded to float;
+* `openvino` - CPU: the whole denoiser converted with OpenVINO, our grids in the FakeQuantize / int8
+  weight form its low-precision passes run on int8, compiled by OpenVINO per input signature on first
+  call (its fused attention included; `openvino` extra).
 Layer kinds built from several parts are converted part by part; what a kind computes itself (the
 low-rank kind's smoothing divide and its float branch, `LayerKind.float_paths`) stays a float op beside
 the kernels and is counted in the kernel report as well (docs/DEPLOYMENT.md: what runs how).
@@ -263,8 +266,12 @@ def export_model(
         if hasattr(module, "attach_clock"):
             module.attach_clock(clock.timestep)
     _share_step_banks(inner)
-    _compute_in(inner, dtype)
-    denoiser = DeployedDenoiser(inner.eval(), clock, compile, dtype, freezing=target.freezes)
+    if target.runs_graph:  # the backend compiles and runs the graph, in its own precision
+        compile = False
+        denoiser = DeployedDenoiser(target.wrap(inner.eval(), dtype), clock, compile=False)
+    else:
+        _compute_in(inner, dtype)
+        denoiser = DeployedDenoiser(inner.eval(), clock, compile, dtype, freezing=target.freezes)
     record = {
         **model.quantization,
         "backend": backend,

@@ -6,6 +6,7 @@ from diffquant.runtime.backends import fake  # noqa: F401  (each import register
 from diffquant.runtime.backends import onednn  # noqa: F401
 from diffquant.runtime.backends import inductor  # noqa: F401
 from diffquant.runtime.backends import cuda  # noqa: F401
+from diffquant.runtime.backends import openvino  # noqa: F401
 
 # isort: on
 from diffquant.runtime.backends.base import (

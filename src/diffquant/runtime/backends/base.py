@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from diffquant.errors import DiffquantError
@@ -43,6 +44,9 @@ class Backend:
     inductor freezing, and the per-step clock goes into the graph as an input (a frozen buffer would not move)."""
     integer_attention: ClassVar[bool] = True
     """Whether quantized attention matmuls may run on exact integer GEMMs (`export_model(integer_attention=)`)."""
+    runs_graph: ClassVar[bool] = False
+    """Whether the backend runs the whole converted model itself (`wrap`): the torch model then stays in
+    float32, the compute dtype goes to `wrap`, and `compile=True` is ignored (the backend compiles)."""
 
     def check_available(self) -> None:
         """Raise one DiffquantError naming what is missing and which backend to use instead."""
@@ -57,6 +61,10 @@ class Backend:
 
     def finish(self, model: nn.Module) -> None:
         """Passes over the converted model (fusing neighbouring kernels); none by default."""
+
+    def wrap(self, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+        """The module that runs the converted model (backends with `runs_graph`); the model itself by default."""
+        return model
 
 
 def weight_only_layer(layer: QuantLayer, weight_only_mode: str) -> nn.Module:

@@ -1,0 +1,96 @@
+"""The openvino backend: the whole denoiser converted with OpenVINO and run on its CPU runtime.
+
+Layers with <= 8-bit per-channel integer weights and one static per-tensor <= 8-bit input grid are
+written in the form OpenVINO's low-precision passes run on int8 (`kernels_openvino.py`): our method's
+calibrated grids, OpenVINO's int8 kernels and fusions. Weight-only layers keep their integer codes
+(OpenVINO decompresses them inside its GEMM); what is left (dynamic or per-token grids, attention
+matmuls a method quantized) runs as the simulation's float ops inside the OpenVINO graph. OpenVINO
+compiles the graph itself, once per input signature (shapes), on the first call with it; the
+compute dtype becomes its inference precision hint (`bfloat16`: the float ops in bf16).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from diffquant.errors import DiffquantError
+from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.modules.layers import QuantLayer
+from diffquant.quant import Quantizer
+from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, register_backend
+from diffquant.runtime.kernels import DequantizedLayer, input_supported, weight_supported
+from diffquant.runtime.kernels_openvino import (
+    PRECISION_HINTS,
+    OpenVINODenoiser,
+    OpenVINOFakeQuantize,
+    OpenVINOInt8Conv2d,
+    OpenVINOInt8Linear,
+    OpenVINOWeightOnly,
+    integral_zero_point,
+)
+
+OPENVINO_KERNELS: dict[str, type[nn.Module]] = {"linear": OpenVINOInt8Linear, "conv2d": OpenVINOInt8Conv2d}
+"""Layer kind -> its int8 form for OpenVINO."""
+
+
+@register_backend
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    runs_graph: ClassVar[bool] = True
+    integer_attention = False  # OpenVINO fuses attention itself
+
+    def check_available(self) -> None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as error:
+            raise DiffquantError(
+                f"The openvino backend needs OpenVINO ({error}); pip install 'diffquant[openvino]', "
+                "or use --backend onednn."
+            ) from error
+
+    def supports(self, layer: QuantLayer) -> bool:
+        return layer.kind in OPENVINO_KERNELS
+
+    def convert(self, layer: QuantLayer, weight_only_mode: str = DEFAULT_WEIGHT_ONLY_MODE) -> nn.Module:
+        quantizer = layer.input_quantizer
+        if not weight_supported(layer):
+            return DequantizedLayer(layer)
+        if quantizer is None or not quantizer.enabled:
+            return OpenVINOWeightOnly(layer)
+        if quantizer.spec.per_step:
+            _refuse_per_step_grids()
+        if input_supported(quantizer) and integral_zero_point(quantizer):
+            return OPENVINO_KERNELS[layer.kind](layer)
+        return DequantizedLayer(layer)
+
+    def finish(self, model: nn.Module) -> None:
+        # a per-step grid left in float (attention operands) would be traced at one step's values
+        if any(isinstance(m, Quantizer) and m.enabled and m.spec.per_step for m in model.modules()):
+            _refuse_per_step_grids()
+        for module in model.modules():
+            if isinstance(module, QuantAttnProcessor) and module._active():
+                _attention_for_openvino(module)
+
+    def wrap(self, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+        return OpenVINODenoiser(model, PRECISION_HINTS[compute_dtype])
+
+
+def _refuse_per_step_grids() -> None:
+    raise DiffquantError(
+        "The openvino backend compiles one graph with fixed grids, and this model has per-step activation "
+        "grids (TFMQ-DM and DGQ keep one set per step). Use --backend onednn or inductor, or quantize with "
+        "activation_per_step=False."
+    )
+
+
+def _attention_for_openvino(processor: QuantAttnProcessor) -> None:
+    """Quantized attention operands as FakeQuantize (OpenVINO folds them into its int8 attention); with
+    float probabilities the attention itself stays PyTorch's fused SDPA, which OpenVINO maps to its own."""
+    for name in ("query_quantizer", "key_quantizer", "value_quantizer", "probs_quantizer"):
+        quantizer = getattr(processor, name)
+        if quantizer is not None and input_supported(quantizer) and integral_zero_point(quantizer):
+            setattr(processor, name, OpenVINOFakeQuantize(quantizer))
+    processor.fused_float_softmax = True

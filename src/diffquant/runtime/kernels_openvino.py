@@ -1,0 +1,277 @@
+"""The openvino backend's parts: layers in the form OpenVINO's low-precision passes run as int8, and the
+denoiser wrapper that converts the model with OpenVINO and runs it on OpenVINO's CPU runtime.
+
+Each int8 layer states our calibrated grids in the two forms OpenVINO's PyTorch frontend and its
+low-precision transformations (LPT) recognize: the input through `fake_quantize_per_tensor_affine` (an
+OpenVINO FakeQuantize), the weight as int8 codes times per-channel scales (Constant i8 -> Convert ->
+Multiply, OpenVINO's weight-dequantization pattern). OpenVINO then runs the GEMM or convolution on int8
+with the int8 weights as stored: the same numbers as the simulation (up to the tie rounding of x / s),
+OpenVINO's kernels and fusions (its attention kernel included).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from diffquant.errors import DiffquantError
+from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
+from diffquant.runtime.kernels import _undo_conv_weight_shift, _undo_weight_shift, int8_weight
+
+PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+"""compute dtype -> OpenVINO's CPU inference precision hint (what the float ops around int8 run in)."""
+
+
+def integral_zero_point(quantizer) -> bool:
+    """Whether a per-tensor input grid has an integer zero-point (FakeQuantize's grid has one)."""
+    zero = quantizer.zero_point.detach().reshape(-1)
+    return bool(torch.equal(zero, zero.round()))
+
+
+class OpenVINOFakeQuantize(nn.Module):
+    """A static per-tensor integer grid as `fake_quantize_per_tensor_affine`: an OpenVINO FakeQuantize,
+    which OpenVINO's low-precision passes fold into the int8 op that reads it."""
+
+    enabled = True  # stands in for an enabled Quantizer (attention processors ask)
+
+    def __init__(self, quantizer) -> None:
+        super().__init__()
+        offset = 128 if quantizer.fmt.signed else 0  # signed grids shift into uint8, the zero-point with them
+        self.scale = float(quantizer.scale.detach().reshape(-1)[0])
+        self.zero = int(quantizer.zero_point.detach().reshape(-1)[0].round()) + offset
+        self.low, self.high = quantizer.fmt.qmin + offset, quantizer.fmt.qmax + offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero, self.low, self.high).to(x.dtype)
+
+
+class _OpenVINOInt8(nn.Module):
+    """What the linear and the convolution share: int8 weight codes, their scales and the input grid."""
+
+    def __init__(self, layer: QuantLayer) -> None:
+        super().__init__()
+        weight = int8_weight(layer)
+        self.input = OpenVINOFakeQuantize(layer.input_quantizer)
+        channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
+        self.register_buffer("weight_values", weight.values)
+        self.register_buffer("weight_scale", weight.scale.reshape(channel_shape).contiguous())
+        self.register_buffer("input_sum_weight", weight.input_sum_weight)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input(x.float())
+
+    def _codes(self, dequantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scale, zero) of a fake-quantized input, for the weight-shift correction."""
+        scale, zero = self.input.scale, self.input.zero
+        return torch.round(dequantized / scale) + zero, torch.tensor(scale), torch.tensor(float(zero))
+
+    def _weight(self) -> torch.Tensor:
+        return self.weight_values.float() * self.weight_scale
+
+
+class OpenVINOInt8Linear(_OpenVINOInt8):
+    """Linear with a FakeQuantize input and int8 weight codes: OpenVINO's FullyConnected on int8."""
+
+    kernel = "openvino int8 FullyConnected"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__(layer)
+        self.out_features = self.weight_values.shape[0]  # read by LoRA and the model-surgery code
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dequantized = self._quantized_input(x)
+        out = F.linear(dequantized, self._weight(), self.bias)
+        if self.input_sum_weight is None:
+            return out
+        return _undo_weight_shift(out, *self._codes(dequantized), self.input_sum_weight)
+
+
+class OpenVINOInt8Conv2d(_OpenVINOInt8):
+    """Conv2d with a FakeQuantize input and int8 weight codes: OpenVINO's convolution on int8."""
+
+    kernel = "openvino int8 Convolution"
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__(layer)
+        self.conv_args = (tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+        self.register_buffer("window", torch.ones(1, 1, *layer.kernel_size))
+        self.out_dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dequantized = self._quantized_input(x)
+        out = F.conv2d(dequantized, self._weight(), self.bias, *self.conv_args)
+        if self.input_sum_weight is None:
+            return out
+        return _undo_conv_weight_shift(out, *self._codes(dequantized), self, *self.conv_args[:3])
+
+
+class OpenVINOWeightOnly(_OpenVINOInt8):
+    """A weight-only layer (float input) with its integer weight codes: OpenVINO decompresses them in its GEMM."""
+
+    kernel = "openvino float GEMM, int8 weight codes"
+
+    def __init__(self, layer: QuantLayer) -> None:
+        nn.Module.__init__(self)
+        weight = int8_weight(layer)
+        channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
+        # a weight shifted into int8 (affine 8-bit) is shifted back here: w = s * (v - m)
+        shift = (
+            torch.zeros_like(weight.scale)
+            if weight.input_sum_weight is None
+            else weight.input_sum_weight / weight.scale
+        )
+        self.register_buffer("weight_values", weight.values)
+        self.register_buffer("weight_scale", weight.scale.reshape(channel_shape).contiguous())
+        self.register_buffer("weight_shift", shift.round().reshape(channel_shape).contiguous())
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.is_conv = issubclass(layer.float_type, nn.Conv2d)
+        if self.is_conv:
+            self.conv_args = (tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight_values.float() - self.weight_shift) * self.weight_scale
+        if self.is_conv:
+            return F.conv2d(x, weight, self.bias, *self.conv_args)
+        return F.linear(x, weight, self.bias)
+
+
+def _output_tensors(output: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """A denoiser's output as a flat tuple of tensors, and how to rebuild it (see `_rebuild`)."""
+    if isinstance(output, torch.Tensor):
+        return (output,), None
+    if isinstance(output, (tuple, list)):
+        return tuple(output), tuple
+    if is_dataclass(output):  # diffusers' BaseOutput
+        names = [f.name for f in fields(output) if getattr(output, f.name) is not None]
+        return tuple(getattr(output, n) for n in names), (type(output), names)
+    raise DiffquantError(f"The openvino backend cannot return a {type(output).__name__} output; it takes tensors.")
+
+
+def _rebuild(tensors: list[torch.Tensor], how: Any) -> Any:
+    if how is None:
+        return tensors[0]
+    if how is tuple:
+        return tuple(tensors)
+    klass, names = how
+    return klass(**dict(zip(names, tensors, strict=True)))
+
+
+class _FlatCall(nn.Module):
+    """The model called with its tensor inputs as positional arguments (what OpenVINO converts): the
+    call's structure and non-tensor arguments are fixed per converted graph."""
+
+    def __init__(self, inner: nn.Module, spec: pytree.TreeSpec, constants: list[Any]) -> None:
+        super().__init__()
+        self.inner, self.spec, self.constants = inner, spec, constants
+        self.output_form: Any = None
+
+    def forward(self, *tensors: torch.Tensor):
+        feed = iter(tensors)
+        leaves = [next(feed) if value is _TENSOR else value for value in self.constants]
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        flat, self.output_form = _output_tensors(self.inner(*args, **kwargs))
+        return flat
+
+
+_TENSOR = object()
+"""Marks a tensor leaf of a call (an OpenVINO input) among its constant leaves."""
+
+
+def _describe(value: Any) -> Any:
+    """A hashable stand-in for one call leaf: a tensor's dtype and shape, or the value itself."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape))
+    return ("value", repr(value))
+
+
+class OpenVINODenoiser(nn.Module):
+    """Runs `inner` (the model with its int8 layers in OpenVINO's form) on OpenVINO's CPU runtime.
+
+    The first call with a new input signature (shapes, dtypes, non-tensor arguments) converts the model
+    with `openvino.convert_model` and compiles it (`precision` hint, `threads`); later calls with that
+    signature run the compiled graph. Inputs and outputs are torch tensors, as from the torch model.
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        precision: str = "f32",
+        threads: int | None = None,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.precision = precision
+        self.threads = threads or torch.get_num_threads()
+        self.properties = dict(properties or {})
+        """More OpenVINO CPU properties for `compile_model` (`CACHE_DIR`, `PERF_COUNT`, ...)."""
+        self._compiled: dict[Any, tuple[Any, Any]] = {}  # signature -> (compiled model, output form)
+        self.conversion_seconds = 0.0
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def openvino_model(self, *args, dynamic: bool = False, **kwargs) -> Any:
+        """The model converted for this call's signature, as an `openvino.Model` (write it with
+        `openvino.save_model`: the int8 graph OpenVINO's runtime loads without diffquant). `dynamic`
+        leaves every input dimension open (set them with `Model.reshape`); the structure and the
+        non-tensor arguments of this call stay fixed."""
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        return self._converted(spec, leaves, dynamic)[0]
+
+    def executed_precisions(self) -> Counter[str]:
+        """How many layers of each type ran at which precision in the compiled graphs ("FullyConnected i8")."""
+        counts: Counter[str] = Counter()
+        for compiled, _ in self._compiled.values():
+            for op in compiled.get_runtime_model().get_ops():
+                info = op.get_rt_info()
+                counts[f"{info['layerType'].astype(str)} {info['runtimePrecision'].astype(str)}"] += 1
+        return counts
+
+    def _entry(self, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = (spec, tuple(_describe(v) for v in leaves))
+        if key not in self._compiled:
+            import openvino as ov
+
+            started = time.perf_counter()
+            model, output_form = self._converted(spec, leaves)
+            config = {
+                "INFERENCE_NUM_THREADS": self.threads,
+                "INFERENCE_PRECISION_HINT": self.precision,
+                # OpenVINO would otherwise quantize the activations of weight-only GEMMs to int8 on the
+                # fly: another model than the one calibrated (users may turn it back on in `properties`)
+                "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+                **self.properties,
+            }
+            # only the compiled graph is kept: OpenVINO repacks the weights into its own layout
+            self._compiled[key] = (ov.Core().compile_model(model, "CPU", config), output_form)
+            self.conversion_seconds += time.perf_counter() - started
+        return self._compiled[key], [v for v in leaves if isinstance(v, torch.Tensor)]
+
+    def _converted(self, spec, leaves, dynamic: bool = False) -> tuple[Any, Any]:
+        import openvino as ov
+
+        constants = [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
+        flat = _FlatCall(self.inner, spec, constants).eval()
+        tensors = tuple(v for v in leaves if isinstance(v, torch.Tensor))
+        with torch.no_grad():
+            # static shapes (one graph per signature): OpenVINO plans memory and picks kernels once
+            shapes = [ov.PartialShape([-1 if dynamic else n for n in t.shape]) for t in tensors]
+            model = ov.convert_model(flat, example_input=tensors, input=shapes)
+        return model, flat.output_form
+
+    def forward(self, *args, **kwargs):
+        (compiled, output_form), tensors = self._entry(args, kwargs)
+        results = compiled([t.detach().numpy() for t in tensors])
+        outputs = [torch.from_numpy(results[i]) for i in range(len(compiled.outputs))]
+        return _rebuild(outputs, output_form)

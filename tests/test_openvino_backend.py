@@ -1,0 +1,192 @@
+"""The openvino backend: our calibrated grids, converted with OpenVINO and run on its int8 kernels."""
+
+import builtins
+
+import pytest
+import torch
+from torch import nn
+
+import diffquant
+from diffquant.calibration import UniformSteps, record_trajectories
+from diffquant.errors import DiffquantError
+from diffquant.modules import QuantConv2d, QuantLinear, quant_layers
+from diffquant.modules.attention import QuantAttnProcessor
+from diffquant.quant import QuantSpec, step_context
+from diffquant.runtime.export import export_model
+from diffquant.runtime.kernels import int8_weight
+from diffquant.runtime.kernels_int4 import bf16_matmul_supported
+from diffquant.runtime.kernels_openvino import OpenVINOFakeQuantize, OpenVINOInt8Conv2d, OpenVINOInt8Linear
+from diffquant.sampling import SamplerConfig
+from tests.conftest import tiny_dit_model, tiny_unet_model
+
+pytest.importorskip("openvino")
+
+
+def _denoise(model, batch):
+    with torch.no_grad(), step_context(batch.step_index, batch.timestep, batch.num_steps):
+        return model.denoiser(batch.sample, batch.timesteps, **batch.conditioning).sample
+
+
+def _relative(candidate, reference) -> float:
+    return ((candidate - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.fixture(scope="module", params=["dit", "unet"])
+def calibrated(request):
+    model = tiny_dit_model() if request.param == "dit" else tiny_unet_model()
+    return model, record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+
+
+def test_every_int8_layer_runs_on_openvino_int8_and_agrees(calibrated):
+    model, calibration = calibrated
+    quantized = diffquant.quantize(model, "naive", calibration, progress=False, wbits=8, abits=8)
+    deployed = export_model(quantized, "openvino")
+    linears = sum(layer.kind == "linear" for _, layer in quant_layers(quantized.denoiser))
+    convs = sum(layer.kind == "conv2d" for _, layer in quant_layers(quantized.denoiser))
+    expected = {"linear: openvino int8 FullyConnected": linears, "conv2d: openvino int8 Convolution": convs}
+    assert deployed.quantization["kernels"] == {k: v for k, v in expected.items() if v}
+    batches = [b for b in calibration.batches(8) if b.step_index in (calibration.steps[0], calibration.steps[-1])]
+    # a UNet's 25 chained int8 layers flip a few codes at rounding ties (x * (1/s) against x / s), as the
+    # onednn and inductor backends do (their tests allow 0.02)
+    tolerance = 1e-3 if model.info.architecture == "dit" else 0.02
+    for batch in batches:
+        assert _relative(_denoise(deployed, batch), _denoise(quantized, batch)) < tolerance
+    # OpenVINO's low-precision passes took every layer to int8: none was left a float GEMM
+    runner = deployed.denoiser.inner
+    ran = runner.executed_precisions()
+    int8 = lambda layer_type: sum(n for k, n in ran.items() if k.startswith(layer_type) and k.endswith("8"))  # noqa: E731
+    # the convolutions that take a DiT's patches run as one; a UNet's are all int8
+    assert int8("FullyConnected") == linears and int8("Convolution") == convs
+    assert not any(k.startswith(("FullyConnected f", "Convolution f", "FullyConnected bf")) for k in ran)
+    assert runner.conversion_seconds > 0 and len(runner._compiled) == 1  # one signature, compiled once
+
+
+def test_bfloat16_compute_is_the_precision_hint():
+    if not bf16_matmul_supported():
+        pytest.skip("bfloat16 compute needs AVX512-BF16 or AMX")
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    quantized = diffquant.quantize(model, "naive", calibration, progress=False, wbits=8, abits=8)
+    deployed = export_model(quantized, "openvino", compute_dtype="bfloat16")
+    assert deployed.denoiser.inner.precision == "bf16"
+    batch = next(iter(calibration.batches(8)))
+    out = _denoise(deployed, batch)
+    assert out.dtype == torch.float32 and _relative(out, _denoise(quantized, batch)) < 0.08
+
+
+@pytest.mark.parametrize("softmax_bits", [None, 8])
+def test_quantized_attention_runs_on_openvino_int8_and_agrees(softmax_bits):
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    batch = next(iter(calibration.batches(8)))
+    # Q, K, V quantized (as Q-Diffusion and EDA-DM do), the probabilities too or left in float (fused SDPA)
+    quantized = diffquant.quantize(
+        model, "naive", calibration, progress=False, wbits=8, abits=8, attention_bits=8, softmax_bits=softmax_bits
+    )
+    deployed = export_model(quantized, "openvino")
+    assert _relative(_denoise(deployed, batch), _denoise(quantized, batch)) < 0.02
+    processors = [m for m in deployed.denoiser.inner.inner.modules() if isinstance(m, QuantAttnProcessor)]
+    assert processors and all(p.fused_float_softmax for p in processors)
+    assert all(isinstance(p.key_quantizer, OpenVINOFakeQuantize) for p in processors)
+    ran = deployed.denoiser.inner.executed_precisions()
+    # OpenVINO ran the attention on int8: no float attention kernel or score matmul is left
+    assert not any(k.startswith(("ScaledDotProductAttention f", "MatMul f", "MatMul bf")) for k in ran), ran
+
+
+def test_weight_only_layers_keep_integer_codes_and_agree():
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    batch = next(iter(calibration.batches(8)))
+    weight_only = diffquant.quantize(model, "naive", calibration, progress=False, wbits=4, abits=None)
+    deployed = export_model(weight_only, "openvino")
+    assert set(deployed.quantization["kernels"]) == {
+        "linear: openvino float GEMM, int8 weight codes",
+        "conv2d: openvino float GEMM, int8 weight codes",
+    }
+    assert _relative(_denoise(deployed, batch), _denoise(weight_only, batch)) < 1e-4
+
+
+def test_per_step_grids_are_refused_with_the_fix():
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    quantized = diffquant.quantize(
+        model, "naive", calibration, progress=False, wbits=8, abits=8, activation_per_step=True
+    )
+    with pytest.raises(DiffquantError, match="per-step activation grids.*--backend onednn"):
+        export_model(quantized, "openvino")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_affine_8bit_weights_keep_their_correction(kind):
+    torch.manual_seed(0)
+    weight_spec = QuantSpec("uint8", granularity="per_channel", symmetric=False)
+    input_spec = QuantSpec("uint8", symmetric=False)
+    if kind == "linear":
+        layer, x = QuantLinear(nn.Linear(6, 10), weight_spec, input_spec), torch.randn(32, 6) * 2
+    else:
+        layer = QuantConv2d(nn.Conv2d(6, 10, 3, stride=2, padding=1), weight_spec, input_spec)
+        x = torch.randn(4, 6, 9, 9) * 2 + 0.5
+    layer.calibrate_weight()
+    layer.input_quantizer.start_observing()
+    layer(x)
+    layer.input_quantizer.finish_observing()
+    layer.freeze()
+    layer.weight_quantizer.zero_point[::2] = 190.0  # out of int8 once folded in: needs the correction
+    assert int8_weight(layer).input_sum_weight is not None
+    real = OpenVINOInt8Linear(layer) if kind == "linear" else OpenVINOInt8Conv2d(layer)
+    import openvino as ov
+
+    model = ov.convert_model(real.eval(), example_input=(x,))
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})  # bf16 on some CPUs
+    with torch.no_grad():
+        reference, emulated = layer(x), real(x)
+    lowered = torch.from_numpy(compiled([x.numpy()])[0])
+    for candidate in (emulated, lowered):
+        assert _relative(candidate, reference) < 1e-4
+
+
+def test_missing_openvino_is_one_clear_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 4, SamplerConfig("ddim", 2), UniformSteps(2), progress=False)
+    quantized = diffquant.quantize(model, "naive", calibration, progress=False, wbits=8, abits=8)
+    with pytest.raises(DiffquantError, match=r"pip install 'diffquant\[openvino\]'"):
+        export_model(quantized, "openvino")
+
+
+def test_export_writes_openvino_ir_that_runs_without_diffquant(tmp_path):
+    import json
+
+    import openvino as ov
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+    from diffquant.families import denoise
+
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    diffquant.save(diffquant.quantize(model, "naive", calibration, progress=False, wbits=8, abits=8), tmp_path / "q")
+    command = ["export", "--model", str(tmp_path / "q"), "--backend", "openvino", "--out", str(tmp_path / "e")]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "openvino int8 FullyConnected" in result.output
+    ir = json.loads((tmp_path / "e" / "export.json").read_text())["openvino_ir"]
+    assert ir == {
+        "path": "openvino/denoiser.xml",
+        "inputs": ["hidden_states", "timestep", "class_labels"],
+        "precision_hint": "f32",
+    }
+    # plain OpenVINO, any batch (the IR's dimensions are dynamic), the same numbers as diffquant's deployment
+    graph = ov.Core().compile_model(str(tmp_path / "e" / ir["path"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 500), torch.tensor([1, 2, 3])
+    plain = torch.from_numpy(graph({"hidden_states": x.numpy(), "timestep": t.numpy(), "class_labels": y.numpy()})[0])
+    loaded = diffquant.load(tmp_path / "e")
+    assert loaded.quantization["backend"] == "openvino"
+    assert torch.allclose(plain, denoise(loaded.denoiser, x, t, {"class_labels": y}), atol=1e-5)
