@@ -189,6 +189,32 @@ def test_lora_runs_beside_the_inductor_lowered_kernels_compiled(dit_setup):
     assert relative_mse(simulated, real) < 1e-4
 
 
+def test_lora_runs_inside_the_openvino_graph_loaded_before_or_after_export(dit_setup):
+    pytest.importorskip("openvino")
+    _, quantized, _, path, other, fresh = dit_setup
+    diffquant.load_lora(quantized, path, name="style")
+    simulated = outputs(quantized, fresh)
+    deployed = export_model(quantized, "openvino")  # the branch is converted with the int8 layers it sits beside
+    diffquant.unload_lora(quantized)
+    assert deployed.quantization["kernels"].get("linear: openvino int8 FullyConnected", 0) >= 12
+    for a, b in zip(simulated, outputs(deployed, fresh), strict=True):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 0.02
+    # loaded after the graph was compiled: the next call compiles it again with the adapter, and unloading
+    # gives the plain model's graph back
+    plain = export_model(quantized, "openvino")
+    before = outputs(plain, fresh)
+    diffquant.load_lora(quantized, other, name="other")
+    simulated_other = outputs(quantized, fresh)
+    diffquant.unload_lora(quantized)
+    diffquant.load_lora(plain, other, name="other")
+    with_other = outputs(plain, fresh)
+    for a, b, c in zip(simulated_other, with_other, before, strict=True):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 0.02 and not torch.allclose(b, c)
+    diffquant.unload_lora(plain)
+    for a, b in zip(before, outputs(plain, fresh), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_peft_directory_layout_reads_like_the_diffusers_file(dit_setup, tmp_path):
     _, quantized, state, path, _, fresh = dit_setup
     diffquant.load_lora(quantized, path, name="diffusers")

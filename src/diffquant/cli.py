@@ -216,7 +216,7 @@ def sample_command(
     backend: str = typer.Option(
         None,
         help="Run a quantized model on real kernels: onednn (CPU int8), inductor (CPU int8 lowered as for PT2E; "
-        "needs --compile) or cuda.",
+        "needs --compile), cuda or openvino (OpenVINO's CPU runtime).",
     ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (with --backend)."),
     lora: list[str] = typer.Option(None, help=LORA_HELP),
@@ -278,7 +278,7 @@ def eval_command(
     backend: str = typer.Option(
         None,
         help="Run quantized models on real kernels: onednn (CPU int8), inductor (CPU int8 lowered as for PT2E; "
-        "needs --compile) or cuda.",
+        "needs --compile), cuda or openvino (OpenVINO's CPU runtime).",
     ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the models (with --backend)."),
     lora: list[str] = typer.Option(None, help=LORA_HELP + " Attached to every model and to the PSNR/SSIM reference."),

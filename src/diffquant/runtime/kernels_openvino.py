@@ -58,6 +58,7 @@ class _OpenVINOInt8(nn.Module):
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
         weight = int8_weight(layer)
+        self.weight_shape = tuple(layer._frozen_shape)  # the float layer's, for what sits beside it (LoRA)
         self.input = OpenVINOFakeQuantize(layer.input_quantizer)
         channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
         self.register_buffer("weight_values", weight.values)
@@ -121,6 +122,7 @@ class OpenVINOWeightOnly(_OpenVINOInt8):
     def __init__(self, layer: QuantLayer) -> None:
         nn.Module.__init__(self)
         weight = int8_weight(layer)
+        self.weight_shape = tuple(layer._frozen_shape)
         channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
         # a weight shifted into int8 (affine 8-bit) is shifted back here: w = s * (v - m)
         shift = (
@@ -227,6 +229,11 @@ class OpenVINODenoiser(nn.Module):
         non-tensor arguments of this call stay fixed."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
         return self._converted(spec, leaves, dynamic)[0]
+
+    def forget_compiled(self) -> None:
+        """Drop the compiled graphs (after the torch model changed, e.g. a LoRA loaded): the next call
+        with each signature converts and compiles again."""
+        self._compiled.clear()
 
     def executed_precisions(self) -> Counter[str]:
         """How many layers of each type ran at which precision in the compiled graphs ("FullyConnected i8")."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffquant.errors import ConfigError, DiffquantError
+from diffquant.families.base import bare_model
 from diffquant.model import DiffusionModel
 from diffquant.modules.lora import (
     LoRAFactors,
@@ -161,9 +162,14 @@ def read_lora(path: str | Path) -> dict[str, LoRAFactors]:
 
 
 def _denoiser(model: DiffusionModel | nn.Module) -> nn.Module:
-    """The module LoRA keys are relative to: the diffusers denoiser, inside a deployed wrapper if exported."""
+    """The module LoRA keys are relative to: the diffusers denoiser, inside deployment wrappers if exported.
+    A runner that compiled the graph itself (the openvino backend) drops its graphs: the next call
+    compiles one with the adapters as they are now."""
     denoiser = model.denoiser if isinstance(model, DiffusionModel) else model
-    return denoiser.inner if isinstance(denoiser, DeployedDenoiser) else denoiser
+    runner = denoiser.inner if isinstance(denoiser, DeployedDenoiser) else denoiser
+    if hasattr(runner, "forget_compiled"):
+        runner.forget_compiled()
+    return bare_model(runner)
 
 
 def load_lora(
