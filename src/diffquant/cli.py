@@ -578,7 +578,8 @@ def export_command(
     backend: str = typer.Option(
         "onednn",
         help="onednn (CPU int8 on oneDNN), inductor (the same kernels lowered by inductor as for PT2E; needs "
-        "--compile), cuda (GPU int8/fp8), openvino (the whole denoiser on OpenVINO's CPU runtime, also written as OpenVINO IR) or fake.",
+        "--compile), cuda (GPU int8/fp8), openvino (the whole denoiser on OpenVINO's CPU runtime, also written "
+        "as OpenVINO IR) or fake.",
     ),
     out: Path = typer.Option(..., help="Output directory of the exported model."),
     compile: bool = typer.Option(False, "--compile", help="Load it under torch.compile."),
