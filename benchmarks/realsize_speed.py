@@ -313,7 +313,10 @@ def make_diffquant(
     def call(sample, timestep, conditioning):
         return denoise(deployed.denoiser, sample, timestep, conditioning)
 
-    return Variant(call, deployed.denoiser.inner, False, setup, disk, [kernels])
+    notes = [kernels]
+    if backend == "openvino":
+        notes.append("resident: the int8 codes plus OpenVINO's compiled graphs, one per batch size")
+    return Variant(call, deployed.denoiser.inner, False, setup, disk, notes)
 
 
 class _FloatTimestep(nn.Module):
@@ -535,10 +538,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def resident_megabytes(module: nn.Module | None) -> float | None:
+    """The module's tensors, plus what a runner that compiled its own graphs holds (openvino backend)."""
     if module is None:
         return None
     tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(tensor_bytes(t) for t in tensors.values()) / 2**20
+    compiled = sum(getattr(m, "compiled_bytes", 0) for m in module.modules())
+    return (sum(tensor_bytes(t) for t in tensors.values()) + compiled) / 2**20
 
 
 def sampling_loop(

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from diffquant.errors import DiffquantError
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
+from diffquant.profiling import current_rss_bytes
 from diffquant.runtime.kernels import _undo_conv_weight_shift, _undo_weight_shift, int8_weight
 
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -217,6 +218,9 @@ class OpenVINODenoiser(nn.Module):
         """More OpenVINO CPU properties for `compile_model` (`CACHE_DIR`, `PERF_COUNT`, ...)."""
         self._compiled: dict[Any, tuple[Any, Any]] = {}  # signature -> (compiled model, output form)
         self.conversion_seconds = 0.0
+        self.compiled_bytes = 0
+        """Process memory the compiled graphs took (RSS growth over each compile): OpenVINO's repacked
+        weights and buffers, held beside the torch model's int8 codes."""
 
     @property
     def config(self):
@@ -252,6 +256,7 @@ class OpenVINODenoiser(nn.Module):
 
             started = time.perf_counter()
             model, output_form = self._converted(spec, leaves)
+            before = current_rss_bytes()
             config = {
                 "INFERENCE_NUM_THREADS": self.threads,
                 "INFERENCE_PRECISION_HINT": self.precision,
@@ -262,6 +267,8 @@ class OpenVINODenoiser(nn.Module):
             }
             # only the compiled graph is kept: OpenVINO repacks the weights into its own layout
             self._compiled[key] = (ov.Core().compile_model(model, "CPU", config), output_form)
+            del model  # the converted graph shares the torch weights; the compiled one has its own
+            self.compiled_bytes += max(current_rss_bytes() - before, 0)
             self.conversion_seconds += time.perf_counter() - started
         return self._compiled[key], [v for v in leaves if isinstance(v, torch.Tensor)]
 
