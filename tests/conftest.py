@@ -54,6 +54,34 @@ def tiny_dit_model(seed: int = 0, size: int = 8) -> DiffusionModel:
     return DiffusionModel(dit.eval(), info, dict(DDPM_LINEAR_SCHEDULE))
 
 
+def affine_8bit_layer(kind: str):
+    """A linear or conv QuantLayer with affine 8-bit weights and inputs, calibrated on random inputs and
+    frozen, whose zero-points leave int8 once folded in (so a kernel needs the weight-shift correction);
+    returns (layer, its input)."""
+    from torch import nn
+
+    from diffquant.modules import QuantConv2d, QuantLinear
+    from diffquant.quant import QuantSpec
+    from diffquant.runtime.kernels import int8_weight
+
+    torch.manual_seed(0)
+    weight_spec = QuantSpec("uint8", granularity="per_channel", symmetric=False)
+    input_spec = QuantSpec("uint8", symmetric=False)
+    if kind == "linear":
+        layer, x = QuantLinear(nn.Linear(6, 10), weight_spec, input_spec), torch.randn(32, 6) * 2
+    else:
+        layer = QuantConv2d(nn.Conv2d(6, 10, 3, stride=2, padding=1), weight_spec, input_spec)
+        x = torch.randn(4, 6, 9, 9) * 2 + 0.5
+    layer.calibrate_weight()
+    layer.input_quantizer.start_observing()
+    layer(x)
+    layer.input_quantizer.finish_observing()
+    layer.freeze()
+    layer.weight_quantizer.zero_point[::2] = 190.0
+    assert int8_weight(layer).input_sum_weight is not None
+    return layer, x
+
+
 @pytest.fixture
 def tiny_unet() -> DiffusionModel:
     return tiny_unet_model()

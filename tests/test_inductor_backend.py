@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from torch import nn
 from torch.profiler import profile
 from typer.testing import CliRunner
 
@@ -11,15 +10,14 @@ import diffquant
 from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.cli import app
 from diffquant.errors import DiffquantError
-from diffquant.modules import QuantConv2d, QuantLinear, quant_layers
-from diffquant.quant import QuantSpec, step_context
+from diffquant.modules import quant_layers
+from diffquant.quant import step_context
 from diffquant.runtime.backends import get_backend
 from diffquant.runtime.export import export_model
-from diffquant.runtime.kernels import int8_weight
 from diffquant.runtime.kernels_inductor import DecomposedGELU, InductorInt8Conv2d, InductorInt8Linear
 from diffquant.runtime.kernels_int4 import bf16_matmul_supported
 from diffquant.sampling import SamplerConfig
-from tests.conftest import tiny_dit_model
+from tests.conftest import affine_8bit_layer, tiny_dit_model
 
 
 def _denoise(model, batch, step=None):
@@ -111,30 +109,10 @@ def test_inductor_backend_is_registered_with_freezing():
     assert backend.freezes and not get_backend("onednn").freezes
 
 
-def _affine_8bit(layer):
-    """`layer` calibrated on random inputs, frozen, with zero-points that leave int8 once folded in."""
-    x = torch.randn(4, 6, 9, 9) * 2 + 0.5 if layer.kind == "conv2d" else torch.randn(32, 6) * 2
-    layer.calibrate_weight()
-    layer.input_quantizer.start_observing()
-    layer(x)
-    layer.input_quantizer.finish_observing()
-    layer.freeze()
-    layer.weight_quantizer.zero_point[::2] = 190.0  # out of int8 once folded in: needs the correction
-    assert int8_weight(layer).input_sum_weight is not None
-    return layer, x
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_affine_8bit_weights_keep_their_correction_when_lowered(kind):
-    torch.manual_seed(0)
-    weight_spec = QuantSpec("uint8", granularity="per_channel", symmetric=False)
-    input_spec = QuantSpec("uint8", symmetric=False)
-    if kind == "linear":
-        layer, x = _affine_8bit(QuantLinear(nn.Linear(6, 10), weight_spec, input_spec))
-        real = InductorInt8Linear(layer)
-    else:
-        layer, x = _affine_8bit(QuantConv2d(nn.Conv2d(6, 10, 3, stride=2, padding=1), weight_spec, input_spec))
-        real = InductorInt8Conv2d(layer)
+    layer, x = affine_8bit_layer(kind)
+    real = InductorInt8Linear(layer) if kind == "linear" else InductorInt8Conv2d(layer)
     compiled = torch.compile(real)
     with torch.no_grad(), inductor_config.patch(freezing=True):
         reference, emulated = layer(x), real(x)

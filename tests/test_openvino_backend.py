@@ -4,20 +4,18 @@ import builtins
 
 import pytest
 import torch
-from torch import nn
 
 import diffquant
 from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.errors import DiffquantError
-from diffquant.modules import QuantConv2d, QuantLinear, quant_layers
+from diffquant.modules import quant_layers
 from diffquant.modules.attention import QuantAttnProcessor
-from diffquant.quant import QuantSpec, step_context
+from diffquant.quant import step_context
 from diffquant.runtime.export import export_model
-from diffquant.runtime.kernels import int8_weight
 from diffquant.runtime.kernels_int4 import bf16_matmul_supported
 from diffquant.runtime.kernels_openvino import OpenVINOFakeQuantize, OpenVINOInt8Conv2d, OpenVINOInt8Linear
 from diffquant.sampling import SamplerConfig
-from tests.conftest import tiny_dit_model, tiny_unet_model
+from tests.conftest import affine_8bit_layer, tiny_dit_model, tiny_unet_model
 
 pytest.importorskip("openvino")
 
@@ -118,21 +116,7 @@ def test_per_step_grids_are_refused_with_the_fix():
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_affine_8bit_weights_keep_their_correction(kind):
-    torch.manual_seed(0)
-    weight_spec = QuantSpec("uint8", granularity="per_channel", symmetric=False)
-    input_spec = QuantSpec("uint8", symmetric=False)
-    if kind == "linear":
-        layer, x = QuantLinear(nn.Linear(6, 10), weight_spec, input_spec), torch.randn(32, 6) * 2
-    else:
-        layer = QuantConv2d(nn.Conv2d(6, 10, 3, stride=2, padding=1), weight_spec, input_spec)
-        x = torch.randn(4, 6, 9, 9) * 2 + 0.5
-    layer.calibrate_weight()
-    layer.input_quantizer.start_observing()
-    layer(x)
-    layer.input_quantizer.finish_observing()
-    layer.freeze()
-    layer.weight_quantizer.zero_point[::2] = 190.0  # out of int8 once folded in: needs the correction
-    assert int8_weight(layer).input_sum_weight is not None
+    layer, x = affine_8bit_layer(kind)
     real = OpenVINOInt8Linear(layer) if kind == "linear" else OpenVINOInt8Conv2d(layer)
     import openvino as ov
 
