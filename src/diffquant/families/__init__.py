@@ -58,8 +58,6 @@ def adapter_for(denoiser: nn.Module) -> FamilyAdapter:
     return _GENERIC[type(denoiser)]
 
 
-
-
 def denoise(denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning):
     """One denoiser evaluation by keyword through the denoiser's family adapter."""
     return adapter_for(denoiser).call(denoiser, sample, timestep, conditioning)

@@ -68,17 +68,25 @@ class FamilyAdapter:
         """Inputs derived from the others (position ids, image shapes), not stored in calibration data."""
         return {}
 
-    def call(
+    def call_arguments(
         self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning
-    ) -> torch.Tensor:
-        """One denoiser evaluation by keyword; returns the prediction tensor."""
+    ) -> dict[str, Any]:
+        """The keyword arguments of one denoiser call (what `call` passes)."""
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
         if self.timestep_scale != 1.0:
             timestep = timestep.float() * self.timestep_scale
         kwargs = {self.sample_arg: sample, self.timestep_arg: timestep, **conditioning}
         kwargs.update(self.extra_inputs(denoiser, sample, conditioning))
-        output = denoiser(**kwargs, return_dict=False) if self.takes_return_dict else denoiser(**kwargs)
+        if self.takes_return_dict:
+            kwargs["return_dict"] = False
+        return kwargs
+
+    def call(
+        self, denoiser: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
+        """One denoiser evaluation by keyword; returns the prediction tensor."""
+        output = denoiser(**self.call_arguments(denoiser, sample, timestep, conditioning))
         return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
 
     # shapes --------------------------------------------------------------------------------------

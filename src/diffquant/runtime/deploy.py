@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from diffquant.errors import DiffquantError
 from diffquant.families import denoise
 from diffquant.fileio import atomic_directory, check_output, write_json
 from diffquant.model import DiffusionModel
 from diffquant.quant import step_context
-from diffquant.runtime.backends import needs_compile
+from diffquant.runtime.backends import BACKEND_CLASSES, get_backend, needs_compile
 from diffquant.runtime.export import COMPUTE_DTYPES, DEFAULT_WEIGHT_ONLY_MODE, export_model
 from diffquant.runtime.storage import load_quantized
 
@@ -43,6 +42,16 @@ def probe_inputs(model: DiffusionModel, count: int = 8, seed: int = 0) -> list[t
         if model.info.conditional:
             kwargs["class_labels"] = torch.randint(0, model.info.num_classes, (count,), generator=generator)
         calls.append((index, float(timestep), (x, t), kwargs))
+    return calls
+
+
+def probe_calls(model: DiffusionModel) -> list[dict[str, Any]]:
+    """Keyword arguments of two probe calls at different batch sizes (8 and 3), as the family adapter
+    passes them: what a backend converts a graph from and checks it on."""
+    calls = []
+    for count in (8, 3):
+        _, _, (x, t), kwargs = probe_inputs(model, count)[0]
+        calls.append(model.adapter.call_arguments(model.denoiser, x, t, kwargs))
     return calls
 
 
@@ -90,38 +99,14 @@ def export_directory(
         "agreement": agreement_with_simulation(simulated, deployed),
     }
     with atomic_directory(out, EXPORT_FILE, overwrite) as scratch:
+        # an exported directory exported again: its backend's own files are not the new backend's
+        skipped = {EXPORT_FILE, *(name for kind in BACKEND_CLASSES.values() for name in kind.written_files)}
         for item in Path(source).iterdir():
-            if item.name != EXPORT_FILE:
+            if item.name not in skipped:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, scratch / item.name)
-        if hasattr(deployed.denoiser.inner, "openvino_model"):  # the graph itself, for OpenVINO without diffquant
-            report["openvino_ir"] = save_openvino_ir(simulated, deployed, scratch)
+        report.update(get_backend(backend).write_files(deployed.denoiser, probe_calls(simulated), scratch))
         write_json(scratch / EXPORT_FILE, report)
     return report
-
-
-OPENVINO_IR = "openvino/denoiser.xml"
-
-
-def save_openvino_ir(simulated: DiffusionModel, deployed: DiffusionModel, directory: Path) -> dict[str, Any]:
-    """Write the openvino backend's int8 graph as OpenVINO IR (`OPENVINO_IR` + .bin), converted from a
-    probe call with every input dimension left dynamic; returns where, and its inputs in order."""
-    import openvino as ov
-
-    _, _, args, kwargs = probe_inputs(simulated)[0]
-    adapter = simulated.adapter
-    keywords = {adapter.sample_arg: args[0], adapter.timestep_arg: args[1], **kwargs}
-    keywords.update(adapter.extra_inputs(deployed.denoiser, args[0], kwargs))
-    if adapter.takes_return_dict:
-        keywords["return_dict"] = False
-    model = deployed.denoiser.inner.openvino_model(dynamic=True, **keywords)
-    leaves = pytree.tree_flatten_with_path(keywords)[0]
-    names = [pytree.keystr(path).strip("[]'").replace("']['", ".") for path, v in leaves if torch.is_tensor(v)]
-    for port, name in zip(model.inputs, names, strict=True):  # OpenVINO callers feed inputs by these names
-        port.get_tensor().set_names({name})
-    (directory / OPENVINO_IR).parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(model, directory / OPENVINO_IR)
-    # what the floats around int8 ran in when checked: compile it with this INFERENCE_PRECISION_HINT
-    return {"path": OPENVINO_IR, "inputs": names, "precision_hint": deployed.denoiser.inner.precision}
 
 
 def _refuse_outside_links(source: Path) -> None:

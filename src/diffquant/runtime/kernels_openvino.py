@@ -187,12 +187,49 @@ class _FlatCall(nn.Module):
 _TENSOR = object()
 """Marks a tensor leaf of a call (an OpenVINO input) among its constant leaves."""
 
+MAX_GRAPHS = 8
+"""Compiled graphs one runner keeps: a call signature that changes at every call would compile forever."""
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+"""Non-tensor arguments a graph may fix (they become constants of the graph and part of its signature)."""
+
+
+def tensor_arguments(call: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors of a keyword call in the order they are the converted graph's inputs."""
+    return [v for v in pytree.tree_leaves(call) if isinstance(v, torch.Tensor)]
+
+
+def tensor_argument_names(call: dict[str, Any]) -> list[str]:
+    """Dotted names of those tensors (`added_cond_kwargs.resolution`): the OpenVINO IR's input names."""
+    leaves = pytree.tree_flatten_with_path(call)[0]
+    return [
+        ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+        for path, value in leaves
+        if isinstance(value, torch.Tensor)
+    ]
+
 
 def _describe(value: Any) -> Any:
-    """A hashable stand-in for one call leaf: a tensor's dtype and shape, or the value itself."""
+    """A hashable stand-in for one call leaf: a tensor's dtype and shape, or the constant itself."""
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype, tuple(value.shape))
-    return ("value", repr(value))
+    if not isinstance(value, _CONSTANT_TYPES):
+        raise DiffquantError(
+            f"The openvino backend takes tensors, None, numbers and strings as call arguments, not a "
+            f"{type(value).__name__}; pass it as a tensor."
+        )
+    return ("value", type(value).__name__, value)
+
+
+def _float32_if_bfloat16(value: Any) -> Any:
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else value
+
+
+def _causes(error: BaseException):
+    """An exception and the chain of exceptions behind it."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 class OpenVINODenoiser(nn.Module):
@@ -238,6 +275,7 @@ class OpenVINODenoiser(nn.Module):
         """Drop the compiled graphs (after the torch model changed, e.g. a LoRA loaded): the next call
         with each signature converts and compiles again."""
         self._compiled.clear()
+        self.compiled_bytes = 0
 
     def executed_precisions(self) -> Counter[str]:
         """How many layers of each type ran at which precision in the compiled graphs ("FullyConnected i8")."""
@@ -248,25 +286,42 @@ class OpenVINODenoiser(nn.Module):
                 counts[f"{info['layerType'].astype(str)} {info['runtimePrecision'].astype(str)}"] += 1
         return counts
 
+    def compile_properties(self) -> dict[str, Any]:
+        """What `compile_model` gets: threads, precision hint, no on-the-fly activation quantization."""
+        return {
+            "INFERENCE_NUM_THREADS": self.threads,
+            "INFERENCE_PRECISION_HINT": self.precision,
+            # OpenVINO would otherwise quantize the activations of weight-only GEMMs to int8 on the fly:
+            # another model than the one calibrated (users may turn it back on in `properties`)
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+            **self.properties,
+        }
+
     def _entry(self, args, kwargs):
+        # numpy has no bfloat16: such inputs go in as float32 (the graph's floats follow the precision hint)
+        args, kwargs = pytree.tree_map(_float32_if_bfloat16, (args, kwargs))
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = (spec, tuple(_describe(v) for v in leaves))
         if key not in self._compiled:
+            if len(self._compiled) >= MAX_GRAPHS:
+                raise DiffquantError(
+                    f"The openvino backend has compiled {MAX_GRAPHS} graphs for as many call signatures (shapes, "
+                    "non-tensor arguments). Call it with fixed shapes, and pass values that change between calls "
+                    "(a timestep) as tensors."
+                )
             import openvino as ov
 
             started = time.perf_counter()
             model, output_form = self._converted(spec, leaves)
             before = current_rss_bytes()
-            config = {
-                "INFERENCE_NUM_THREADS": self.threads,
-                "INFERENCE_PRECISION_HINT": self.precision,
-                # OpenVINO would otherwise quantize the activations of weight-only GEMMs to int8 on the
-                # fly: another model than the one calibrated (users may turn it back on in `properties`)
-                "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-                **self.properties,
-            }
-            # only the compiled graph is kept: OpenVINO repacks the weights into its own layout
-            self._compiled[key] = (ov.Core().compile_model(model, "CPU", config), output_form)
+            try:  # only the compiled graph is kept: OpenVINO repacks the weights into its own layout
+                compiled = ov.Core().compile_model(model, "CPU", self.compile_properties())
+            except Exception as error:  # noqa: BLE001 - one clear error, not OpenVINO's plugin trace
+                raise DiffquantError(
+                    f"OpenVINO could not compile this model ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                    "use --backend onednn."
+                ) from error
+            self._compiled[key] = (compiled, output_form)
             del model  # the converted graph shares the torch weights; the compiled one has its own
             self.compiled_bytes += max(current_rss_bytes() - before, 0)
             self.conversion_seconds += time.perf_counter() - started
@@ -278,10 +333,21 @@ class OpenVINODenoiser(nn.Module):
         constants = [_TENSOR if isinstance(v, torch.Tensor) else v for v in leaves]
         flat = _FlatCall(self.inner, spec, constants).eval()
         tensors = tuple(v for v in leaves if isinstance(v, torch.Tensor))
-        with torch.no_grad():
-            # static shapes (one graph per signature): OpenVINO plans memory and picks kernels once
-            shapes = [ov.PartialShape([-1 if dynamic else n for n in t.shape]) for t in tensors]
-            model = ov.convert_model(flat, example_input=tensors, input=shapes)
+        # static shapes (one graph per signature): OpenVINO plans memory and picks kernels once
+        shapes = [ov.PartialShape([-1 if dynamic else n for n in t.shape]) for t in tensors]
+        try:
+            with torch.no_grad():
+                model = ov.convert_model(flat, example_input=tensors, input=shapes)
+        except DiffquantError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the trace's own error, if ours, is the clearer one
+            cause = next((e for e in _causes(error) if isinstance(e, DiffquantError)), None)
+            if cause is not None:
+                raise cause from error
+            raise DiffquantError(
+                f"OpenVINO could not convert this model ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                "use --backend onednn."
+            ) from error
         return model, flat.output_form
 
     def forward(self, *args, **kwargs):

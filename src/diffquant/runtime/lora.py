@@ -161,20 +161,18 @@ def read_lora(path: str | Path) -> dict[str, LoRAFactors]:
     return adapter
 
 
-def _denoiser(model: DiffusionModel | nn.Module) -> nn.Module:
+def _denoiser(model: DiffusionModel | nn.Module, changing: bool = False) -> nn.Module:
     """The module LoRA keys are relative to: the diffusers denoiser, inside deployment wrappers if exported.
-    A runner that compiled the graph itself (the openvino backend) drops its graphs: the next call
-    compiles one with the adapters as they are now."""
+    `changing`: the adapters are about to change, so a runner that compiled the graph itself (the openvino
+    backend) drops its graphs, and the next call compiles one with the adapters as they are then."""
     denoiser = model.denoiser if isinstance(model, DiffusionModel) else model
     runner = denoiser.inner if isinstance(denoiser, DeployedDenoiser) else denoiser
-    if hasattr(runner, "forget_compiled"):
+    if changing and hasattr(runner, "forget_compiled"):
         runner.forget_compiled()
     return bare_model(runner)
 
 
-def load_lora(
-    model: DiffusionModel | nn.Module, path: str | Path, name: str | None = None, scale: float = 1.0
-) -> str:
+def load_lora(model: DiffusionModel | nn.Module, path: str | Path, name: str | None = None, scale: float = 1.0) -> str:
     """Attach the LoRA at `path` to `model` (float, quantized or exported) as a 16-bit branch; returns its name.
 
     The quantized weights stay as they are. `scale` is the adapter's run-time weight (diffusers'
@@ -182,7 +180,7 @@ def load_lora(
     """
     path = Path(path)
     name = name or (path.stem if path.is_file() else path.name) or "default"
-    attach_adapter(_denoiser(model), name, read_lora(path), scale)
+    attach_adapter(_denoiser(model, changing=True), name, read_lora(path), scale)
     return name
 
 
@@ -190,7 +188,7 @@ def set_lora_scale(
     model: DiffusionModel | nn.Module, scales: dict[str, float] | float, name: str | None = None
 ) -> None:
     """Set adapters' run-time weights: a dict name -> weight, or one weight for `name` (or for every adapter)."""
-    denoiser = _denoiser(model)
+    denoiser = _denoiser(model, changing=True)
     if not isinstance(scales, dict):
         scales = {adapter: float(scales) for adapter in ([name] if name else adapter_names(denoiser))}
     set_adapter_weights(denoiser, scales)
@@ -202,14 +200,14 @@ def set_adapters(model: DiffusionModel | nn.Module, names: list[str] | str, weig
     weights = [1.0] * len(names) if weights is None else list(weights)
     if len(weights) != len(names):
         raise ConfigError(f"set_adapters got {len(names)} adapter names but {len(weights)} weights.")
-    denoiser = _denoiser(model)
+    denoiser = _denoiser(model, changing=True)
     chosen = dict(zip(names, weights, strict=True))
     set_adapter_weights(denoiser, {adapter: chosen.get(adapter, 0.0) for adapter in {*adapter_names(denoiser), *names}})
 
 
 def unload_lora(model: DiffusionModel | nn.Module, name: str | list[str] | None = None) -> None:
     """Remove the named adapter(s), or all; the model then computes exactly what it did before loading."""
-    detach_adapters(_denoiser(model), [name] if isinstance(name, str) else name)
+    detach_adapters(_denoiser(model, changing=True), [name] if isinstance(name, str) else name)
 
 
 def loaded_adapters(model: DiffusionModel | nn.Module) -> list[str]:

@@ -10,7 +10,8 @@ in user code) decorated with `@register_backend`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +62,15 @@ class Backend:
 
     def finish(self, model: nn.Module) -> None:
         """Passes over the converted model (fusing neighbouring kernels); none by default."""
+
+    written_files: ClassVar[tuple[str, ...]] = ()
+    """Names `write_files` writes into an exported directory (left out when that directory is exported again)."""
+
+    def write_files(self, denoiser: nn.Module, calls: list[dict[str, Any]], directory: Path) -> dict[str, Any]:
+        """Files beside an exported directory (the openvino backend: its graph as OpenVINO IR), written from
+        the deployed `denoiser` and probe calls (keyword arguments; the first converts, the others check);
+        returns what `export.json` records about them. None by default."""
+        return {}
 
     def wrap(self, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
         """The module that runs the converted model (backends with `runs_graph`); the model itself by default."""

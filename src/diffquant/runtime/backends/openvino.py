@@ -6,12 +6,14 @@ calibrated grids, OpenVINO's int8 kernels and fusions. Weight-only layers keep t
 (OpenVINO decompresses them inside its GEMM); what is left (dynamic or per-token grids, attention
 matmuls a method quantized) runs as the simulation's float ops inside the OpenVINO graph. OpenVINO
 compiles the graph itself, once per input signature (shapes), on the first call with it; the
-compute dtype becomes its inference precision hint (`bfloat16`: the float ops in bf16).
+compute dtype becomes its inference precision hint (`bfloat16`: the float ops in bf16). `compile` and
+`weight_only_mode` do not apply (OpenVINO compiles, and decompresses integer weights in its GEMMs).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +32,12 @@ from diffquant.runtime.kernels_openvino import (
     OpenVINOInt8Linear,
     OpenVINOWeightOnly,
     integral_zero_point,
+    tensor_argument_names,
+    tensor_arguments,
 )
+
+OPENVINO_IR = "openvino/denoiser.xml"
+"""Where an exported directory holds the graph as OpenVINO IR."""
 
 OPENVINO_KERNELS: dict[str, type[nn.Module]] = {"linear": OpenVINOInt8Linear, "conv2d": OpenVINOInt8Conv2d}
 """Layer kind -> its int8 form for OpenVINO."""
@@ -76,6 +83,39 @@ class OpenVINOBackend(Backend):
 
     def wrap(self, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
         return OpenVINODenoiser(model, PRECISION_HINTS[compute_dtype])
+
+    written_files = ("openvino",)
+
+    def write_files(self, denoiser: nn.Module, calls: list[dict[str, Any]], directory: Path) -> dict[str, Any]:
+        """The graph as OpenVINO IR (`OPENVINO_IR` + .bin), every input dimension left open, inputs named
+        as the model's arguments; compiled by plain OpenVINO and checked against the deployed model on
+        the other probe calls (another batch size): dimensions a model fixes while tracing show there."""
+        import openvino as ov
+
+        runner = denoiser.inner  # DeployedDenoiser -> OpenVINODenoiser
+        first, *others = calls
+        model = runner.openvino_model(dynamic=True, **first)
+        names = tensor_argument_names(first)
+        for port, name in zip(model.inputs, names, strict=True):  # OpenVINO callers feed inputs by these names
+            port.get_tensor().set_names({name})
+        path = directory / OPENVINO_IR
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(model, path)
+        record: dict[str, Any] = {"path": OPENVINO_IR, "inputs": names, "precision_hint": runner.precision}
+        graph = ov.Core().compile_model(str(path), "CPU", runner.compile_properties())
+        for call in others:
+            batch = next(iter(v for v in call.values() if isinstance(v, torch.Tensor))).shape[0]
+            try:
+                plain = graph(dict(zip(names, tensor_arguments(call), strict=True)))[0]
+            except Exception as error:  # noqa: BLE001 - recorded: the IR then runs only at the probe's shapes
+                record[f"batch_{batch}"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"
+                continue
+            with torch.no_grad():
+                expected = runner(**call)
+            expected = expected[0] if isinstance(expected, tuple) else expected
+            error = (torch.from_numpy(plain) - expected).abs().max() / expected.abs().max()
+            record[f"batch_{batch}_max_relative_error"] = float(error)
+        return {"openvino_ir": record}
 
 
 def _refuse_per_step_grids() -> None:
