@@ -208,7 +208,8 @@ def test_registering_a_backend_name_twice_is_a_clear_error(linears_only):
 
 
 def test_an_unknown_backend_name_is_a_clear_error(gain_kind):
-    with pytest.raises(DiffquantError, match=r"Unknown backend 'tpu'\. Choose one of: fake, onednn, inductor, cuda\."):
+    listed = r"Unknown backend 'tpu'\. Choose one of: fake, onednn, inductor, cuda, openvino\."
+    with pytest.raises(DiffquantError, match=listed):
         check_backend("tpu")
     with pytest.raises(DiffquantError, match="Unknown backend 'tpu'"):
         export_model(_toy_model(), "tpu")
