@@ -58,17 +58,19 @@ class _OpenVINOInt8(nn.Module):
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
+        weight = self._store_weight(layer)
+        self.input = OpenVINOFakeQuantize(layer.input_quantizer)
+        self.register_buffer("input_sum_weight", weight.input_sum_weight)
+
+    def _store_weight(self, layer: QuantLayer):
+        """Int8 codes, per-channel scales (shaped for broadcasting) and bias; returns the `Int8Weight`."""
         weight = int8_weight(layer)
         self.weight_shape = tuple(layer._frozen_shape)  # the float layer's, for what sits beside it (LoRA)
-        self.input = OpenVINOFakeQuantize(layer.input_quantizer)
-        channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
+        self.channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
         self.register_buffer("weight_values", weight.values)
-        self.register_buffer("weight_scale", weight.scale.reshape(channel_shape).contiguous())
-        self.register_buffer("input_sum_weight", weight.input_sum_weight)
+        self.register_buffer("weight_scale", weight.scale.reshape(self.channel_shape).contiguous())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-
-    def _quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.input(x.float())
+        return weight
 
     def _codes(self, dequantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scale, zero) of a fake-quantized input, for the weight-shift correction."""
@@ -89,7 +91,7 @@ class OpenVINOInt8Linear(_OpenVINOInt8):
         self.out_features = self.weight_values.shape[0]  # read by LoRA and the model-surgery code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dequantized = self._quantized_input(x)
+        dequantized = self.input(x)
         out = F.linear(dequantized, self._weight(), self.bias)
         if self.input_sum_weight is None:
             return out
@@ -108,7 +110,7 @@ class OpenVINOInt8Conv2d(_OpenVINOInt8):
         self.out_dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dequantized = self._quantized_input(x)
+        dequantized = self.input(x)
         out = F.conv2d(dequantized, self._weight(), self.bias, *self.conv_args)
         if self.input_sum_weight is None:
             return out
@@ -122,19 +124,14 @@ class OpenVINOWeightOnly(_OpenVINOInt8):
 
     def __init__(self, layer: QuantLayer) -> None:
         nn.Module.__init__(self)
-        weight = int8_weight(layer)
-        self.weight_shape = tuple(layer._frozen_shape)
-        channel_shape = (-1, *([1] * (weight.values.ndim - 1)))
+        weight = self._store_weight(layer)
         # a weight shifted into int8 (affine 8-bit) is shifted back here: w = s * (v - m)
         shift = (
             torch.zeros_like(weight.scale)
             if weight.input_sum_weight is None
             else weight.input_sum_weight / weight.scale
         )
-        self.register_buffer("weight_values", weight.values)
-        self.register_buffer("weight_scale", weight.scale.reshape(channel_shape).contiguous())
-        self.register_buffer("weight_shift", shift.round().reshape(channel_shape).contiguous())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("weight_shift", shift.round().reshape(self.channel_shape).contiguous())
         self.is_conv = issubclass(layer.float_type, nn.Conv2d)
         if self.is_conv:
             self.conv_args = (tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
