@@ -267,7 +267,12 @@ def _undo_weight_shift(out: torch.Tensor, codes: torch.Tensor, scale, zero, inpu
     """A linear's output with the per-channel weight shift of `int8_weight` undone (no-op without one)."""
     if input_sum_weight is None:
         return out
-    return (out - _dequantized(codes, scale, zero).sum(-1, keepdim=True) * input_sum_weight).to(out.dtype)
+    return undo_weight_shift(out, _dequantized(codes, scale, zero), input_sum_weight)
+
+
+def undo_weight_shift(out: torch.Tensor, dequantized: torch.Tensor, input_sum_weight: torch.Tensor) -> torch.Tensor:
+    """`_undo_weight_shift` from the dequantized input itself: x.(v) = x.(v + m) - m * sum(x)."""
+    return (out - dequantized.sum(-1, keepdim=True) * input_sum_weight).to(out.dtype)
 
 
 def _undo_conv_weight_shift(out, codes, scale, zero, layer: nn.Module, stride, padding, dilation) -> torch.Tensor:
@@ -275,8 +280,12 @@ def _undo_conv_weight_shift(out, codes, scale, zero, layer: nn.Module, stride, p
     and all-ones `window` (no-op without a shift). groups == 1: the receptive field spans every input channel."""
     if layer.input_sum_weight is None:
         return out
-    channel_sum = _dequantized(codes, scale, zero).sum(1, keepdim=True)
-    window_sum = F.conv2d(channel_sum, layer.window, None, stride, padding, dilation)
+    return undo_conv_weight_shift(out, _dequantized(codes, scale, zero), layer, stride, padding, dilation)
+
+
+def undo_conv_weight_shift(out, dequantized: torch.Tensor, layer: nn.Module, stride, padding, dilation) -> torch.Tensor:
+    """`_undo_conv_weight_shift` from the dequantized input itself."""
+    window_sum = F.conv2d(dequantized.sum(1, keepdim=True), layer.window, None, stride, padding, dilation)
     return (out - window_sum * layer.input_sum_weight.reshape(1, -1, 1, 1)).to(layer.out_dtype)
 
 

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from diffquant.errors import DiffquantError
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.profiling import current_rss_bytes
-from diffquant.runtime.kernels import _undo_conv_weight_shift, _undo_weight_shift, int8_weight
+from diffquant.runtime.kernels import int8_weight, undo_conv_weight_shift, undo_weight_shift
 
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 """compute dtype -> OpenVINO's CPU inference precision hint (what the float ops around int8 run in)."""
@@ -72,11 +72,6 @@ class _OpenVINOInt8(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         return weight
 
-    def _codes(self, dequantized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes, scale, zero) of a fake-quantized input, for the weight-shift correction."""
-        scale, zero = self.input.scale, self.input.zero
-        return torch.round(dequantized / scale) + zero, torch.tensor(scale), torch.tensor(float(zero))
-
     def _weight(self) -> torch.Tensor:
         return self.weight_values.float() * self.weight_scale
 
@@ -95,7 +90,7 @@ class OpenVINOInt8Linear(_OpenVINOInt8):
         out = F.linear(dequantized, self._weight(), self.bias)
         if self.input_sum_weight is None:
             return out
-        return _undo_weight_shift(out, *self._codes(dequantized), self.input_sum_weight)
+        return undo_weight_shift(out, dequantized, self.input_sum_weight)
 
 
 class OpenVINOInt8Conv2d(_OpenVINOInt8):
@@ -114,7 +109,7 @@ class OpenVINOInt8Conv2d(_OpenVINOInt8):
         out = F.conv2d(dequantized, self._weight(), self.bias, *self.conv_args)
         if self.input_sum_weight is None:
             return out
-        return _undo_conv_weight_shift(out, *self._codes(dequantized), self, *self.conv_args[:3])
+        return undo_conv_weight_shift(out, dequantized, self, *self.conv_args[:3])
 
 
 class OpenVINOWeightOnly(_OpenVINOInt8):
