@@ -92,6 +92,9 @@ class MethodConfig:
     """Quantize Q, K, V at the attention matmuls with this many bits (None: float matmuls)."""
     softmax_bits: int | None = None
     """Bits of the post-softmax probabilities when attention is quantized (None: float)."""
+    attention_symmetric: bool = False
+    """Symmetric Q, K, V grids (zero-point 0) where attention is quantized. OpenVINO runs attention on
+    its int8 kernel only with them; with a zero-point it runs that attention in float."""
     activation_per_step: bool = False
     """One activation parameter set per calibrated sampling step (TFMQ-DM's finite-set calibration)."""
     include: tuple[str, ...] = ("*",)
@@ -145,6 +148,11 @@ class MethodConfig:
             )
         self.weight_spec()
         self.activation_spec()
+        if self.attention_symmetric and self.attention_spec() is None:
+            raise ConfigError(
+                "attention_symmetric=True sets the grids of quantized attention, and this config leaves attention "
+                "in float: also set attention_bits (e.g. attention_bits=8), or drop attention_symmetric."
+            )
 
     @property
     def weight_only(self) -> bool:
@@ -173,7 +181,9 @@ class MethodConfig:
     def attention_spec(self) -> QuantSpec | None:
         if self.attention_bits is None or self.weight_only:
             return None
-        return QuantSpec(f"int{self.attention_bits}", symmetric=False, per_step=self.activation_per_step)
+        return QuantSpec(
+            f"int{self.attention_bits}", symmetric=self.attention_symmetric, per_step=self.activation_per_step
+        )
 
     def softmax_spec(self) -> QuantSpec | None:
         if self.softmax_bits is None or self.weight_only:

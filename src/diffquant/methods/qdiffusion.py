@@ -76,7 +76,8 @@ class QDiffusionConfig(ReconstructionMethodConfig):
     def attention_spec(self) -> QuantSpec | None:
         if not self.quantize_attention or self.weight_only:
             return None
-        return QuantSpec(f"int{self.attention_bits or self.abits}", symmetric=False, observer="lp", lp_norm=2.4)
+        bits = self.attention_bits or self.abits
+        return QuantSpec(f"int{bits}", symmetric=self.attention_symmetric, observer="lp", lp_norm=2.4)
 
 
 @register_method(QDiffusionConfig, summary="Q-Diffusion: split shortcut + BRECQ reconstruction (ICCV 2023)")
