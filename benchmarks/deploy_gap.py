@@ -156,7 +156,7 @@ def bench_model(name: str, args) -> dict:
             named = label if backend == "onednn" else f"{label} [{backend}]"
             try:
                 deployed = export_model(model, backend, compile=True)
-            except DiffquantError as error:  # openvino refuses per-step grids: one line, the rest still timed
+            except DiffquantError as error:  # a backend refusing a model: one line, the rest still timed
                 print(f"  {named}: not exported: {error}", flush=True)
                 continue
             variants[named] = deployed.denoiser
@@ -209,6 +209,12 @@ def bench_model(name: str, args) -> dict:
     if "tfmq" in medians and "tfmq shared set" in medians:
         result["per_step_vs_shared"] = round(medians["tfmq shared set"] / medians["tfmq"], 3)
         print(f"  per-step banks run at {result['per_step_vs_shared']:.3f} of the shared set's speed", flush=True)
+    for backend in (b for b in args.backends if b != "onednn"):  # onednn's pair is the unsuffixed one above
+        per_step, shared = f"tfmq [{backend}]", f"tfmq shared set [{backend}]"
+        if per_step in medians and shared in medians:
+            ratio = round(medians[shared] / medians[per_step], 3)
+            result[f"per_step_vs_shared [{backend}]"] = ratio
+            print(f"  per-step banks on {backend} run at {ratio:.3f} of the shared set's speed", flush=True)
     return result
 
 

@@ -38,16 +38,38 @@ def integral_zero_point(quantizer) -> bool:
 
 class OpenVINOFakeQuantize(nn.Module):
     """A static per-tensor integer grid as `fake_quantize_per_tensor_affine`: an OpenVINO FakeQuantize,
-    which OpenVINO's low-precision passes fold into the int8 op that reads it."""
+    which OpenVINO's low-precision passes fold into the int8 op that reads it.
+
+    A per-step grid (TFMQ-DM, DGQ) keeps its whole bank: a trace bakes in the row `row` says, and the
+    runner traces one graph per row (`OpenVINODenoiser`), picking the row from the shared step clock."""
 
     enabled = True  # stands in for an enabled Quantizer (attention processors ask)
 
     def __init__(self, quantizer) -> None:
         super().__init__()
         offset = 128 if quantizer.fmt.signed else 0  # signed grids shift into uint8, the zero-point with them
-        self.scale = float(quantizer.scale.detach().reshape(-1)[0])
-        self.zero = int(quantizer.zero_point.detach().reshape(-1)[0].round()) + offset
+        scales = quantizer.step_size().detach().reshape(-1).tolist()  # one per calibrated step if per-step
+        zeros = quantizer.zero_point.detach().reshape(-1).round().to(torch.int64).tolist()
+        self.bank = [(scale, zero + offset) for scale, zero in zip(scales, zeros, strict=True)]
         self.low, self.high = quantizer.fmt.qmin + offset, quantizer.fmt.qmax + offset
+        self.per_step = quantizer.spec.per_step
+        self.row = 0
+        self.register_buffer("clock", None, persistent=False)
+        if self.per_step:
+            self.register_buffer("bank_timesteps", quantizer.bank_timesteps.detach().float().clone())
+
+    @property
+    def scale(self) -> float:
+        return self.bank[self.row][0]
+
+    @property
+    def zero(self) -> int:
+        return self.bank[self.row][1]
+
+    def attach_clock(self, clock: torch.Tensor) -> None:
+        """Share the deployed model's clock tensor (set in place before every call)."""
+        if self.per_step:
+            self.clock = clock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero, self.low, self.high).to(x.dtype)
@@ -138,6 +160,11 @@ class OpenVINOWeightOnly(_OpenVINOInt8):
         return F.linear(x, weight, self.bias)
 
 
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the integer weight codes the model's OpenVINO layers hold (each compiled graph copies them)."""
+    return sum(m.weight_values.numel() for m in model.modules() if isinstance(m, _OpenVINOInt8))
+
+
 def _output_tensors(output: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
     """A denoiser's output as a flat tuple of tensors, and how to rebuild it (see `_rebuild`)."""
     if isinstance(output, torch.Tensor):
@@ -224,6 +251,53 @@ def _causes(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
+def _per_step_grids(model: nn.Module) -> list[nn.Module]:
+    """The per-step grids of a model: FakeQuantize banks and per-step quantizers left in float."""
+    return [
+        m
+        for m in model.modules()
+        if getattr(m, "bank_timesteps", None) is not None
+        and (m.per_step if isinstance(m, OpenVINOFakeQuantize) else getattr(m, "enabled", False))
+    ]
+
+
+def _step_banks(model: nn.Module) -> list[tuple[torch.Tensor, list[nn.Module]]]:
+    """Per-step grids grouped by their calibrated timesteps (one group for TFMQ-DM's or DGQ's banks)."""
+    banks: list[tuple[torch.Tensor, list[nn.Module]]] = []
+    for grid in _per_step_grids(model):
+        bank = grid.bank_timesteps
+        group = next((g for t, g in banks if t.shape == bank.shape and torch.equal(t, bank)), None)
+        if group is None:
+            banks.append((bank, [grid]))
+        else:
+            group.append(grid)
+    return banks
+
+
+def step_graph_count(model: nn.Module) -> int:
+    """How many graphs one call signature needs: one per combination of bank rows (1 without per-step grids)."""
+    count = 1
+    for bank, _ in _step_banks(model):
+        count *= len(bank)
+    return count
+
+
+def _row(bank: torch.Tensor, grids: list[nn.Module]) -> int:
+    """The bank row of the current call: nearest calibrated timestep to the step clock."""
+    clock = next((g.clock for g in grids if g.clock is not None), None)
+    if clock is None:
+        from diffquant.quant import current_step
+
+        step = current_step()
+        if step is None:
+            raise DiffquantError(
+                "This model has per-step grids and needs the sampling step: sample with diffquant.sampling.sample, "
+                "or wrap each denoiser call in diffquant.quant.step_context()."
+            )
+        clock = torch.tensor(step.timestep)
+    return int(torch.argmin((bank - clock).abs()))
+
+
 class OpenVINODenoiser(nn.Module):
     """Runs `inner` (the model with its int8 layers in OpenVINO's form) on OpenVINO's CPU runtime.
 
@@ -246,6 +320,7 @@ class OpenVINODenoiser(nn.Module):
         self.properties = dict(properties or {})
         """More OpenVINO CPU properties for `compile_model` (`CACHE_DIR`, `PERF_COUNT`, ...)."""
         self._compiled: dict[Any, tuple[Any, Any]] = {}  # signature -> (compiled model, output form)
+        self._banks: list[tuple[torch.Tensor, list[nn.Module]]] | None = None  # per-step grids, found on first call
         self.conversion_seconds = 0.0
         self.compiled_bytes = 0
         """Process memory the compiled graphs took (RSS growth over each compile): OpenVINO's repacked
@@ -289,15 +364,31 @@ class OpenVINODenoiser(nn.Module):
             **self.properties,
         }
 
+    def _step_rows(self) -> tuple[int, ...]:
+        """The bank row of each per-step grid group for this call, set on its FakeQuantize grids (a trace
+        bakes them in; per-step quantizers left in float read the clock buffer, which a trace bakes in too)."""
+        if self._banks is None:
+            self._banks = _step_banks(self.inner)
+        rows = []
+        for bank, grids in self._banks:
+            row = _row(bank, grids)
+            for grid in grids:
+                if isinstance(grid, OpenVINOFakeQuantize):
+                    grid.row = row
+            rows.append(row)
+        return tuple(rows)
+
     def _entry(self, args, kwargs):
         # numpy has no bfloat16: such inputs go in as float32 (the graph's floats follow the precision hint)
         args, kwargs = pytree.tree_map(_float32_if_bfloat16, (args, kwargs))
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = (spec, tuple(_describe(v) for v in leaves))
+        # per-step grids: one graph per step (their grids are the graph's constants, as OpenVINO's int8 needs)
+        key = (spec, tuple(_describe(v) for v in leaves), self._step_rows())
         if key not in self._compiled:
-            if len(self._compiled) >= MAX_GRAPHS:
+            limit = MAX_GRAPHS * step_graph_count(self.inner)
+            if len(self._compiled) >= limit:
                 raise DiffquantError(
-                    f"The openvino backend has compiled {MAX_GRAPHS} graphs for as many call signatures (shapes, "
+                    f"The openvino backend has compiled {limit} graphs for as many call signatures (shapes, "
                     "non-tensor arguments). Call it with fixed shapes, and pass values that change between calls "
                     "(a timestep) as tensors."
                 )

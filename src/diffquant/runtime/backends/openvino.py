@@ -21,7 +21,6 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.modules.attention import QuantAttnProcessor
 from diffquant.modules.layers import QuantLayer
-from diffquant.quant import Quantizer
 from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, register_backend
 from diffquant.runtime.kernels import DequantizedLayer, input_supported, weight_supported
 from diffquant.runtime.kernels_openvino import (
@@ -31,7 +30,9 @@ from diffquant.runtime.kernels_openvino import (
     OpenVINOInt8Conv2d,
     OpenVINOInt8Linear,
     OpenVINOWeightOnly,
+    int8_weight_bytes,
     integral_zero_point,
+    step_graph_count,
     tensor_argument_names,
     tensor_arguments,
 )
@@ -67,19 +68,15 @@ class OpenVINOBackend(Backend):
             return DequantizedLayer(layer)
         if quantizer is None or not quantizer.enabled:
             return OpenVINOWeightOnly(layer)
-        if quantizer.spec.per_step:
-            _refuse_per_step_grids()
         if input_supported(quantizer) and integral_zero_point(quantizer):
             return OPENVINO_KERNELS[layer.kind](layer)
         return DequantizedLayer(layer)
 
     def finish(self, model: nn.Module) -> None:
-        # a per-step grid left in float (attention operands) would be traced at one step's values
-        if any(isinstance(m, Quantizer) and m.enabled and m.spec.per_step for m in model.modules()):
-            _refuse_per_step_grids()
         for module in model.modules():
             if isinstance(module, QuantAttnProcessor) and module._active():
                 _attention_for_openvino(module)
+        _check_step_graphs_fit(model)
 
     def wrap(self, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
         return OpenVINODenoiser(model, PRECISION_HINTS[compute_dtype])
@@ -93,6 +90,10 @@ class OpenVINOBackend(Backend):
         import openvino as ov
 
         runner = denoiser.inner  # DeployedDenoiser -> OpenVINODenoiser
+        steps = step_graph_count(runner.inner)
+        if steps > 1:  # each step's grids are constants of its own graph: no single IR holds them all
+            reason = f"per-step grids ({steps} steps, one graph each): the model runs through diffquant only"
+            return {"openvino_ir": {"path": None, "not_written": reason}}
         first, *others = calls
         model = runner.openvino_model(dynamic=True, **first)
         names = tensor_argument_names(first)
@@ -118,12 +119,23 @@ class OpenVINOBackend(Backend):
         return {"openvino_ir": record}
 
 
-def _refuse_per_step_grids() -> None:
-    raise DiffquantError(
-        "The openvino backend compiles one graph with fixed grids, and this model has per-step activation "
-        "grids (TFMQ-DM and DGQ keep one set per step). Use --backend onednn or inductor, or quantize with "
-        "activation_per_step=False."
-    )
+PER_STEP_GRAPH_BYTES = 4 << 30
+"""Most int8 weight bytes the per-step graphs of one call signature may hold together: every graph keeps
+its own copy of the weights (a per-step bank of 25 steps on a 600 M-parameter model would be 15 GB)."""
+
+
+def _check_step_graphs_fit(model: nn.Module) -> None:
+    steps = step_graph_count(model)
+    if steps == 1:
+        return
+    weight_bytes = int8_weight_bytes(model)
+    if steps * weight_bytes > PER_STEP_GRAPH_BYTES:
+        raise DiffquantError(
+            f"The openvino backend compiles one graph per step for per-step activation grids (TFMQ-DM, DGQ), "
+            f"each with its own copy of the int8 weights: {steps} steps x {weight_bytes / 2**20:.0f} MB would "
+            f"exceed {PER_STEP_GRAPH_BYTES >> 30} GB. Use --backend onednn or inductor, or quantize with "
+            "activation_per_step=False."
+        )
 
 
 def _attention_for_openvino(processor: QuantAttnProcessor) -> None:
