@@ -131,6 +131,28 @@ def test_attention_symmetric_without_quantized_attention_is_refused():
         diffquant.methods.make_config("naive", attention_symmetric=True)
 
 
+def test_symmetric_activation_grids_have_no_zero_point_and_run_on_int8():
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    batch = next(iter(calibration.batches(8)))
+    quantized = diffquant.quantize(
+        model, "naive", calibration, progress=False, wbits=8, abits=8, activation_symmetric=True
+    )
+    inputs = [layer.input_quantizer for _, layer in quant_layers(quantized.denoiser)]
+    assert inputs and all(q.fmt.signed and float(q.zero_point.abs().max()) == 0.0 for q in inputs)
+    deployed = export_model(quantized, "openvino")
+    assert _relative(_denoise(deployed, batch), _denoise(quantized, batch)) < 1e-3
+    ran = deployed.denoiser.inner.executed_precisions()
+    linears = sum(layer.kind == "linear" for _, layer in quant_layers(quantized.denoiser))
+    assert sum(n for k, n in ran.items() if k.startswith("FullyConnected") and k.endswith("8")) == linears
+
+
+@pytest.mark.parametrize(("method", "options"), [("dgq", {}), ("naive", {"abits": None})])
+def test_activation_symmetric_where_it_cannot_apply_is_refused(method, options):
+    with pytest.raises(diffquant.errors.ConfigError, match="activation_symmetric=True does not apply"):
+        diffquant.methods.make_config(method, activation_symmetric=True, **options)
+
+
 def test_weight_only_layers_keep_integer_codes_and_agree():
     model = tiny_dit_model()
     calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)

@@ -92,6 +92,9 @@ class MethodConfig:
     """Quantize Q, K, V at the attention matmuls with this many bits (None: float matmuls)."""
     softmax_bits: int | None = None
     """Bits of the post-softmax probabilities when attention is quantized (None: float)."""
+    activation_symmetric: bool = False
+    """Symmetric signed input grids (zero-point 0) for the layers' activations, as NNCF's performance
+    preset: int8 kernels skip the zero-point compensation, at one bit less for one-sided inputs."""
     attention_symmetric: bool = False
     """Symmetric Q, K, V grids (zero-point 0) where attention is quantized. OpenVINO runs attention on
     its int8 kernel only with them; with a zero-point it runs that attention in float."""
@@ -147,7 +150,12 @@ class MethodConfig:
                 f"set wbits={block_type(self.weight_grid).bits}."
             )
         self.weight_spec()
-        self.activation_spec()
+        activation = self.activation_spec()
+        if self.activation_symmetric and (activation is None or not activation.symmetric):
+            why = "quantizes no activations (weight-only)" if activation is None else "sets its own activation grids"
+            raise ConfigError(
+                f"activation_symmetric=True does not apply here: {self.name} {why}. Drop activation_symmetric."
+            )
         if self.attention_symmetric and self.attention_spec() is None:
             raise ConfigError(
                 "attention_symmetric=True sets the grids of quantized attention, and this config leaves attention "
@@ -174,8 +182,9 @@ class MethodConfig:
     def activation_spec(self) -> QuantSpec | None:
         if self.weight_only:
             return None
+        default = f"int{self.abits}" if self.activation_symmetric else f"uint{self.abits}"
         return QuantSpec(
-            self.activation_format or f"uint{self.abits}", symmetric=False, per_step=self.activation_per_step
+            self.activation_format or default, symmetric=self.activation_symmetric, per_step=self.activation_per_step
         )
 
     def attention_spec(self) -> QuantSpec | None:
