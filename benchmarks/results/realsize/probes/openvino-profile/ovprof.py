@@ -1,48 +1,76 @@
-"""Per-node OpenVINO profile of a shipped model's deployed graph (openvino backend)."""
-import sys, collections
+"""Per-node OpenVINO profile of a shipped model's deployed graph on the openvino backend.
+
+    OMP_NUM_THREADS=1 python ovprof.py fmnist-dit qdiffusion [TOP]
+
+Loads the quantized model `deploy_gap.py` left in its work directory (`--work /tmp/dg/work`), exports it
+to the openvino backend, runs one batch of 64 with PERF_COUNT on, and prints the time per node type (and
+the TOP slowest nodes).
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
 import torch
+
 import diffquant
-import os
-if os.environ.get("U8W"): import u8w
-if os.environ.get("PROJFQ"): import projfq
+from diffquant.families import denoise
 from diffquant.runtime.export import export_model
 from diffquant.runtime.kernels_openvino import OpenVINODenoiser
-from diffquant.families import denoise
-sys.path.insert(0, "/work/main/benchmarks")
-from deploy_gap import inputs
 
-name, label = sys.argv[1], sys.argv[2]
-torch.set_num_threads(1)
-model = diffquant.load(f"/tmp/dg/work/{name.split('/')[-1]}/{label}")
-src = diffquant.load(name)
-x, t, kw = inputs(src, 64)
-dep = export_model(model, "openvino")
-ovd = next(m for m in [dep.denoiser, *dep.denoiser.modules()] if isinstance(m, OpenVINODenoiser))
-ovd.properties["PERF_COUNT"] = True
-seen = {}
-orig = ovd._entry
-def entry(args, kwargs):
-    seen["a"] = (args, kwargs); return orig(args, kwargs)
-ovd._entry = entry
-with torch.no_grad():
-    denoise(dep.denoiser, x, t, kw)
-(compiled, _), tensors = orig(*seen["a"])
-req = compiled.create_infer_request()
-feed = [t.numpy() for t in tensors]
-for _ in range(2): req.infer(feed)
-tot = collections.Counter(); n = collections.Counter(); R = 5
-for _ in range(R):
-    req.infer(feed)
-    for p in req.profiling_info:
-        if p.status.name != "EXECUTED": continue
-        key = (p.node_type, p.exec_type)
-        tot[key] += p.real_time.total_seconds() * 1e3 / R; n[key] += 1 / R
-all_ = sum(tot.values())
-print(f"{name} {label}: total {all_:.1f} ms")
-for k, v in tot.most_common(25):
-    print(f"  {v:8.2f} ms {100*v/all_:5.1f}%  x{n[k]:.0f}  {k[0]:24s} {k[1]}")
-if len(sys.argv) > 3:
-    rows = []
-    for p in req.profiling_info:
-        if p.status.name == "EXECUTED": rows.append((p.real_time.total_seconds()*1e3, p.node_name, p.node_type, p.exec_type))
-    for r in sorted(rows, reverse=True)[: int(sys.argv[3])]: print("   %.2f %s | %s | %s" % r)
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+from deploy_gap import inputs  # noqa: E402 - the benchmark's own inputs
+
+WORK = Path("/tmp/dg/work")
+REPEATS = 5
+
+
+def main() -> None:
+    name, label = sys.argv[1], sys.argv[2]
+    top = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    torch.set_num_threads(1)
+    model = diffquant.load(WORK / name.split("/")[-1] / label)
+    x, t, conditioning = inputs(diffquant.load(name), 64)
+    deployed = export_model(model, "openvino")
+    runner = next(m for m in deployed.denoiser.modules() if isinstance(m, OpenVINODenoiser))
+    runner.properties["PERF_COUNT"] = True
+    seen = {}
+    entry = runner._entry
+
+    def recording(args, kwargs):
+        seen["call"] = (args, kwargs)
+        return entry(args, kwargs)
+
+    runner._entry = recording
+    with torch.no_grad():
+        denoise(deployed.denoiser, x, t, conditioning)
+    (compiled, _), tensors = entry(*seen["call"])
+    request = compiled.create_infer_request()
+    feed = [tensor.numpy() for tensor in tensors]
+    for _ in range(2):
+        request.infer(feed)
+    total, count = collections.Counter(), collections.Counter()
+    for _ in range(REPEATS):
+        request.infer(feed)
+        for node in request.profiling_info:
+            if node.status.name == "EXECUTED":
+                key = (node.node_type, node.exec_type)
+                total[key] += node.real_time.total_seconds() * 1e3 / REPEATS
+                count[key] += 1 / REPEATS
+    overall = sum(total.values())
+    print(f"{name} {label}: total {overall:.1f} ms")
+    for key, ms in total.most_common(25):
+        print(f"  {ms:8.2f} ms {100 * ms / overall:5.1f}%  x{count[key]:.0f}  {key[0]:24s} {key[1]}")
+    nodes = [
+        (node.real_time.total_seconds() * 1e3, node.node_name, node.node_type, node.exec_type)
+        for node in request.profiling_info
+        if node.status.name == "EXECUTED"
+    ]
+    for ms, node_name, node_type, exec_type in sorted(nodes, reverse=True)[:top]:
+        print(f"   {ms:.2f} {node_name} | {node_type} | {exec_type}")
+
+
+if __name__ == "__main__":
+    main()

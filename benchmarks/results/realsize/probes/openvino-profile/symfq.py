@@ -1,7 +1,18 @@
-from diffquant.runtime import kernels_openvino as ko
-_orig = ko.OpenVINOFakeQuantize.__init__
-def init(self, q):
-    _orig(self, q)
+"""Probe-only patch (imported with SYMFQ=1): recentre every uint8 FakeQuantize grid of our graph on zero.
+
+It prices the int8 kernels OpenVINO picks for symmetric grids, nothing more: the numbers no longer match
+the calibrated model. `activation_symmetric=True` and `attention_symmetric=True` calibrate such grids.
+"""
+
+from diffquant.runtime import kernels_openvino
+
+_original_init = kernels_openvino.OpenVINOFakeQuantize.__init__
+
+
+def _symmetric_init(self, quantizer) -> None:
+    _original_init(self, quantizer)
     if self.low == 0 and self.high == 255:
-        self.zero = 128  # speed probe only: a symmetric grid (i8, no zero-point)
-ko.OpenVINOFakeQuantize.__init__ = init
+        self.bank = [(scale, 128) for scale, _ in self.bank]  # zero-point 0 in int8, shifted into uint8
+
+
+kernels_openvino.OpenVINOFakeQuantize.__init__ = _symmetric_init
