@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 from diffquant.errors import DiffquantError
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.profiling import current_rss_bytes
+from diffquant.quant import current_step
 from diffquant.runtime.kernels import int8_weight, undo_conv_weight_shift, undo_weight_shift
 
 PRECISION_HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -286,8 +287,6 @@ def _row(bank: torch.Tensor, grids: list[nn.Module]) -> int:
     """The bank row of the current call: nearest calibrated timestep to the step clock."""
     clock = next((g.clock for g in grids if g.clock is not None), None)
     if clock is None:
-        from diffquant.quant import current_step
-
         step = current_step()
         if step is None:
             raise DiffquantError(
