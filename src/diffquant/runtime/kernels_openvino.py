@@ -432,6 +432,12 @@ class OpenVINODenoiser(nn.Module):
             ) from error
         return model, flat.output_form
 
+    def compiled_call(self, *args, **kwargs) -> tuple[Any, list[Any]]:
+        """The compiled OpenVINO model for this call (converted and compiled if new) and its inputs as numpy
+        arrays, in order: for profiling it with OpenVINO's own tools (`PERF_COUNT` in `properties`)."""
+        (compiled, _), tensors = self._entry(args, kwargs)
+        return compiled, [t.detach().numpy() for t in tensors]
+
     def forward(self, *args, **kwargs):
         (compiled, output_form), tensors = self._entry(args, kwargs)
         results = compiled([t.detach().numpy() for t in tensors])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import diffquant
-from diffquant.families import denoise
+from diffquant.quant import step_context
 from diffquant.runtime.export import export_model
 from diffquant.runtime.kernels_openvino import OpenVINODenoiser
 
@@ -36,19 +36,9 @@ def main() -> None:
     deployed = export_model(model, "openvino")
     runner = next(m for m in deployed.denoiser.modules() if isinstance(m, OpenVINODenoiser))
     runner.properties["PERF_COUNT"] = True
-    seen = {}
-    entry = runner._entry
-
-    def recording(args, kwargs):
-        seen["call"] = (args, kwargs)
-        return entry(args, kwargs)
-
-    runner._entry = recording
-    with torch.no_grad():
-        denoise(deployed.denoiser, x, t, conditioning)
-    (compiled, _), tensors = entry(*seen["call"])
+    with torch.no_grad(), step_context(0, 500.0, 50):
+        compiled, feed = runner.compiled_call(**model.adapter.call_arguments(runner, x, t, conditioning))
     request = compiled.create_infer_request()
-    feed = [tensor.numpy() for tensor in tensors]
     for _ in range(2):
         request.infer(feed)
     total, count = collections.Counter(), collections.Counter()

@@ -24,7 +24,6 @@ from diffusers import PixArtTransformer2DModel
 
 import diffquant
 from diffquant.cli import parse_options
-from diffquant.families import denoise
 from diffquant.runtime.export import export_model
 from diffquant.runtime.kernels_openvino import OpenVINODenoiser
 
@@ -107,18 +106,8 @@ def our_graph(case: suite.Case, method: str, sample, timestep, conditioning):
     runner = next(m for m in deployed.denoiser.modules() if isinstance(m, OpenVINODenoiser))
     runner.properties["PERF_COUNT"] = True
     runner.threads = THREADS
-    seen = {}
-    entry = runner._entry
-
-    def recording(args, kwargs):
-        seen["call"] = (args, kwargs)
-        return entry(args, kwargs)
-
-    runner._entry = recording
     with torch.no_grad():
-        denoise(deployed.denoiser, sample, timestep, conditioning)
-    (compiled, _), tensors = entry(*seen["call"])
-    return compiled, [tensor.numpy() for tensor in tensors]
+        return runner.compiled_call(**model.adapter.call_arguments(runner, sample, timestep, conditioning))
 
 
 def main() -> None:
