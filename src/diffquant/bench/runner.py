@@ -39,7 +39,7 @@ from diffquant.process_group import agree, independent_ranks, init_from_environm
 from diffquant.profiling import measure_resources
 from diffquant.quant import step_context
 from diffquant.reporting import directory_megabytes
-from diffquant.runtime.export import check_backend, export_model
+from diffquant.runtime.export import allow_many_compiled_copies, check_backend, export_model
 from diffquant.runtime.kernels_int4 import bf16_matmul_supported
 from diffquant.zoo import DiffusionModel
 from diffquant.zoo.registry import token_generator_path
@@ -163,9 +163,7 @@ class BenchRunner:
         self.rows_dir = self.out / "rows"
         self._models: dict[str, dict[str, Any]] = {}
         self._token_models: dict[str, TokenRows | None] = {}
-        # every row compiles another copy of the same diffusers class, and dynamo keeps one cache per
-        # code object: past its limit (8) it silently runs eager, which would time the wrong thing
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        allow_many_compiled_copies()  # rows compile many copies: past dynamo's limit they would time eager
 
     # per-model state ----------------------------------------------------------------------------
     def token_rows(self, name: str) -> TokenRows | None:

@@ -98,6 +98,16 @@ class _ClockedCall(nn.Module):
         return self.inner(*args, **kwargs)
 
 
+COMPILED_COPIES = 256
+"""Recompiles dynamo allows per code object once a deployed model compiles (its default is 8)."""
+
+
+def allow_many_compiled_copies() -> None:
+    """Every compiled model is another copy of the same diffusers classes, and dynamo keeps one cache per
+    code object: past its limit (8) it silently runs eager. Raise that limit for the process."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_COPIES)
+
+
 class DeployedDenoiser(nn.Module):
     """The converted model, optionally compiled, behind the diffusers call signature. With a bfloat16
     compute dtype it takes and returns float32 like the simulation (timesteps and positions stay float32).
@@ -117,6 +127,8 @@ class DeployedDenoiser(nn.Module):
         self.compute_dtype = compute_dtype
         self._argument_names = argument_names(inner)
         self._clocked = compile and freezing
+        if compile:
+            allow_many_compiled_copies()
         if self._clocked:
             self._call = torch.compile(_ClockedCall(inner, clock), dynamic=False)
         else:
