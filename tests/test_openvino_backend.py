@@ -1,6 +1,7 @@
 """The openvino backend: our calibrated grids, converted with OpenVINO and run on its int8 kernels."""
 
 import builtins
+import copy
 
 import pytest
 import torch
@@ -10,10 +11,16 @@ from diffquant.calibration import UniformSteps, record_trajectories
 from diffquant.errors import DiffquantError
 from diffquant.modules import quant_layers
 from diffquant.modules.attention import QuantAttnProcessor
-from diffquant.quant import step_context
+from diffquant.quant import QuantSpec, step_context
+from diffquant.runtime.backends.openvino import _attention_for_openvino
 from diffquant.runtime.export import export_model
 from diffquant.runtime.kernels_int4 import bf16_matmul_supported
-from diffquant.runtime.kernels_openvino import OpenVINOFakeQuantize, OpenVINOInt8Conv2d, OpenVINOInt8Linear
+from diffquant.runtime.kernels_openvino import (
+    OpenVINOFakeQuantize,
+    OpenVINOInt8Conv2d,
+    OpenVINOInt8Linear,
+    _symmetric_shift,
+)
 from diffquant.sampling import SamplerConfig
 from tests.conftest import affine_8bit_layer, tiny_dit_model, tiny_unet_model
 
@@ -108,22 +115,61 @@ def test_quantized_attention_runs_on_openvino_int8_and_agrees(softmax_bits):
     assert _int8_attention_ops(deployed) > _int8_attention_ops(float_attention)
 
 
-def test_symmetric_attention_grids_run_openvinos_int8_attention_kernel():
-    """OpenVINO fuses FakeQuantize into its attention kernel only for grids with zero-point 0: asymmetric
-    Q, K, V grids run that attention in float (measured: PixArt's self-attention 19 % slower)."""
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_attention_grids_run_openvinos_int8_attention_kernel(symmetric):
+    """OpenVINO fuses FakeQuantize into its attention kernel only for grids without zero-point (others ran
+    that attention in float: PixArt's self-attention 19 % slower). Symmetric grids have none; affine ones
+    run on the symmetric range of the same codes (`OpenVINOAttention`)."""
     model = tiny_dit_model()
     calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
     batch = next(iter(calibration.batches(8)))
     options = {"wbits": 8, "abits": 8, "attention_bits": 8, "progress": False}
-    symmetric = diffquant.quantize(model, "naive", calibration, attention_symmetric=True, **options)
-    processor = next(m for m in symmetric.denoiser.modules() if isinstance(m, QuantAttnProcessor))
-    assert float(processor.query_quantizer.zero_point.abs().max()) == 0.0
-    deployed = export_model(symmetric, "openvino")
-    assert _relative(_denoise(deployed, batch), _denoise(symmetric, batch)) < 0.02
+    quantized = diffquant.quantize(model, "naive", calibration, attention_symmetric=symmetric, **options)
+    processor = next(m for m in quantized.denoiser.modules() if isinstance(m, QuantAttnProcessor))
+    assert (float(processor.query_quantizer.zero_point.abs().max()) == 0.0) == symmetric
+    deployed = export_model(quantized, "openvino")
+    assert _relative(_denoise(deployed, batch), _denoise(quantized, batch)) < 0.02
     assert _attention_kernel_precisions(deployed) == {"i8"}
-    asymmetric = export_model(diffquant.quantize(model, "naive", calibration, **options), "openvino")
-    _denoise(asymmetric, batch)
-    assert _attention_kernel_precisions(asymmetric).isdisjoint({"i8", "u8"})
+
+
+@pytest.mark.parametrize("softmax_bits", [None, 8])
+@pytest.mark.parametrize("masking", ["none", "additive", "boolean", "causal"])
+def test_zero_point_attention_grids_move_onto_symmetric_ranges_exactly(softmax_bits, masking):
+    """OpenVINOAttention runs affine Q/K/V grids on the symmetric range of the same codes and undoes each
+    shift (K: a constant per score row, Q: a per-key mask, V: the row's probability sum): the simulation's
+    attention, to float rounding."""
+    generator = torch.Generator().manual_seed(0)
+    # off-centre operands: each affine grid's zero-point lies far from the middle of its codes
+    query = torch.randn(2, 3, 10, 16, generator=generator) + 1.5
+    key = torch.randn(2, 3, 12, 16, generator=generator) - 2.0
+    value = torch.randn(2, 3, 12, 16, generator=generator) * 0.5 + 1.0
+    probs = QuantSpec("uint8") if softmax_bits else None
+    simulated = QuantAttnProcessor(QuantSpec("int8", symmetric=False), probs)
+    for quantizer, operand in zip(simulated.quantizers(), (query, key, value), strict=False):
+        quantizer.calibrate_static(operand)
+    if probs is not None:
+        simulated.probs_quantizer.calibrate_static(torch.rand(64, generator=generator) * 0.9)
+    mask = {
+        "none": None,
+        "additive": torch.randn(1, 1, 10, 12, generator=generator),
+        "boolean": torch.rand(2, 1, 10, 12, generator=generator) > 0.3,
+        "causal": None,
+    }[masking]
+    arguments = (query, key, value, mask, masking == "causal", None, False)
+    reference = simulated._attention(*arguments)
+    deployed = copy.deepcopy(simulated)
+    _attention_for_openvino(deployed)
+    grids = [deployed.query_quantizer, deployed.key_quantizer, deployed.value_quantizer]
+    assert all(isinstance(grid, OpenVINOFakeQuantize) and abs(grid.zero - 128) > 20 for grid in grids)
+    out = deployed._attention(*arguments)
+    # a quantized probability can flip a code where float rounding moves it across a rounding boundary (a
+    # few of 1,440 outputs, by at most s_p * |v|): mean squared error against the reference's energy
+    relative_mse = lambda x: float(((x - reference) ** 2).mean() / (reference**2).mean())  # noqa: E731
+    assert relative_mse(out) < 1e-6
+    # the corrections matter: the same shifted operands in plain attention are far off
+    shifted = [_symmetric_shift(grid, x)[0] for grid, x in zip(grids, (query, key, value), strict=True)]
+    plain = torch.nn.functional.scaled_dot_product_attention(*shifted, attn_mask=mask, is_causal=masking == "causal")
+    assert relative_mse(plain) > 1e-2
 
 
 def test_attention_symmetric_without_quantized_attention_is_refused():

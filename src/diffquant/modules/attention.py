@@ -32,7 +32,7 @@ from torch import nn
 from diffquant.errors import DiffquantError
 from diffquant.quant import Quantizer, QuantSpec
 
-_SDPA = F.scaled_dot_product_attention
+TORCH_SDPA = F.scaled_dot_product_attention
 """PyTorch's fused attention, held before `_quantized_sdpa` swaps the module attribute during a call."""
 
 
@@ -50,10 +50,9 @@ class QuantAttnProcessor(nn.Module):
         self.key_quantizer = make(operand_spec)
         self.value_quantizer = make(operand_spec)
         self.probs_quantizer = make(probs_spec)
-        self.fused_float_softmax = False
-        """Run float probabilities on the fused SDPA kernel over the quantized operands instead of the
-        matmul-softmax-matmul spelled out (the same numbers up to float rounding; the openvino backend sets
-        it, so that OpenVINO runs its int8 attention kernel)."""
+        self.deployed_attention: Any = None
+        """A backend's form of softmax(QK^T)V over the quantized operands, called as `_attention` is
+        (the openvino backend sets `OpenVINOAttention`); None: the simulation's, spelled out below."""
         # the model's own processor; kept out of the module tree so the state dict has only quantizers
         object.__setattr__(self, "inner", inner if inner is not None else AttnProcessor2_0())
 
@@ -101,21 +100,23 @@ class QuantAttnProcessor(nn.Module):
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+        if self.deployed_attention is not None:
+            return self.deployed_attention(query, key, value, mask, is_causal, scale)
         query = self._apply(self.query_quantizer, query)
         key = self._apply(self.key_quantizer, key)
         value = self._apply(self.value_quantizer, value)
-        probs_float = self.probs_quantizer is None or not self.probs_quantizer.enabled
-        if self.fused_float_softmax and probs_float:
-            return _SDPA(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale)
         scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        probs = self.probabilities(torch.matmul(query, key.transpose(-1, -2)) * scale, mask, is_causal)
+        return torch.matmul(probs, value)
+
+    def probabilities(self, scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """The quantized softmax of scaled scores under the call's mask (boolean or additive)."""
         if is_causal:
             causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = self._quantize_probs(scores.softmax(dim=-1))
-        return torch.matmul(probs, value)
+        return self._quantize_probs(scores.softmax(dim=-1))
 
     def bos_column(self, key_tokens: int) -> int | None:
         """The key index of the text's BOS token in this call, or None without text."""

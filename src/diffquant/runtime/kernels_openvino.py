@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from diffquant.errors import DiffquantError
+from diffquant.modules.attention import TORCH_SDPA
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.profiling import current_rss_bytes
 from diffquant.quant import current_step
@@ -74,6 +75,79 @@ class OpenVINOFakeQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero, self.low, self.high).to(x.dtype)
+
+
+def _centring_shift(quantizer: Any) -> tuple[int, float]:
+    """(centre code, c): c = (z - centre) s moves an OpenVINO grid onto the symmetric range of its codes;
+    c = 0 for a grid already centred or one that is not an OpenVINO FakeQuantize."""
+    if not isinstance(quantizer, OpenVINOFakeQuantize):
+        return 0, 0.0
+    centre = (quantizer.low + quantizer.high + 1) // 2
+    return centre, (quantizer.zero - centre) * quantizer.scale
+
+
+def _symmetric_shift(quantizer: Any, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(FQ(x) + c, c), with c from `_centring_shift`: x rounded on the centred grid, so that OpenVINO sees
+    a FakeQuantize without zero-point. The same codes as FQ(x) up to float rounding at ties (as the tie
+    rounding of x / s everywhere here)."""
+    centre, shift = _centring_shift(quantizer)
+    if not shift:
+        return (quantizer(x) if quantizer is not None else x), 0.0
+    codes = torch.fake_quantize_per_tensor_affine(
+        x.float() + shift, quantizer.scale, centre, quantizer.low, quantizer.high
+    )
+    return codes.to(x.dtype), shift
+
+
+class OpenVINOAttention:
+    """softmax(s QK^T + mask) V over the quantized operands, in the form OpenVINO's int8 attention takes.
+
+    OpenVINO folds FakeQuantize into its int8 attention kernel only for grids without zero-point; with
+    one it dequantizes and runs that attention in float (PixArt's self-attention 19 % slower). Affine
+    grids (Q-Diffusion's, EDA-DM's) therefore run on the symmetric range of the same codes, X' = X + c_X,
+    and each shift is undone where it lands, exactly:
+
+    - K' adds s c_K sum_d Q_d to every score of a query row: softmax ignores a constant per row;
+    - Q' adds s c_Q sum_d K'_d to every score of a key column: subtracted as an additive mask;
+    - V' adds c_V times the row's sum of probabilities to the output: 1 for float probabilities; for
+      quantized ones (whose rows do not sum to 1) V gets an extra column that V' maps to c_V, so the
+      attention kernel itself returns that sum times c_V beside the output.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, query, key, value, mask, is_causal: bool, scale: float | None) -> torch.Tensor:
+        processor = self.processor
+        factor = scale if scale is not None else query.shape[-1] ** -0.5  # traced shapes stay tensors
+        query, query_shift = _symmetric_shift(processor.query_quantizer, query)
+        key, _ = _symmetric_shift(processor.key_quantizer, key)  # a constant per score row
+        if query_shift:
+            column_term = (-query_shift * factor) * key.sum(-1).unsqueeze(-2)
+            if is_causal:  # SDPA takes a mask or is_causal, not both
+                rows, columns = query.shape[-2], key.shape[-2]
+                causal = _additive(torch.ones(rows, columns, dtype=torch.bool, device=query.device).tril(), key.dtype)
+                mask, is_causal = causal if mask is None else _additive(mask, key.dtype) + causal, False
+            mask = column_term if mask is None else _additive(mask, column_term.dtype) + column_term
+        probs = processor.probs_quantizer
+        if probs is None or not probs.enabled:
+            value, value_shift = _symmetric_shift(processor.value_quantizer, value)
+            out = TORCH_SDPA(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale)
+            return out - value_shift if value_shift else out
+        probabilities = processor.probabilities(torch.matmul(query, key.transpose(-1, -2)) * factor, mask, is_causal)
+        if not _centring_shift(processor.value_quantizer)[1]:
+            return torch.matmul(probabilities, _symmetric_shift(processor.value_quantizer, value)[0])
+        # a zero column, which V' maps to c_V: the kernel returns c_V * sum(P) beside the output
+        padded, _ = _symmetric_shift(processor.value_quantizer, F.pad(value, (0, 1)))
+        out = torch.matmul(probabilities, padded)
+        return out[..., :-1] - out[..., -1:]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive one it stands for."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 class _OpenVINOInt8(nn.Module):

@@ -25,6 +25,7 @@ from diffquant.runtime.backends.base import DEFAULT_WEIGHT_ONLY_MODE, Backend, r
 from diffquant.runtime.kernels import DequantizedLayer, input_supported, weight_supported
 from diffquant.runtime.kernels_openvino import (
     PRECISION_HINTS,
+    OpenVINOAttention,
     OpenVINODenoiser,
     OpenVINOFakeQuantize,
     OpenVINOInt8Conv2d,
@@ -139,10 +140,11 @@ def _check_step_graphs_fit(model: nn.Module) -> None:
 
 
 def _attention_for_openvino(processor: QuantAttnProcessor) -> None:
-    """Quantized attention operands as FakeQuantize (OpenVINO folds them into its int8 attention); with
-    float probabilities the attention itself stays PyTorch's fused SDPA, which OpenVINO maps to its own."""
+    """Quantized attention operands as FakeQuantize, on zero-point-free ranges (`OpenVINOAttention`), which
+    OpenVINO folds into its int8 attention; with float probabilities the attention itself stays PyTorch's
+    fused SDPA, which OpenVINO maps to its own."""
     for name in ("query_quantizer", "key_quantizer", "value_quantizer", "probs_quantizer"):
         quantizer = getattr(processor, name)
         if quantizer is not None and input_supported(quantizer) and integral_zero_point(quantizer):
             setattr(processor, name, OpenVINOFakeQuantize(quantizer))
-    processor.fused_float_softmax = True
+    processor.deployed_attention = OpenVINOAttention(processor)
