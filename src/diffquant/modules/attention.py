@@ -36,6 +36,20 @@ TORCH_SDPA = F.scaled_dot_product_attention
 """PyTorch's fused attention, held before `_quantized_sdpa` swaps the module attribute during a call."""
 
 
+def additive_mask(
+    mask: torch.Tensor | None, is_causal: bool, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """SDPA's mask arguments as one additive mask over (queries, keys) scores: a boolean mask's False and
+    the causal upper triangle become -inf; None when nothing is masked."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
+    if is_causal:
+        causal = torch.ones(shape, dtype=torch.bool, device=device).tril()
+        causal = torch.zeros(shape, dtype=dtype, device=device).masked_fill(~causal, float("-inf"))
+        mask = causal if mask is None else mask + causal
+    return mask
+
+
 class QuantAttnProcessor(nn.Module):
     kind = "attention"
 
@@ -111,12 +125,8 @@ class QuantAttnProcessor(nn.Module):
 
     def probabilities(self, scores: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         """The quantized softmax of scaled scores under the call's mask (boolean or additive)."""
-        if is_causal:
-            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        return self._quantize_probs(scores.softmax(dim=-1))
+        mask = additive_mask(mask, is_causal, scores.shape[-2:], scores.dtype, scores.device)
+        return self._quantize_probs((scores if mask is None else scores + mask).softmax(dim=-1))
 
     def bos_column(self, key_tokens: int) -> int | None:
         """The key index of the text's BOS token in this call, or None without text."""

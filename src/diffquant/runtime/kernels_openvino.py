@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from diffquant.errors import DiffquantError
-from diffquant.modules.attention import TORCH_SDPA
+from diffquant.modules.attention import TORCH_SDPA, additive_mask
 from diffquant.modules.layers import QuantConv2d, QuantLayer, QuantLinear
 from diffquant.profiling import current_rss_bytes
 from diffquant.quant import current_step
@@ -124,11 +124,10 @@ class OpenVINOAttention:
         key, _ = _symmetric_shift(processor.key_quantizer, key)  # a constant per score row
         if query_shift:
             column_term = (-query_shift * factor) * key.sum(-1).unsqueeze(-2)
-            if is_causal:  # SDPA takes a mask or is_causal, not both
-                rows, columns = query.shape[-2], key.shape[-2]
-                causal = _additive(torch.ones(rows, columns, dtype=torch.bool, device=query.device).tril(), key.dtype)
-                mask, is_causal = causal if mask is None else _additive(mask, key.dtype) + causal, False
-            mask = column_term if mask is None else _additive(mask, column_term.dtype) + column_term
+            # SDPA takes a mask or is_causal, not both: one additive mask carries all of them
+            shape = (query.shape[-2], key.shape[-2])
+            mask = additive_mask(mask, is_causal, shape, column_term.dtype, column_term.device)
+            mask, is_causal = (column_term if mask is None else mask + column_term), False
         probs = processor.probs_quantizer
         if probs is None or not probs.enabled:
             value, value_shift = _symmetric_shift(processor.value_quantizer, value)
@@ -141,13 +140,6 @@ class OpenVINOAttention:
         padded, _ = _symmetric_shift(processor.value_quantizer, F.pad(value, (0, 1)))
         out = torch.matmul(probabilities, padded)
         return out[..., :-1] - out[..., -1:]
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask (True: attend) as the additive one it stands for."""
-    if mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 class _OpenVINOInt8(nn.Module):
