@@ -11,6 +11,11 @@ ScaledDotProductAttention in f32 and bf16 (skipped with a note where `openvino` 
 the QK^T product alone in bf16 and on int8 (`torch._int_mm` per head, the integer-attention processor's
 GEMM) to show what an integer attention could gain. Medians of interleaved rounds; ratios against
 PyTorch's fp32 SDPA from the same run.
+
+The `openvino` backend's own attention (`OpenVINOAttention`, bf16 hint) is timed in the four forms a
+method can ask for: symmetric or zero-point Q/K/V grids, float or 8-bit probabilities, each taking the
+operands in the models' token layout (heads split inside, as diffusers' processors do). These compute
+the quantized attention, not the float one: they are checked against their simulation.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ SHAPES = {
 }
 
 
+# the openvino backend's deployed attention: (label, symmetric Q/K/V grids, probability bits)
+INT8_FORMS = [
+    ("openvino backend int8, symmetric Q/K/V, float probs", True, None),
+    ("openvino backend int8, symmetric Q/K/V, 8-bit probs", True, 8),
+    ("openvino backend int8, zero-point Q/K/V, float probs", False, None),
+    ("openvino backend int8, zero-point Q/K/V, 8-bit probs", False, 8),
+]
+
+
 def written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     return scores.softmax(-1) @ v
@@ -56,6 +70,54 @@ def openvino_sdpa(q: torch.Tensor, precision: str, threads: int) -> Callable[[],
     compiled = ov.Core().compile_model(model, "CPU", config)
     arrays = [q.numpy(), q.numpy(), q.numpy()]
     return lambda: torch.from_numpy(compiled(arrays)[0])
+
+
+def quantized_processor(q: torch.Tensor, symmetric: bool, probs_bits: int | None):
+    """A QuantAttnProcessor with 8-bit Q/K/V grids (and `probs_bits` probabilities) calibrated on (q, q, q)."""
+    from diffquant.modules.attention import QuantAttnProcessor
+    from diffquant.quant import QuantSpec
+
+    probs = QuantSpec(f"uint{probs_bits}") if probs_bits else None
+    processor = QuantAttnProcessor(QuantSpec("int8", symmetric=symmetric), probs)
+    for quantizer in processor.quantizers()[:3]:
+        quantizer.calibrate_static(q)
+    if probs is not None:
+        processor.probs_quantizer.calibrate_static(((q @ q.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1))
+    return processor
+
+
+class _TokenLayoutAttention(torch.nn.Module):
+    """A processor's attention on (batch, tokens, heads x dim) operands, heads split and merged around it."""
+
+    def __init__(self, processor, heads: int) -> None:
+        super().__init__()
+        self.processor, self.heads = processor, heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        out = self.processor._attention(split(q), split(k), split(v), None, False, None, False)
+        return out.transpose(1, 2).flatten(2)
+
+
+def openvino_int8_attention(q: torch.Tensor, symmetric: bool, probs_bits: int | None, threads: int):
+    """(call, simulation) of the `openvino` backend's deployed attention on (q, q, q) in token layout."""
+    import copy
+
+    import openvino as ov
+
+    from diffquant.runtime.backends.openvino import _attention_for_openvino
+
+    processor = quantized_processor(q, symmetric, probs_bits)
+    simulation = _TokenLayoutAttention(processor, q.shape[1])
+    deployed = copy.deepcopy(processor)
+    _attention_for_openvino(deployed)
+    tokens = q.transpose(1, 2).flatten(2)
+    with torch.no_grad():
+        model = ov.convert_model(_TokenLayoutAttention(deployed, q.shape[1]), example_input=(tokens,) * 3)
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16"}
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    arrays = [tokens.numpy()] * 3
+    return (lambda: torch.from_numpy(compiled(arrays)[0])), (lambda: simulation(tokens, tokens, tokens))
 
 
 def int8_scores(heads: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -86,6 +148,8 @@ def variants(tokens: int, heads: int, dim: int, threads: int) -> dict[str, Calla
     try:
         for precision in ("f32", "bf16"):
             calls[f"OpenVINO SDPA {precision}"] = openvino_sdpa(q, precision, threads)
+        for label, symmetric, probs_bits in INT8_FORMS:
+            calls[label] = openvino_int8_attention(q, symmetric, probs_bits, threads)[0]
     except ImportError as error:
         print(f"  OpenVINO rows skipped: {error}; pip install 'diffquant[openvino]'")
     return calls
@@ -118,8 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n== {name}: {tokens} tokens, {heads} heads of {dim}", flush=True)
         medians = interleaved(variants(tokens, heads, dim, args.threads), args.repeats)
         base = medians["torch SDPA fp32"]
+        width = max(map(len, medians))
         for label, ms in medians.items():
-            print(f"  {label:40s} {ms:8.1f} ms  {base / ms:5.2f}x torch SDPA fp32", flush=True)
+            print(f"  {label:{width}s} {ms:8.1f} ms  {base / ms:5.2f}x torch SDPA fp32", flush=True)
         results["shapes"][name] = {
             "tokens": tokens,
             "heads": heads,

@@ -179,6 +179,26 @@ def test_attention_kernel_benchmark_times_the_same_attention_everywhere():
     assert medians["torch SDPA fp32"] > 0
 
 
+def test_attention_kernel_benchmark_times_the_openvino_backends_attention_as_simulated():
+    """The four deployed forms (symmetric or zero-point grids, float or 8-bit probabilities) on OpenVINO's
+    runtime compute the quantized attention their simulation does, in the models' token layout."""
+    import torch
+
+    pytest.importorskip("openvino")
+    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    q = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(0))
+    assert len(module.INT8_FORMS) == 4
+    for label, symmetric, probs_bits in module.INT8_FORMS:
+        deployed, simulation = module.openvino_int8_attention(q, symmetric, probs_bits, threads=1)
+        out, reference = deployed().float(), simulation()
+        assert out.shape == reference.shape == (1, 16, 16)
+        assert (out - reference).norm() / reference.norm() < 2e-2, label  # bf16 around the int8 kernels
+    calls = module.variants(16, 2, 8, threads=1)
+    assert all(label in calls for label, _, _ in module.INT8_FORMS)
+
+
 def test_section_headlines_each_host_apart(suite, tmp_path):
     argv = ["--tiny", "--no-compile", "--threads", "1", "--repeats", "1", "--steps", "0", "--batches", "1"]
     variants = ["--models", "pixart", "--variants", "fp32-eager", "diffquant-w8a8", "torchao", "diffquant-w4"]
@@ -199,6 +219,20 @@ def test_section_headlines_each_host_apart(suite, tmp_path):
     # the second host's W4 row (labelled "(run 2)") still makes its headline
     amd = next(line for line in text.splitlines() if line.startswith("- **pixart, AMD EPYC (no AMX), batch 1**"))
     assert "W4 weight-only" in amd
+
+
+def test_headline_compares_our_best_row_that_has_a_peer_in_its_run(suite):
+    rows = {
+        "diffquant W8A8 a": {"speedup_vs_fp32": {"1": 3.0}, "run": 1},
+        "openvino-bf16": {"speedup_vs_fp32": {"1": 2.5}, "run": 1},
+        "diffquant W8A8 a (run 2)": {"speedup_vs_fp32": {"1": 3.5}, "run": 2},  # no peer timed in run 2
+    }
+    (line,) = suite._headline_lines("m", rows, [1])
+    assert "diffquant W8A8 a 3.00x fp32 compiled" in line and "runs at 1.20x it" in line
+    assert "(3.50x in a run without a peer)" in line
+    del rows["openvino-bf16"]  # no peer anywhere: the fastest row, with no comparison
+    (line,) = suite._headline_lines("m", rows, [1])
+    assert "(run 2) 3.50x fp32 compiled" in line and "best peer" not in line
 
 
 def test_attention_kernel_benchmark_refuses_a_zero_thread_count_in_one_line(capsys):

@@ -4,8 +4,10 @@ with few blocks, batch 1, one thread, bf16 hint.
     python pixprof.py 2 naive
     python pixprof.py 2 naive:attention_bits=8,attention_symmetric=true
     SYMFQ=1 python pixprof.py 2 naive:attention_bits=8   # with symfq.py's patch (prices symmetric grids)
+    python pixprof.py 4 naive:attention_bits=8,softmax_bits=8 2   # 4 blocks, 2 threads
 
-Prints, for each graph, the time per node type and the slowest nodes (block numbers folded together).
+Prints the two graphs' interleaved wall-clock medians, then for each graph the time per node type and the
+slowest nodes (block numbers folded together).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import collections
 import copy
 import os
 import re
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import nncf
@@ -110,20 +114,40 @@ def our_graph(case: suite.Case, method: str, sample, timestep, conditioning):
         return runner.compiled_call(**model.adapter.call_arguments(runner, sample, timestep, conditioning))
 
 
+def wall_clock(requests: dict, rounds: int = 7) -> None:
+    """Median wall time per call of each graph, the graphs taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in requests}
+    for _ in range(rounds):
+        for name, (request, feed) in requests.items():
+            start = time.perf_counter()
+            request.infer(feed)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    print("wall " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in medians.items()), end="")
+    print(f": NNCF / ours {medians['NNCF'] / medians['ours']:.3f}")
+
+
 def main() -> None:
+    global THREADS
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     method = sys.argv[2] if len(sys.argv) > 2 else "naive"
+    THREADS = int(sys.argv[3]) if len(sys.argv) > 3 else THREADS
     torch.set_num_threads(THREADS)
     case = build(layers)
     sample, timestep, conditioning = case.inputs(1)
     properties = {"INFERENCE_NUM_THREADS": THREADS, "INFERENCE_PRECISION_HINT": "bf16", "PERF_COUNT": True}
-    compiled, feed = nncf_graph(case, sample, timestep, conditioning, properties)
-    theirs = profile(compiled.create_infer_request(), feed)
-    del compiled
-    compiled, feed = our_graph(case, method, sample, timestep, conditioning)
-    ours = profile(compiled.create_infer_request(), feed)
-    show("NNCF", *theirs)
-    show("ours " + method, *ours)
+    requests = {}
+    for name, graph in (
+        ("NNCF", nncf_graph(case, sample, timestep, conditioning, properties)),
+        ("ours", our_graph(case, method, sample, timestep, conditioning)),
+    ):
+        compiled, feed = graph
+        requests[name] = (compiled.create_infer_request(), feed)
+        for _ in range(2):  # warm up outside the timed rounds
+            requests[name][0].infer(feed)
+    wall_clock(requests)
+    show("NNCF", *profile(*requests["NNCF"]))
+    show("ours " + method, *profile(*requests["ours"]))
 
 
 if __name__ == "__main__":
