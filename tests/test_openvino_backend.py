@@ -132,6 +132,31 @@ def test_attention_grids_run_openvinos_int8_attention_kernel(symmetric):
     assert _attention_kernel_precisions(deployed) == {"i8"}
 
 
+def test_symmetric_grids_with_8bit_probabilities_run_the_whole_attention_in_one_int8_node():
+    """The deployed form that puts us ahead of NNCF (docs/DEPLOYMENT.md): with symmetric Q/K/V and 8-bit
+    probabilities OpenVINO fuses QK^T, softmax, the probability grid and PV into one int8 node per attention
+    (with float probabilities PV ran outside it, in float)."""
+    model = tiny_dit_model()
+    calibration = record_trajectories(model, 8, SamplerConfig("ddim", 4), UniformSteps(4), progress=False)
+    batch = next(iter(calibration.batches(8)))
+    options = {"wbits": 8, "abits": 8, "attention_bits": 8, "attention_symmetric": True, "progress": False}
+    quantized = diffquant.quantize(model, "naive", calibration, activation_symmetric=True, softmax_bits=8, **options)
+    deployed = export_model(quantized, "openvino")
+    assert _relative(_denoise(deployed, batch), _denoise(quantized, batch)) < 0.02
+    fused = []
+    for compiled, _ in deployed.denoiser.inner._compiled.values():
+        for op in compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()  # a fused node lists the traced ops it holds
+            names = info["originalLayersNames"].astype(str)
+            if "aten::softmax" in names:
+                fused.append((info["runtimePrecision"].astype(str), names))
+    attentions = sum(isinstance(m, QuantAttnProcessor) for m in quantized.denoiser.modules())
+    assert len(fused) == attentions > 0
+    for precision, names in fused:
+        assert precision == "i8"
+        assert all(part in names for part in ("MatMul_1", "probs_quantizer", "value_quantizer")), names
+
+
 @pytest.mark.parametrize("softmax_bits", [None, 8])
 @pytest.mark.parametrize("masking", ["none", "additive", "boolean", "causal"])
 def test_zero_point_attention_grids_move_onto_symmetric_ranges_exactly(softmax_bits, masking):
