@@ -79,7 +79,7 @@ def quantized_processor(q: torch.Tensor, symmetric: bool, probs_bits: int | None
 
     probs = QuantSpec(f"uint{probs_bits}") if probs_bits else None
     processor = QuantAttnProcessor(QuantSpec("int8", symmetric=symmetric), probs)
-    for quantizer in processor.quantizers()[:3]:
+    for quantizer in (processor.query_quantizer, processor.key_quantizer, processor.value_quantizer):
         quantizer.calibrate_static(q)
     if probs is not None:
         processor.probs_quantizer.calibrate_static(((q @ q.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1))
@@ -95,7 +95,9 @@ class _TokenLayoutAttention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        out = self.processor._attention(split(q), split(k), split(v), None, False, None, False)
+        out = self.processor._attention(
+            split(q), split(k), split(v), mask=None, is_causal=False, scale=None, enable_gqa=False
+        )
         return out.transpose(1, 2).flatten(2)
 
 
@@ -117,7 +119,7 @@ def openvino_int8_attention(q: torch.Tensor, symmetric: bool, probs_bits: int | 
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16"}
     compiled = ov.Core().compile_model(model, "CPU", config)
     arrays = [tokens.numpy()] * 3
-    return (lambda: torch.from_numpy(compiled(arrays)[0])), (lambda: simulation(tokens, tokens, tokens))
+    return (lambda: torch.from_numpy(compiled(arrays)[0])), torch.no_grad()(lambda: simulation(tokens, tokens, tokens))
 
 
 def int8_scores(heads: torch.Tensor) -> Callable[[], torch.Tensor]:

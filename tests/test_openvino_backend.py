@@ -86,15 +86,19 @@ def _int8_attention_ops(deployed) -> int:
     return sum(n for k, n in ran.items() if k.split()[0] in kinds and k.split()[1] in ("i8", "u8"))
 
 
-def _attention_kernel_precisions(deployed) -> set[str]:
-    """The precisions OpenVINO ran the fused attention (PyTorch's SDPA, traced) at in the compiled graphs."""
-    found = set()
+def _runtime_nodes(deployed) -> list[tuple[str, str]]:
+    """(runtime precision, the traced ops it holds) of every node in the compiled graphs."""
+    nodes = []
     for compiled, _ in deployed.denoiser.inner._compiled.values():
         for op in compiled.get_runtime_model().get_ops():
             info = op.get_rt_info()  # a fused node lists the traced ops it holds
-            if "scaled_dot_product_attention" in info["originalLayersNames"].astype(str):
-                found.add(info["runtimePrecision"].astype(str))
-    return found
+            nodes.append((info["runtimePrecision"].astype(str), info["originalLayersNames"].astype(str)))
+    return nodes
+
+
+def _attention_kernel_precisions(deployed) -> set[str]:
+    """The precisions OpenVINO ran the fused attention (PyTorch's SDPA, traced) at in the compiled graphs."""
+    return {precision for precision, names in _runtime_nodes(deployed) if "scaled_dot_product_attention" in names}
 
 
 @pytest.mark.parametrize("softmax_bits", [None, 8])
@@ -143,13 +147,7 @@ def test_symmetric_grids_with_8bit_probabilities_run_the_whole_attention_in_one_
     quantized = diffquant.quantize(model, "naive", calibration, activation_symmetric=True, softmax_bits=8, **options)
     deployed = export_model(quantized, "openvino")
     assert _relative(_denoise(deployed, batch), _denoise(quantized, batch)) < 0.02
-    fused = []
-    for compiled, _ in deployed.denoiser.inner._compiled.values():
-        for op in compiled.get_runtime_model().get_ops():
-            info = op.get_rt_info()  # a fused node lists the traced ops it holds
-            names = info["originalLayersNames"].astype(str)
-            if "aten::softmax" in names:
-                fused.append((info["runtimePrecision"].astype(str), names))
+    fused = [(precision, names) for precision, names in _runtime_nodes(deployed) if "aten::softmax" in names]
     attentions = sum(isinstance(m, QuantAttnProcessor) for m in quantized.denoiser.modules())
     assert len(fused) == attentions > 0
     for precision, names in fused:

@@ -20,6 +20,14 @@ def suite():
     return module
 
 
+@pytest.fixture(scope="module")
+def attention_kernels():
+    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_tiny_suite_runs_every_model_and_skips_a_missing_peer_with_a_note(suite, tmp_path, monkeypatch):
     real_import = builtins.__import__
 
@@ -160,13 +168,10 @@ def test_a_peer_that_would_not_fit_in_memory_is_skipped_with_the_fix(suite, tmp_
     assert "call_s" in rows["fp32-eager"]  # the rows that fit are still timed and written
 
 
-def test_attention_kernel_benchmark_times_the_same_attention_everywhere():
+def test_attention_kernel_benchmark_times_the_same_attention_everywhere(attention_kernels):
     import torch
 
-    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    calls = module.variants(16, 2, 8, threads=1)
+    calls = attention_kernels.variants(16, 2, 8, threads=1)
     reference = calls["torch SDPA fp32"]()
     compared = [label for label in calls if "SDPA" in label or "written out" in label]
     assert len(compared) >= 3  # torch fp32/bf16 and the written-out form, OpenVINO's too where installed
@@ -175,28 +180,25 @@ def test_attention_kernel_benchmark_times_the_same_attention_everywhere():
         assert (out - reference).norm() / reference.norm() < 2e-2, label
     codes = calls["QK^T alone, int8 (_int_mm per head)"]()
     assert codes.dtype == torch.int32 and codes.shape == (2, 16, 16)
-    medians = module.interleaved({"torch SDPA fp32": calls["torch SDPA fp32"]}, repeats=1)
+    medians = attention_kernels.interleaved({"torch SDPA fp32": calls["torch SDPA fp32"]}, repeats=1)
     assert medians["torch SDPA fp32"] > 0
 
 
-def test_attention_kernel_benchmark_times_the_openvino_backends_attention_as_simulated():
+def test_attention_kernel_benchmark_times_the_openvino_backends_attention_as_simulated(attention_kernels):
     """The four deployed forms (symmetric or zero-point grids, float or 8-bit probabilities) on OpenVINO's
     runtime compute the quantized attention their simulation does, in the models' token layout."""
     import torch
 
     pytest.importorskip("openvino")
-    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     q = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(0))
-    assert len(module.INT8_FORMS) == 4
-    for label, symmetric, probs_bits in module.INT8_FORMS:
-        deployed, simulation = module.openvino_int8_attention(q, symmetric, probs_bits, threads=1)
+    assert len(attention_kernels.INT8_FORMS) == 4
+    for label, symmetric, probs_bits in attention_kernels.INT8_FORMS:
+        deployed, simulation = attention_kernels.openvino_int8_attention(q, symmetric, probs_bits, threads=1)
         out, reference = deployed().float(), simulation()
         assert out.shape == reference.shape == (1, 16, 16)
         assert (out - reference).norm() / reference.norm() < 2e-2, label  # bf16 around the int8 kernels
-    calls = module.variants(16, 2, 8, threads=1)
-    assert all(label in calls for label, _, _ in module.INT8_FORMS)
+    calls = attention_kernels.variants(16, 2, 8, threads=1)
+    assert all(label in calls for label, _, _ in attention_kernels.INT8_FORMS)
 
 
 def test_section_headlines_each_host_apart(suite, tmp_path):
@@ -235,12 +237,9 @@ def test_headline_compares_our_best_row_that_has_a_peer_in_its_run(suite):
     assert "(run 2) 3.50x fp32 compiled" in line and "best peer" not in line
 
 
-def test_attention_kernel_benchmark_refuses_a_zero_thread_count_in_one_line(capsys):
-    spec = importlib.util.spec_from_file_location("attention_kernels", SCRIPT.parent / "attention_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_attention_kernel_benchmark_refuses_a_zero_thread_count_in_one_line(attention_kernels, capsys):
     with pytest.raises(SystemExit) as stopped:
-        module.main(["--threads", "0"])
+        attention_kernels.main(["--threads", "0"])
     assert stopped.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
 
 

@@ -99,7 +99,7 @@ def nncf_graph(case: suite.Case, sample, timestep, conditioning, properties):
     return compiled, [sample.numpy(), timestep.numpy(), *[v.numpy() for v in conditioning.values()]]
 
 
-def our_graph(case: suite.Case, method: str, sample, timestep, conditioning):
+def our_graph(case: suite.Case, method: str, threads: int, sample, timestep, conditioning):
     name, _, options = method.partition(":")
     config = diffquant.methods.make_config(
         name, wbits=8, abits=8, **parse_options(options.split(",") if options else [])
@@ -109,7 +109,7 @@ def our_graph(case: suite.Case, method: str, sample, timestep, conditioning):
     deployed = export_model(quantized, "openvino", compute_dtype="bfloat16")
     runner = next(m for m in deployed.denoiser.modules() if isinstance(m, OpenVINODenoiser))
     runner.properties["PERF_COUNT"] = True
-    runner.threads = THREADS
+    runner.threads = threads
     with torch.no_grad():
         return runner.compiled_call(**model.adapter.call_arguments(runner, sample, timestep, conditioning))
 
@@ -128,18 +128,17 @@ def wall_clock(requests: dict, rounds: int = 7) -> None:
 
 
 def main() -> None:
-    global THREADS
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     method = sys.argv[2] if len(sys.argv) > 2 else "naive"
-    THREADS = int(sys.argv[3]) if len(sys.argv) > 3 else THREADS
-    torch.set_num_threads(THREADS)
+    threads = int(sys.argv[3]) if len(sys.argv) > 3 else THREADS
+    torch.set_num_threads(threads)
     case = build(layers)
     sample, timestep, conditioning = case.inputs(1)
-    properties = {"INFERENCE_NUM_THREADS": THREADS, "INFERENCE_PRECISION_HINT": "bf16", "PERF_COUNT": True}
+    properties = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16", "PERF_COUNT": True}
     requests = {}
     for name, graph in (
         ("NNCF", nncf_graph(case, sample, timestep, conditioning, properties)),
-        ("ours", our_graph(case, method, sample, timestep, conditioning)),
+        ("ours", our_graph(case, method, threads, sample, timestep, conditioning)),
     ):
         compiled, feed = graph
         requests[name] = (compiled.create_infer_request(), feed)
